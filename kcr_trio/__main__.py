@@ -1,0 +1,3 @@
+from kcr_trio.cli import main
+
+raise SystemExit(main())

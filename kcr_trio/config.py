@@ -1,0 +1,128 @@
+"""Settings, read from the environment (and an optional ``.env``).
+
+Names are KubeCodeRun's wherever the two overlap (``API_PORT``, ``API_KEY``, ``MAX_EXECUTION_TIME``,
+``MAX_FILE_SIZE_MB`` …), so one ConfigMap/Secret can serve both servers in an A/B deployment. Our own
+settings carry a ``KCR_`` prefix. Backend-specific settings (Redis, MinIO/S3, Kubernetes) live in their
+backend modules as their own small settings classes, read only when that backend is selected.
+
+With nothing set, ``kcr-trio serve`` runs the embedded defaults: in-memory sessions, files under
+``KCR_DATA_DIR``, and a local pool of sidecar processes.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "kcr-trio"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", case_sensitive=False, extra="ignore"
+    )
+
+    # --- server -------------------------------------------------------------------------------
+    api_host: str = "0.0.0.0"
+    api_port: int = Field(8000, ge=0, le=65535)
+    log_level: str = "INFO"
+    log_format: Literal["json", "text"] = "json"
+    enable_docs: bool = True
+    kcr_data_dir: Path = Field(default_factory=_default_data_dir)
+
+    # --- authentication -----------------------------------------------------------------------
+    # When neither API_KEY nor API_KEYS is set, a random key is generated at start-up and written to
+    # ``<KCR_DATA_DIR>/api-key`` (mode 0600): the server never runs open by accident.
+    api_key: str | None = None
+    api_keys: str = ""  # comma-separated
+    auth_trusted_networks: str = ""  # comma-separated CIDRs that skip auth (socket peer address)
+
+    # --- limits (KubeCodeRun names and ranges) ------------------------------------------------
+    max_execution_time: int = Field(30, ge=1, le=600)
+    max_file_size_mb: int = Field(10, ge=1, le=500)
+    max_files_per_session: int = Field(50, ge=1, le=500)
+    max_output_files: int = Field(10, ge=1, le=100)
+    max_memory_mb: int = Field(512, ge=16)
+    max_pids: int = Field(64, ge=4)
+    max_open_files: int = Field(256, ge=16)
+    max_concurrent_executions: int = Field(
+        default_factory=lambda: max(2, 2 * (os.cpu_count() or 1)), ge=1
+    )
+    kcr_max_output_chars: int = Field(65536, ge=1024)  # per stream, after the run
+    kcr_max_json_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    kcr_max_code_bytes: int = Field(1024 * 1024, ge=16)
+    session_ttl_hours: int = Field(0, ge=0, le=8760)  # 0 = sessions never expire (KubeCodeRun main)
+    session_cleanup_interval_minutes: int = Field(10, ge=1)
+
+    # --- hang-up immunity (keepalive.md) -------------------------------------------------------
+    kcr_heartbeat: bool = True
+    kcr_heartbeat_grace: float = Field(1.0, ge=0.0)  # seconds of silence before committing a 200
+    kcr_heartbeat_interval: float = Field(2.0, gt=0.0, le=4.0)  # one space at least this often
+    kcr_connection_close: bool = True  # on /files, /download, /upload, freshness responses
+    kcr_keep_alive_timeout: float = Field(75.0, gt=5.0)
+    kcr_graceful_timeout: float | None = None  # default: MAX_EXECUTION_TIME + 10 s
+
+    # --- execution ----------------------------------------------------------------------------
+    kcr_session_store: Literal["memory", "redis"] = "memory"
+    kcr_file_store: Literal["local", "s3"] = "local"
+    kcr_executor: Literal["local", "kubernetes"] = "local"
+    # How long /exec waits for a free sandbox before answering 503 + Retry-After.
+    kcr_acquire_timeout: float = Field(10.0, ge=0.0)
+    kcr_busy_retry_after: float = Field(2.0, ge=1.0)
+    # Time allowed, on top of MAX_EXECUTION_TIME, for store, upload and collection phases.
+    kcr_exec_overhead: float = Field(30.0, ge=1.0)
+    # Warm sandboxes per language (KubeCodeRun's POD_POOL_<LANG>); shared by local and Kubernetes.
+    pod_pool_py: int = Field(2, ge=0)
+    pod_pool_js: int = Field(1, ge=0)
+    pod_pool_bash: int = Field(1, ge=0)
+    pod_pool_ts: int = Field(0, ge=0)
+    pod_pool_go: int = Field(0, ge=0)
+    pod_pool_java: int = Field(0, ge=0)
+    pod_pool_c: int = Field(0, ge=0)
+    pod_pool_cpp: int = Field(0, ge=0)
+    pod_pool_php: int = Field(0, ge=0)
+    pod_pool_rs: int = Field(0, ge=0)
+    pod_pool_r: int = Field(0, ge=0)
+    pod_pool_f90: int = Field(0, ge=0)
+    pod_pool_d: int = Field(0, ge=0)
+    # Sidecar behaviour, passed to local sidecars (pods get the same as env).
+    kcr_sidecar_prewarm: bool = True
+    kcr_python_preimports: str = ""  # comma-separated modules imported by pre-warmed Python
+    # Local sandboxing (bubblewrap). "auto": use it when it works, else refuse to start unless
+    # KCR_UNSANDBOXED_TRUSTED is set.
+    kcr_sandbox: Literal["auto", "bwrap", "none"] = "auto"
+    kcr_sandbox_allow_network: bool = False
+    kcr_unsandboxed_trusted: bool = False
+
+    @field_validator("api_key")
+    @classmethod
+    def _blank_key_is_none(cls, v: str | None) -> str | None:
+        return v.strip() or None if v else None
+
+    @cached_property
+    def keys(self) -> tuple[str, ...]:
+        """Every accepted key, in configuration order (``API_KEY`` first)."""
+        keys = [self.api_key] if self.api_key else []
+        keys += [k.strip() for k in self.api_keys.split(",") if k.strip()]
+        return tuple(dict.fromkeys(keys))
+
+    @property
+    def max_file_bytes(self) -> int:
+        return self.max_file_size_mb * 1024 * 1024
+
+    @property
+    def graceful_timeout(self) -> float:
+        if self.kcr_graceful_timeout is not None:
+            return self.kcr_graceful_timeout
+        return self.max_execution_time + 10.0
+
+    def pool_size(self, language: str) -> int:
+        return int(getattr(self, f"pod_pool_{language}", 0))

@@ -1,0 +1,115 @@
+"""The three small interfaces the core needs, and nothing more.
+
+Every backend implements one of these with the same shape, and each kind has an in-process twin
+(``backends/memory_sessions.py``, ``backends/local_files.py``, ``backends/memory_executor.py``) so the
+core can be tested without sockets. Production adapters (Redis, S3, Kubernetes) live beside them.
+
+Cancellation contract, shared by all implementations:
+
+* Every method may be cancelled at any ``await``. A cancelled call leaves no half-visible record:
+  writers put bytes first and metadata last, and clean up what they started in a shielded
+  ``finally`` with its own timeout.
+* Methods that talk to a remote system bound their own waits (connect/read timeouts), so a caller
+  that forgets a deadline still never hangs forever; callers add the request's deadline on top.
+* A backend that cannot reach its system raises ``errors.Unavailable`` with a readable message,
+  never a library exception.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, AsyncIterator
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Protocol, runtime_checkable
+
+from .model import FileRecord, GeneratedFile, RunResult, Session
+
+
+@runtime_checkable
+class SessionStore(Protocol):
+    """Sessions and file metadata (KubeCodeRun keeps both in Redis)."""
+
+    async def create_session(self, *, entity_id: str | None, user_id: str | None) -> Session: ...
+
+    async def get_session(self, session_id: str) -> Session | None:
+        """The session, or ``None``. Reading an active session refreshes ``last_activity``."""
+
+    async def find_entity_session(self, entity_id: str) -> Session | None:
+        """An active session of this entity, if any."""
+
+    async def add_file(self, record: FileRecord) -> None:
+        """Record metadata for bytes already in the file store (call last)."""
+
+    async def get_file(self, session_id: str, file_id: str) -> FileRecord | None: ...
+
+    async def list_files(self, session_id: str) -> list[FileRecord]:
+        """The session's files, oldest first; ``[]`` for an unknown session."""
+
+    async def delete_file(self, session_id: str, file_id: str) -> FileRecord | None:
+        """Remove and return the metadata, or ``None`` if there was none."""
+
+    async def hit(self, key: str, window_seconds: int) -> int:
+        """Count one event in a fixed window shared by all replicas; returns the count so far."""
+
+    async def ping(self) -> dict[str, Any]:
+        """Raise ``Unavailable`` if the store cannot serve; else a small status dict."""
+
+
+@runtime_checkable
+class FileStore(Protocol):
+    """File bytes by object key (``sessions/{sid}/uploads/{fid}``, ``.../outputs/{fid}``)."""
+
+    async def put(
+        self, key: str, chunks: AsyncIterable[bytes], *, content_type: str, max_bytes: int | None = None
+    ) -> int:
+        """Stream ``chunks`` into ``key``; return the size. Atomic: readers see all or nothing.
+
+        Raises ``errors.TooLarge`` (and stores nothing) when more than ``max_bytes`` arrive.
+        """
+
+    def open(self, key: str) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
+        """Stream the object's bytes; raises ``errors.NotFound`` on entry if it does not exist.
+
+        Leaving the context (also by cancellation) releases the underlying connection or handle.
+        """
+
+    async def delete(self, key: str) -> None:
+        """Remove the object; missing objects are not an error (idempotent)."""
+
+    async def ping(self) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class Sandbox(Protocol):
+    """One isolated place to run one program once (a sidecar process or a pod)."""
+
+    async def put_file(self, name: str, chunks: AsyncIterable[bytes]) -> None:
+        """Place an input file in the working directory under ``name`` (a sanitised basename)."""
+
+    async def run(self, code: str, *, timeout: float, request_id: str) -> RunResult:
+        """Run ``code``. Cancelling this call kills the program's whole process tree.
+
+        Program failures (non-zero exit, timeout, limits hit) are results, not exceptions; only a
+        broken sandbox raises (``errors.Unavailable``).
+        """
+
+    async def generated_files(self) -> list[GeneratedFile]:
+        """Files the run created or modified, excluding untouched inputs and runner by-products."""
+
+    def open_file(self, name: str) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
+        """Stream one file out of the working directory; ``errors.NotFound`` if absent."""
+
+
+@runtime_checkable
+class Executor(Protocol):
+    """Hands out sandboxes, one run each, from warm pools where it can."""
+
+    def sandbox(self, language: str, *, wait: float) -> AbstractAsyncContextManager[Sandbox]:
+        """A fresh sandbox for ``language``.
+
+        Raises ``errors.Busy`` when none frees up within ``wait`` seconds. Leaving the context, also
+        by cancellation, destroys the sandbox (killing anything still running in it) under a
+        shielded scope with its own timeout, and lets the pool replace it in the background.
+        """
+
+    async def status(self) -> dict[str, Any]:
+        """Pool sizes and readiness, for ``/ready`` and metrics. ``{"ready": bool, ...}``."""

@@ -1,0 +1,78 @@
+"""File names: sanitisation (as LibreChat and KubeCodeRun do it), download headers, content types."""
+
+from __future__ import annotations
+
+import hashlib
+import mimetypes
+import os
+import re
+import unicodedata
+from urllib.parse import quote
+
+_UNSAFE = re.compile(r"[^a-zA-Z0-9.-]")
+MAX_NAME = 255
+
+# Types Python's table lacks or gets wrong on minimal images.
+_EXTRA_TYPES = {
+    ".csv": "text/csv",
+    ".md": "text/markdown",
+    ".json": "application/json",
+    ".parquet": "application/vnd.apache.parquet",
+    ".xlsx": "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+    ".svg": "image/svg+xml",
+    ".webp": "image/webp",
+    ".ts": "text/plain",
+    ".py": "text/x-python",
+    ".r": "text/plain",
+}
+
+
+def sanitize_filename(name: str) -> str:
+    """The name a file gets in ``/mnt/data``: LibreChat's ``sanitizeFilename`` rules.
+
+    Basename only; every character outside ``[a-zA-Z0-9.-]`` becomes ``_``; a leading ``.`` or an
+    empty result gets a ``_`` prefix; names over 255 characters are cut and given a short hash so two
+    long names stay distinct. The result can never traverse a path or hide as a dot-file.
+    """
+    base = name.replace("\\", "/").rsplit("/", 1)[-1]
+    clean = _UNSAFE.sub("_", base)
+    if not clean or clean.startswith("."):
+        clean = "_" + clean
+    if len(clean) > MAX_NAME:
+        stem, ext = os.path.splitext(clean)
+        if len(ext) > 32:
+            stem, ext = clean, ""
+        digest = hashlib.sha256(clean.encode()).hexdigest()[:6]
+        clean = stem[: MAX_NAME - len(ext) - 7] + "-" + digest + ext
+    return clean
+
+
+def is_plain_filename(name: str) -> bool:
+    """True if ``name`` is a single, visible path component (what generated files must be)."""
+    return (
+        bool(name)
+        and name not in (".", "..")
+        and "/" not in name
+        and "\\" not in name
+        and "\x00" not in name
+        and len(name.encode("utf-8", "surrogatepass")) <= MAX_NAME
+    )
+
+
+def guess_content_type(filename: str, stored: str | None = None) -> str:
+    """The stored type unless it is missing or generic; then a guess from the extension."""
+    if stored and stored != "application/octet-stream":
+        return stored
+    ext = os.path.splitext(filename)[1].lower()
+    if ext in _EXTRA_TYPES:
+        return _EXTRA_TYPES[ext]
+    guessed, _ = mimetypes.guess_type(filename, strict=False)
+    return guessed or "application/octet-stream"
+
+
+def content_disposition(filename: str) -> str:
+    """``attachment`` with an ASCII ``filename=`` fallback and an RFC 5987 ``filename*=``."""
+    base = os.path.basename(filename) or "download"
+    ascii_name = unicodedata.normalize("NFKD", base).encode("ascii", "ignore").decode("ascii")
+    ascii_name = re.sub(r"[^-_.A-Za-z0-9]", "_", ascii_name.replace(" ", "_")) or "download"
+    return f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(base, safe='')}"
