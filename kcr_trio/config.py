@@ -59,6 +59,7 @@ class Settings(BaseSettings):
     kcr_max_output_chars: int = Field(65536, ge=1024)  # per stream, after the run
     kcr_max_json_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     kcr_max_code_bytes: int = Field(1024 * 1024, ge=16)
+    kcr_body_timeout: float = Field(60.0, gt=0.0)  # a request body must arrive within this (408)
     session_ttl_hours: int = Field(0, ge=0, le=8760)  # 0 = sessions never expire (KubeCodeRun main)
     session_cleanup_interval_minutes: int = Field(10, ge=1)
 

@@ -1,0 +1,78 @@
+"""API-key authentication, as KubeCodeRun 3.3.3 does it (``api-contract.md`` §3).
+
+Order: ``X-API-Key`` header; ``Authorization: Bearer <key>`` or ``ApiKey <key>``; and only when no
+header key was sent, for JSON bodies of POST/PUT/PATCH, the first non-blank of
+``LIBRECHAT_CODE_API_KEY``, ``api_key``, ``apiKey`` (agents 3.1.70–3.1.79 send the key only there).
+A header key always wins, so a wrong header key is a 401 even if the body holds a valid one.
+Comparison is constant-time against every configured key.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from kcr_trio.core.errors import Unauthorized
+
+log = logging.getLogger("kcr_trio.auth")
+
+EXEMPT_PATHS = frozenset({"/health", "/ready", "/docs", "/redoc", "/openapi.json", "/metrics"})
+BODY_KEY_FIELDS = ("LIBRECHAT_CODE_API_KEY", "api_key", "apiKey")
+
+
+class Authenticator:
+    def __init__(self, keys: Iterable[str], trusted_networks: str = "") -> None:
+        self._keys = [k.encode() for k in keys]
+        self._networks = []
+        for item in trusted_networks.split(","):
+            if item.strip():
+                try:
+                    self._networks.append(ipaddress.ip_network(item.strip(), strict=False))
+                except ValueError:
+                    log.warning("ignoring invalid AUTH_TRUSTED_NETWORKS entry %r", item.strip())
+
+    def is_exempt(self, method: str, path: str) -> bool:
+        return method == "OPTIONS" or path in EXEMPT_PATHS
+
+    def is_trusted(self, peer: str | None) -> bool:
+        if not self._networks or not peer:
+            return False
+        try:
+            address = ipaddress.ip_address(peer)
+        except ValueError:
+            return False
+        return any(address in net for net in self._networks)
+
+    def header_key(self, headers: Mapping[str, str]) -> str | None:
+        key = headers.get("x-api-key")
+        if key:
+            return key
+        auth = headers.get("authorization", "")
+        for scheme in ("Bearer ", "ApiKey "):
+            if auth.startswith(scheme) and auth[len(scheme) :].strip():
+                return auth[len(scheme) :].strip()
+        return None
+
+    @staticmethod
+    def body_key(body: Any) -> str | None:
+        if not isinstance(body, dict):
+            return None
+        for name in BODY_KEY_FIELDS:
+            value = body.get(name)
+            if isinstance(value, str) and value.strip():
+                return value.strip()
+        return None
+
+    def check(self, key: str | None) -> None:
+        """Raise ``Unauthorized`` unless ``key`` is one of the configured keys."""
+        if not key:
+            raise Unauthorized("Missing API key")
+        candidate = key.encode()
+        ok = False
+        for valid in self._keys:  # no early exit: timing does not reveal which key matched
+            ok |= hmac.compare_digest(candidate, valid)
+        if not ok:
+            raise Unauthorized("Invalid API key")

@@ -1,0 +1,512 @@
+"""The HTTP routes of the LibreChat Code Interpreter API (``api-contract.md`` §2), on Quart-Trio.
+
+Handlers stay thin: they validate, authenticate and translate; the domain work lives in
+``core.exec`` (for ``/exec``) and in the stores. Work that must continue after a handler returns
+(``/exec`` behind a heartbeat, a download streaming out) runs in the request's own nursery
+(``api.scope``), so a client that leaves cancels it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+from pydantic import ValidationError
+from quart import Response, g, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from kcr_trio import __version__
+from kcr_trio.config import Settings
+from kcr_trio.core.errors import ApiError, Busy, NotFound, TooLarge, Unavailable
+from kcr_trio.core.exec import ExecOutcome, ExecRequest, ExecService, Phases, validate
+from kcr_trio.core.ids import is_safe_id, new_id
+from kcr_trio.core.interfaces import Executor, FileStore, SessionStore
+from kcr_trio.core.model import FileRecord, FileRef, utcnow
+from kcr_trio.core.names import content_disposition, guess_content_type, sanitize_filename
+
+from .auth import Authenticator
+from .errors import dumps, error_body
+from .models import ExecBody, validation_details
+from .scope import current
+from .uploads import ParsedForm, parse_multipart, spooled_chunks
+
+log = logging.getLogger("kcr_trio.api")
+
+JSON_TYPES = ("application/json", "multipart/form-data", "application/x-www-form-urlencoded", "text/plain")
+# Paths LibreChat fetches with axios: answering them with Connection: close keeps a socket that axios
+# tainted (keepalive.md) from ever being reused for /exec.
+CLOSE_PREFIXES = ("/files/", "/download/", "/upload", "/sessions/")
+CORS_HEADERS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Allow-Methods": "GET, OPTIONS",
+    "Access-Control-Allow-Headers": "x-api-key, Content-Type",
+    "Access-Control-Expose-Headers": "Content-Disposition",
+}
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "strict-origin-when-cross-origin",
+}
+
+
+@dataclass
+class Services:
+    settings: Settings
+    sessions: SessionStore
+    files: FileStore
+    executor: Executor
+    exec_service: ExecService
+    auth: Authenticator
+    spool_dir: Path
+    warnings: list[str]
+
+
+def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(dumps(obj), status=status, content_type="application/json", headers=headers)
+
+
+def create_app(svc: Services) -> QuartTrio:
+    settings = svc.settings
+    app = QuartTrio("kcr_trio")
+    app.config.update(
+        RESPONSE_TIMEOUT=None,  # /exec enforces its own deadline; Quart's would cut the heartbeat
+        BODY_TIMEOUT=settings.kcr_body_timeout,
+        MAX_CONTENT_LENGTH=None,  # enforced per route while streaming, with clear messages
+        PROVIDE_AUTOMATIC_OPTIONS=True,
+    )
+    app.extensions["kcr"] = svc
+
+    # -- errors ------------------------------------------------------------------------------
+
+    @app.errorhandler(ApiError)
+    async def _api_error(exc: ApiError) -> Response:
+        rs = current(request.scope)
+        if isinstance(exc, Busy):
+            rs.outcome = "busy"
+        headers = dict(exc.headers)
+        return json_response(error_body(exc), exc.status, headers)
+
+    @app.errorhandler(HTTPException)
+    async def _http_error(exc: HTTPException) -> Response:
+        status = exc.code or 500
+        messages = {404: "Not found", 405: "Method not allowed", 408: "Request body timeout",
+                    413: "Request body too large"}
+        return json_response(error_body(ApiError(messages.get(status, exc.name), status=status)), status)
+
+    @app.errorhandler(Exception)
+    async def _unexpected(exc: Exception) -> Response:
+        log.exception("unexpected error", extra={"request_id": current(request.scope).request_id})
+        return json_response(error_body(ApiError("Internal server error", status=500)), 500)
+
+    # -- before/after every request ----------------------------------------------------------
+
+    @app.before_request
+    async def _content_type_and_auth() -> None:
+        method, path = request.method, request.path
+        if method in ("POST", "PUT", "PATCH") and not path.startswith(("/upload", "/state/")):
+            content_type = request.headers.get("content-type", "")
+            if not any(t in content_type.lower() for t in JSON_TYPES):
+                raise ApiError(f"Unsupported content type: {content_type}", status=415, shape="A")
+        if svc.auth.is_exempt(method, path):
+            return
+        peer = (request.scope.get("client") or (None,))[0]
+        if svc.auth.is_trusted(peer):
+            return
+        key = svc.auth.header_key(request.headers)
+        if key is not None:
+            svc.auth.check(key)
+        elif method in ("POST", "PUT", "PATCH") and request.mimetype == "application/json":
+            g.auth_pending = True  # the handler checks the key in the JSON body
+        else:
+            svc.auth.check(None)
+
+    @app.after_request
+    async def _headers(response: Response) -> Response:
+        for name, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)
+        if settings.kcr_connection_close and request.path.startswith(CLOSE_PREFIXES):
+            response.headers["Connection"] = "close"
+        return response
+
+    # -- /exec -------------------------------------------------------------------------------
+
+    @app.post("/exec")
+    async def exec_route() -> Response:
+        rs = current(request.scope)
+        raw = await _read_json(settings.kcr_max_json_body_bytes)
+        if g.get("auth_pending"):
+            svc.auth.check(svc.auth.body_key(raw))
+        try:
+            body = ExecBody.model_validate(raw)
+        except ValidationError as exc:
+            raise ApiError("Request validation failed", status=422, details=validation_details(exc)) from None
+        validate(body.code, body.lang, svc.exec_service.limits)  # 400/413 before anything starts
+        req = ExecRequest(
+            code=body.code,
+            lang=body.lang,
+            request_id=rs.request_id,
+            session_id=body.session_id,
+            entity_id=body.entity_id,
+            user_id=body.user_id,
+            files=[FileRef(f.id, f.session_id, f.name) for f in body.files],
+        )
+        return await _respond_exec(req)
+
+    async def _respond_exec(req: ExecRequest) -> Response:
+        """Answer plainly if the run finishes within the grace, else commit a heartbeat 200."""
+        rs = current(request.scope)
+        phases = Phases()
+        done = trio.Event()
+        box: dict[str, Any] = {}
+
+        async def work() -> None:
+            try:
+                box["outcome"] = await svc.exec_service.execute(req, phases)
+            except ApiError as exc:
+                box["error"] = exc
+            except Exception as exc:  # a bug: keep the request alive, report it readably
+                log.exception("exec failed", extra={"request_id": req.request_id})
+                box["error"] = Unavailable(f"Unexpected error during code execution: {type(exc).__name__}")
+            finally:
+                rs.phases = phases.durations
+                done.set()
+
+        rs.nursery.start_soon(work)
+        if settings.kcr_heartbeat:
+            with trio.move_on_after(settings.kcr_heartbeat_grace):
+                await done.wait()
+        else:
+            await done.wait()
+
+        if done.is_set():
+            if "error" in box:
+                raise box["error"]
+            outcome: ExecOutcome = box["outcome"]
+            rs.outcome = "timeout" if outcome.status == "timeout" else "ok"
+            return json_response(outcome.to_json())
+
+        # Slow: commit 200 now and keep the connection audibly alive (keepalive.md, points 1 and 3).
+        rs.heartbeat = True
+        interval = settings.kcr_heartbeat_interval
+
+        async def heartbeat_body() -> AsyncIterator[bytes]:
+            yield b" "
+            while not done.is_set():
+                with trio.move_on_after(interval):
+                    await done.wait()
+                if not done.is_set():
+                    yield b" "
+            if "error" in box:
+                exc: ApiError = box["error"]
+                rs.outcome = "busy" if isinstance(exc, Busy) else "error"
+                yield dumps(
+                    ExecOutcome(session_id=req.session_id or "", stdout="", stderr=exc.message, status="error").to_json()
+                )
+            else:
+                outcome = box["outcome"]
+                rs.outcome = "timeout" if outcome.status == "timeout" else "ok"
+                yield dumps(outcome.to_json())
+
+        return Response(
+            heartbeat_body(),
+            status=200,
+            content_type="application/json",
+            headers={"Cache-Control": "no-store, no-transform", "X-Accel-Buffering": "no"},
+        )
+
+    async def _read_json(limit: int) -> Any:
+        data = bytearray()
+        with trio.move_on_after(settings.kcr_body_timeout) as scope:
+            async for chunk in request.body:
+                data.extend(chunk)
+                if len(data) > limit:
+                    raise TooLarge(f"Request body too large: at most {limit} bytes")
+        if scope.cancelled_caught:
+            raise ApiError("Request body timeout", status=408)
+        try:
+            return json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ApiError(
+                "Request validation failed",
+                status=422,
+                details=[{"field": "body", "message": f"Invalid JSON: {exc}", "code": "json_invalid"}],
+            ) from None
+
+    # -- /upload -----------------------------------------------------------------------------
+
+    async def _parse_upload(batch: bool) -> ParsedForm:
+        with trio.move_on_after(settings.kcr_body_timeout) as scope:
+            form = await parse_multipart(
+                request.body,
+                request.headers.get("content-type", ""),
+                spool_dir=svc.spool_dir,
+                max_file_bytes=settings.max_file_bytes,
+                max_files=settings.max_files_per_session,
+                refuse_oversize=not batch,
+            )
+        if scope.cancelled_caught:
+            raise ApiError("Request body timeout", status=408)
+        return form
+
+    async def _store_uploads(form: ParsedForm) -> tuple[str, list[FileRecord]]:
+        entity_id = (form.fields.get("entity_id") or "").strip() or None
+        session = await svc.sessions.find_entity_session(entity_id) if entity_id else None
+        if session is None:
+            session = await svc.sessions.create_session(entity_id=entity_id, user_id=None)
+        stored: list[FileRecord] = []
+        try:
+            for item in form.files:
+                record = FileRecord(
+                    session_id=session.session_id,
+                    file_id=new_id(),
+                    filename=sanitize_filename(item.filename),
+                    content_type=item.content_type,
+                    size=item.size,
+                    created_at=utcnow(),
+                    kind="upload",
+                )
+                record.size = await svc.files.put(
+                    record.object_key,
+                    spooled_chunks(item.path),
+                    content_type=record.content_type,
+                    max_bytes=settings.max_file_bytes,
+                )
+                stored.append(record)
+            for record in stored:  # metadata last: the files become visible only now
+                await svc.sessions.add_file(record)
+        except BaseException:
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                for record in stored:
+                    await svc.sessions.delete_file(record.session_id, record.file_id)
+                    await svc.files.delete(record.object_key)
+            raise
+        return session.session_id, stored
+
+    @app.post("/upload")
+    async def upload() -> Response:
+        form = await _parse_upload(batch=False)
+        try:
+            if not form.files:
+                raise ApiError(
+                    "No files provided",
+                    status=422,
+                    details=[{"field": "body -> file", "message": "Field required", "code": "missing"}],
+                )
+            session_id, stored = await _store_uploads(form)
+        finally:
+            form.cleanup()
+        return json_response(
+            {
+                "message": "success",
+                "session_id": session_id,
+                "storage_session_id": session_id,
+                "files": [
+                    {"filename": r.filename, "fileId": r.file_id, "size": r.size, "content_type": r.content_type}
+                    for r in stored
+                ],
+            }
+        )
+
+    @app.post("/upload/batch")
+    async def upload_batch() -> Response:
+        form = await _parse_upload(batch=True)
+        try:
+            if not form.files and not form.refused:
+                raise ApiError(
+                    "No files provided",
+                    status=422,
+                    details=[{"field": "body -> file", "message": "Field required", "code": "missing"}],
+                )
+            session_id, stored = await _store_uploads(form)
+        finally:
+            form.cleanup()
+        results = [{"status": "success", "fileId": r.file_id, "filename": r.filename} for r in stored]
+        results += [
+            {"status": "error", "filename": sanitize_filename(name), "error": reason} for name, reason in form.refused
+        ]
+        return json_response(
+            {
+                "message": "success" if not form.refused else "partial",
+                "session_id": session_id,
+                "storage_session_id": session_id,
+                "files": results,
+                "succeeded": len(stored),
+                "failed": len(form.refused),
+            }
+        )
+
+    # -- listings, freshness -----------------------------------------------------------------
+
+    @app.get("/files/<session_id>")
+    async def list_files(session_id: str) -> Response:
+        detail = request.args.get("detail", "full")
+        if not is_safe_id(session_id):
+            return json_response([])
+        records = await svc.sessions.list_files(session_id)
+        if detail == "summary":
+            session = await svc.sessions.get_session(session_id)
+            now = utcnow()
+            items = []
+            for r in records:
+                if session is not None and session.active:
+                    stamp = now
+                elif session is not None:
+                    stamp = session.last_activity
+                else:
+                    stamp = r.created_at
+                items.append({"name": f"{session_id}/{r.file_id}", "lastModified": _iso_ms(stamp)})
+            return json_response(items)
+        if detail == "simple":
+            return json_response(
+                [{"id": r.file_id, "name": sanitize_filename(r.filename), "path": r.path} for r in records]
+            )
+        return json_response(
+            [
+                {
+                    "name": sanitize_filename(r.filename),
+                    "id": r.file_id,
+                    "session_id": session_id,
+                    "content": None,
+                    "size": r.size,
+                    "lastModified": r.created_at.isoformat(),
+                    "etag": f'"{r.file_id}"',
+                    "metadata": {
+                        "content-type": r.content_type,
+                        "original-filename": sanitize_filename(r.filename),
+                    },
+                    "contentType": r.content_type,
+                }
+                for r in records
+            ]
+        )
+
+    @app.get("/sessions/<session_id>/objects/<file_id>")
+    async def freshness(session_id: str, file_id: str) -> Response:
+        record = await _record_or_404(session_id, file_id)
+        session = await svc.sessions.get_session(session_id)
+        stamp = utcnow() if session is not None and session.active else record.created_at
+        return json_response(
+            {
+                "lastModified": _iso_ms(stamp),
+                "session_id": session_id,
+                "storage_session_id": session_id,
+                "file_id": file_id,
+                "name": record.filename,
+                "size": record.size,
+            }
+        )
+
+    async def _record_or_404(session_id: str, file_id: str) -> FileRecord:
+        record = None
+        if is_safe_id(session_id) and is_safe_id(file_id):
+            record = await svc.sessions.get_file(session_id, file_id)
+        if record is None:
+            raise NotFound("File not found")
+        return record
+
+    # -- download, delete --------------------------------------------------------------------
+
+    @app.get("/download/<session_id>/<file_id>")
+    async def download(session_id: str, file_id: str) -> Response:
+        record = await _record_or_404(session_id, file_id)
+        rs = current(request.scope)
+        send, receive = trio.open_memory_channel[tuple[str, Any]](1)
+
+        async def produce() -> None:
+            # Opens, reads and closes the object in one task, owned by the request.
+            async with send:
+                try:
+                    async with svc.files.open(record.object_key) as chunks:
+                        await send.send(("open", None))
+                        async for chunk in chunks:
+                            await send.send(("data", chunk))
+                except ApiError as exc:
+                    await send.send(("error", exc))
+
+        rs.nursery.start_soon(produce)
+        kind, value = await receive.receive()
+        if kind == "error":
+            receive.close()
+            raise value
+
+        async def body() -> AsyncIterator[bytes]:
+            async with receive:
+                async for kind, value in receive:
+                    if kind == "error":
+                        raise RuntimeError(f"download aborted: {value.message}")
+                    yield value
+
+        headers = {
+            "Content-Disposition": content_disposition(record.filename),
+            "Cache-Control": "private, max-age=3600",
+            "Content-Length": str(record.size),
+            **CORS_HEADERS,
+        }
+        return Response(body(), status=200, content_type=guess_content_type(record.filename, record.content_type),
+                        headers=headers)
+
+    @app.route("/download/<session_id>/<file_id>", methods=["OPTIONS"])
+    async def download_options(session_id: str, file_id: str) -> Response:
+        return Response(b"", status=204, headers={**CORS_HEADERS, "Access-Control-Max-Age": "3600"})
+
+    @app.delete("/files/<session_id>/<file_id>")
+    async def delete_file(session_id: str, file_id: str) -> Response:
+        record = await _record_or_404(session_id, file_id)
+        # Metadata first: the file disappears for readers at once; the bytes follow.
+        await svc.sessions.delete_file(session_id, file_id)
+        await svc.files.delete(record.object_key)
+        return Response(b"", status=200)
+
+    # -- health ------------------------------------------------------------------------------
+
+    @app.get("/health")
+    async def health() -> Response:
+        return json_response(
+            {
+                "status": "healthy",
+                "version": __version__,
+                "config": {"debug": False, "docs_enabled": settings.enable_docs, "cors_enabled": False},
+            }
+        )
+
+    @app.get("/ready")
+    async def ready() -> Response:
+        checks: dict[str, Any] = {}
+        ok = True
+
+        async def probe(name: str, fn: Any) -> None:
+            nonlocal ok
+            try:
+                with trio.fail_after(3):
+                    checks[name] = {"ok": True, **(await fn())}
+            except (ApiError, trio.TooSlowError) as exc:
+                ok = False
+                checks[name] = {"ok": False, "error": getattr(exc, "message", "timed out")}
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(probe, "sessions", svc.sessions.ping)
+            nursery.start_soon(probe, "files", svc.files.ping)
+            nursery.start_soon(probe, "executor", svc.executor.status)
+        if checks.get("executor", {}).get("ready") is False:
+            ok = False
+        body: dict[str, Any] = {"status": "ready" if ok else "not_ready", "checks": checks}
+        if svc.warnings:
+            body["warnings"] = svc.warnings
+        return json_response(body, 200 if ok else 503)
+
+    return app
+
+
+def _iso_ms(stamp: dt.datetime) -> str:
+    return stamp.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond // 1000:03d}Z"
+
+
+__all__ = ["Services", "create_app", "time"]

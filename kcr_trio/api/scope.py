@@ -1,0 +1,153 @@
+"""The per-request scope: a nursery the request owns, its access-log record, and two wire fixes.
+
+This thin ASGI layer sits between Hypercorn and the Quart app, and is the one place that knows about
+connection-level behaviour:
+
+* **Request-owned work.** Each HTTP request gets a nursery (``RequestScope.nursery``). Work that must
+  outlive the handler's ``return`` — the ``/exec`` run behind a heartbeat-streamed body, a download
+  streaming out of the file store — is started there, so it is still *owned by the request*: when the
+  client disconnects we cancel it, and when the response is complete we cancel whatever is left.
+  Nothing outlives its request.
+* **Disconnects after the final body chunk are withheld.** Hypercorn does its post-response
+  bookkeeping (arming the keep-alive idle timer, closing the socket after ``Connection: close``)
+  inside the app's final ``send()``, and may deliver ``http.disconnect`` during that call; Quart-Trio
+  reacts by cancelling the request, which cancels Hypercorn's bookkeeping half-way. Observed result:
+  idle connections never timed out and ``Connection: close`` did not close the socket. A disconnect
+  that arrives once the final chunk is on its way is no longer news to anyone, so we hold it back.
+* **One access-log line per request**, written in ``finally``: completed, failed, cancelled and
+  dropped requests alike, with the outcome and, for a client that left, how long after the start.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from kcr_trio.core.ids import new_id
+
+access_log = logging.getLogger("kcr_trio.access")
+
+# The LibreChat hang-up signature: the client's leaked 5 s idle timer (keepalive.md).
+HANGUP_SIGNATURE = (4.9, 5.1)
+
+
+@dataclass
+class RequestScope:
+    nursery: trio.Nursery
+    request_id: str
+    started: float = field(default_factory=time.perf_counter)
+    status: int | None = None
+    outcome: str | None = None  # set by handlers: ok | timeout | busy | error; client_gone is ours
+    response_complete: bool = False
+    client_gone_after: float | None = None
+    bytes_in: int = 0
+    bytes_out: int = 0
+    heartbeat: bool = False
+    phases: dict[str, float] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+
+def current(scope: dict[str, Any]) -> RequestScope:
+    """The ``RequestScope`` of an ASGI scope (``request.scope`` in a Quart handler)."""
+    return scope["kcr"]
+
+
+class RequestScopeMiddleware:
+    """Wraps the ASGI app; see the module docstring for what and why."""
+
+    def __init__(self, app: Any, *, on_finish: Any = None) -> None:
+        self.app = app
+        self.on_finish = on_finish  # callable(RequestScope, asgi scope) for metrics
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = _header(scope, b"x-request-id") or new_id()
+        final_started = False
+        async with trio.open_nursery() as nursery:
+            rs = RequestScope(nursery=nursery, request_id=request_id)
+            scope["kcr"] = rs
+
+            async def wrapped_receive() -> dict[str, Any]:
+                message = await receive()
+                if message["type"] == "http.request":
+                    rs.bytes_in += len(message.get("body", b""))
+                elif message["type"] == "http.disconnect":
+                    if final_started:
+                        # The response is complete; let Hypercorn finish its bookkeeping.
+                        await trio.sleep_forever()
+                    if rs.client_gone_after is None:
+                        rs.client_gone_after = rs.elapsed()
+                    nursery.cancel_scope.cancel()
+                return message
+
+            async def wrapped_send(message: dict[str, Any]) -> None:
+                nonlocal final_started
+                if message["type"] == "http.response.start":
+                    rs.status = message["status"]
+                    message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
+                elif message["type"] == "http.response.body":
+                    rs.bytes_out += len(message.get("body", b""))
+                    if not message.get("more_body", False):
+                        final_started = True
+                        await send(message)
+                        rs.response_complete = True
+                        return
+                await send(message)
+
+            try:
+                await self.app(scope, wrapped_receive, wrapped_send)
+            finally:
+                # Work the request started must not outlive it.
+                nursery.cancel_scope.cancel()
+                self._log(scope, rs)
+
+    def _log(self, scope: dict[str, Any], rs: RequestScope) -> None:
+        if not rs.response_complete:
+            outcome = "client_gone" if rs.client_gone_after is not None else "error"
+        else:
+            outcome = rs.outcome or ("ok" if (rs.status or 500) < 500 else "error")
+        rs.outcome = outcome
+        record: dict[str, Any] = {
+            "event": "access",
+            "request_id": rs.request_id,
+            "method": scope.get("method"),
+            "path": scope.get("path"),
+            "status": rs.status,
+            "outcome": outcome,
+            "duration_ms": round(rs.elapsed() * 1000, 2),
+            "bytes_in": rs.bytes_in,
+            "bytes_out": rs.bytes_out,
+            "client": (scope.get("client") or ("", 0))[0],
+        }
+        if rs.client_gone_after is not None:
+            record["client_gone_after_s"] = round(rs.client_gone_after, 3)
+            lo, hi = HANGUP_SIGNATURE
+            record["hangup_signature"] = lo <= rs.client_gone_after <= hi
+        if rs.heartbeat:
+            record["heartbeat"] = True
+        if rs.phases:
+            record["phases_ms"] = rs.phases
+        record.update(rs.extra)
+        access_log.info(json.dumps(record, separators=(",", ":")))
+        if self.on_finish is not None:
+            self.on_finish(rs, scope)
+
+
+def _header(scope: dict[str, Any], name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            text = value.decode("latin-1").strip()
+            # Only propagate ids that are safe to echo into logs and headers.
+            if 0 < len(text) <= 64 and all(c.isalnum() or c in "-_." for c in text):
+                return text
+    return None

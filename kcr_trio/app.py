@@ -1,0 +1,228 @@
+"""Composition root: settings → backends → services → app → Hypercorn.
+
+Backends are opened here, in one ``AsyncExitStack`` that the server's lifetime owns: their background
+work (pool replenishment, session clean-up) lives in nurseries they open, and leaving the stack —
+on SIGTERM after the in-flight requests drained — closes them in reverse order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import secrets
+import signal
+import sys
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+
+from kcr_trio.api.auth import Authenticator
+from kcr_trio.api.routes import Services, create_app
+from kcr_trio.api.scope import RequestScopeMiddleware
+from kcr_trio.config import Settings
+from kcr_trio.core.exec import ExecLimits, ExecService
+from kcr_trio.logs import setup_logging
+
+log = logging.getLogger("kcr_trio.app")
+
+
+def exec_limits(settings: Settings) -> ExecLimits:
+    return ExecLimits(
+        max_execution_time=settings.max_execution_time,
+        overhead=settings.kcr_exec_overhead,
+        acquire_timeout=settings.kcr_acquire_timeout,
+        max_output_chars=settings.kcr_max_output_chars,
+        max_output_files=settings.max_output_files,
+        max_file_bytes=settings.max_file_bytes,
+        max_code_bytes=settings.kcr_max_code_bytes,
+    )
+
+
+def ensure_keys(settings: Settings) -> tuple[str, ...]:
+    """The configured keys; with none configured, a generated key kept in the data directory."""
+    if settings.keys:
+        return settings.keys
+    path = settings.kcr_data_dir / "api-key"
+    if path.exists():
+        key = path.read_text().strip()
+    else:
+        key = secrets.token_urlsafe(32)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(key + "\n")
+    log.warning("no API_KEY configured: using the generated key stored in %s", path)
+    return (key,)
+
+
+@asynccontextmanager
+async def open_services(settings: Settings, *, executor: Any = None) -> AsyncIterator[Services]:
+    """Open every backend the settings select; ``executor`` overrides the executor (tests)."""
+    data_dir = Path(settings.kcr_data_dir)
+    spool_dir = data_dir / "spool"
+    spool_dir.mkdir(parents=True, exist_ok=True)
+    warnings: list[str] = []
+    async with AsyncExitStack() as stack:
+        if settings.kcr_session_store == "redis" or settings.kcr_file_store == "s3":
+            from kcr_trio.backends.aio_bridge import open_bridge
+
+            await stack.enter_async_context(open_bridge())
+
+        if settings.kcr_session_store == "redis":
+            from kcr_trio.backends.redis_sessions import open_redis_sessions
+
+            sessions = await stack.enter_async_context(open_redis_sessions(settings))
+        else:
+            from kcr_trio.backends.memory_sessions import MemorySessionStore
+
+            sessions = MemorySessionStore(ttl_hours=settings.session_ttl_hours)
+
+        if settings.kcr_file_store == "s3":
+            from kcr_trio.backends.s3_files import open_s3_files
+
+            files = await stack.enter_async_context(open_s3_files(settings))
+        else:
+            from kcr_trio.backends.local_files import LocalFileStore
+
+            files = LocalFileStore(data_dir / "files")
+
+        if executor is None:
+            if settings.kcr_executor == "kubernetes":
+                from kcr_trio.backends.kubernetes_executor import open_kubernetes_executor
+
+                executor = await stack.enter_async_context(open_kubernetes_executor(settings))
+            else:
+                from kcr_trio.backends.local_executor import open_local_executor
+
+                executor = await stack.enter_async_context(open_local_executor(settings))
+        warnings.extend(getattr(executor, "warnings", []))
+
+        yield Services(
+            settings=settings,
+            sessions=sessions,
+            files=files,
+            executor=executor,
+            exec_service=ExecService(sessions, files, executor, exec_limits(settings)),
+            auth=Authenticator(ensure_keys(settings), settings.auth_trusted_networks),
+            spool_dir=spool_dir,
+            warnings=warnings,
+        )
+
+
+def hypercorn_config(settings: Settings) -> HypercornConfig:
+    config = HypercornConfig()
+    config.bind = [f"{settings.api_host}:{settings.api_port}"]
+    # Well above the 5 s client idle timer, so the client always closes first (keepalive.md §5).
+    config.keep_alive_timeout = settings.kcr_keep_alive_timeout
+    config.graceful_timeout = settings.graceful_timeout
+    config.accesslog = None  # ours is written by api.scope, one line per request
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.include_server_header = False
+    return config
+
+
+def build_asgi(svc: Services) -> Any:
+    return RequestScopeMiddleware(create_app(svc))
+
+
+async def serve(
+    settings: Settings,
+    *,
+    executor: Any = None,
+    shutdown: trio.Event | None = None,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run until SIGTERM/SIGINT (or ``shutdown``): drain in-flight requests, then close backends."""
+    settings.kcr_data_dir.mkdir(parents=True, exist_ok=True)
+    shutdown = shutdown or trio.Event()
+    async with open_services(settings, executor=executor) as svc:
+        asgi = build_asgi(svc)
+        config = hypercorn_config(settings)
+        async with trio.open_nursery() as nursery:
+
+            async def run_server(task_status: trio.TaskStatus[list[str]]) -> None:
+                # Returns once the listeners are closed and in-flight requests drained (Hypercorn
+                # cancels what is still running after graceful_timeout).
+                await hypercorn_serve(asgi, config, shutdown_trigger=shutdown.wait, task_status=task_status)
+                nursery.cancel_scope.cancel()  # stop the signal watcher
+
+            nursery.start_soon(_watch_signals, shutdown)
+            binds = await nursery.start(run_server)
+            log.info("serving", extra={"binds": binds})
+            task_status.started(binds)
+            await shutdown.wait()
+            log.info("shutting down: draining in-flight requests", extra={"graceful_timeout": settings.graceful_timeout})
+
+
+async def _watch_signals(shutdown: trio.Event) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for _ in signals:
+            shutdown.set()
+            return
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="kcr-trio serve", description="Run the kcr-trio API server.")
+    parser.add_argument("--host", help="bind address (API_HOST)")
+    parser.add_argument("--port", type=int, help="port (API_PORT)")
+    parser.add_argument("--data-dir", help="data directory (KCR_DATA_DIR)")
+    return parser.parse_args(argv)
+
+
+def _settings_from(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {}
+    if args.host:
+        overrides["api_host"] = args.host
+    if args.port is not None:
+        overrides["api_port"] = args.port
+    if args.data_dir:
+        overrides["kcr_data_dir"] = Path(args.data_dir)
+    return Settings(**overrides)
+
+
+def serve_main(argv: list[str]) -> int:
+    settings = _settings_from(_parse(argv))
+    setup_logging(settings.log_level, settings.log_format)
+    if settings.kcr_session_store == "redis" or settings.kcr_file_store == "s3":
+        import trio_asyncio  # the asyncio-only clients need the bridge loop around the whole server
+
+        trio_asyncio.run(serve, settings)
+    else:
+        trio.run(serve, settings)
+    return 0
+
+
+def check_main(argv: list[str]) -> int:
+    """Validate settings and probe each configured backend once; print a JSON report."""
+    settings = _settings_from(_parse(argv))
+    setup_logging("WARNING", settings.log_format)
+
+    async def probe() -> dict[str, Any]:
+        report: dict[str, Any] = {"ok": True}
+        async with open_services(settings) as svc:
+            for name, fn in (("sessions", svc.sessions.ping), ("files", svc.files.ping), ("executor", svc.executor.status)):
+                try:
+                    with trio.fail_after(10):
+                        report[name] = await fn()
+                except Exception as exc:  # report, don't crash: this is a diagnostic command
+                    report["ok"] = False
+                    report[name] = {"error": str(exc)}
+        return report
+
+    needs_bridge = settings.kcr_session_store == "redis" or settings.kcr_file_store == "s3"
+    if needs_bridge:
+        import trio_asyncio
+
+        report = trio_asyncio.run(probe)
+    else:
+        report = trio.run(probe)
+    json.dump(report, sys.stdout, indent=2, default=str)
+    print()
+    return 0 if report["ok"] else 1

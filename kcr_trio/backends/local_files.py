@@ -1,0 +1,110 @@
+"""File bytes on the local disk: the embedded default and the S3 store's twin.
+
+Objects live at ``<root>/<object key>``. Writes go to a temporary file in ``<root>/.partial/`` and are
+renamed into place only when complete, so a reader never sees half a file and a cancelled upload
+leaves nothing behind (the ``finally`` removes the partial file). Disk I/O runs in Trio's worker
+threads in large chunks; nothing holds a whole file in memory.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import AsyncIterable, AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from kcr_trio.core.errors import NotFound, TooLarge, Unavailable
+from kcr_trio.core.ids import new_id
+
+CHUNK = 256 * 1024
+_KEY_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*(/[A-Za-z0-9_-][A-Za-z0-9_.-]*)*$")
+
+
+class LocalFileStore:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self._partial = self.root / ".partial"
+        self._partial.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        # Keys are built by the core from ids we validated, but check anyway: a key can never leave
+        # the root (no "..", no absolute paths, no dot-leading components).
+        if not _KEY_RE.match(key) or ".." in key:
+            raise NotFound("File not found")
+        return self.root / key
+
+    async def put(
+        self,
+        key: str,
+        chunks: AsyncIterable[bytes],
+        *,
+        content_type: str,
+        max_bytes: int | None = None,
+    ) -> int:
+        target = self._path(key)
+        tmp = self._partial / f"{new_id()}.part"
+        size = 0
+        try:
+            async with await trio.open_file(tmp, "wb") as out:
+                async for chunk in chunks:
+                    size += len(chunk)
+                    if max_bytes is not None and size > max_bytes:
+                        raise TooLarge(f"File exceeds maximum size of {max_bytes // (1024 * 1024)}MB")
+                    await out.write(chunk)
+            await trio.to_thread.run_sync(_install, tmp, target)
+        except OSError as exc:
+            raise Unavailable(f"File store unavailable: {exc.strerror or exc}") from exc
+        finally:
+            # Shielded: a cancelled upload must not leave its partial file behind.
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(_unlink_quiet, tmp)
+        return size
+
+    @asynccontextmanager
+    async def open(self, key: str) -> AsyncIterator[AsyncIterator[bytes]]:
+        path = self._path(key)
+        try:
+            handle = await trio.open_file(path, "rb")
+        except FileNotFoundError:
+            raise NotFound("File content not found") from None
+        except OSError as exc:
+            raise Unavailable(f"File store unavailable: {exc.strerror or exc}") from exc
+        try:
+            yield _read_chunks(handle)
+        finally:
+            with trio.CancelScope(shield=True):
+                await handle.aclose()
+
+    async def delete(self, key: str) -> None:
+        try:
+            path = self._path(key)
+        except NotFound:
+            return
+        await trio.to_thread.run_sync(_unlink_quiet, path)
+
+    async def ping(self) -> dict[str, Any]:
+        ok = await trio.to_thread.run_sync(os.access, self.root, os.W_OK)
+        if not ok:
+            raise Unavailable(f"File store unavailable: {self.root} is not writable")
+        return {"backend": "local"}
+
+
+async def _read_chunks(handle: Any) -> AsyncIterator[bytes]:
+    while chunk := await handle.read(CHUNK):
+        yield chunk
+
+
+def _install(tmp: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, target)
+
+
+def _unlink_quiet(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,398 @@
+"""The ``/exec`` lifecycle, top to bottom.
+
+One request owns all of its work. Everything below runs inside the caller's cancel scope, which the
+HTTP edge cancels when the client disconnects (and which carries the request's one deadline), so:
+
+    choose session + find inputs  ─┐ concurrently (store I/O overlaps pod/sidecar acquisition)
+    acquire a sandbox             ─┘
+    stream inputs   store → sandbox   (concurrently, a few at a time)
+    run the code                      (cancelling this kills the program's whole process tree)
+    collect outputs sandbox → store   (bytes first, metadata last; concurrently)
+    release the sandbox               (the executor does it, shielded, whatever happened)
+
+A cancelled request therefore stops every phase at once and leaves no half-visible file: bytes that
+were written without their metadata are invisible and are deleted in a shielded ``finally``.
+
+Errors before the run (bad input, busy, a store down) are ``ApiError``s the edge can still answer with
+a real status. Program failures are results (HTTP 200, text in ``stderr``), as LibreChat expects.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import trio
+
+from . import output
+from .errors import ApiError, NotFound, Unavailable, empty_code, unsupported_language
+from .ids import is_safe_id, new_id
+from .interfaces import Executor, FileStore, Sandbox, SessionStore
+from .languages import Language, lookup
+from .model import FileRecord, FileRef, GeneratedFile, RunResult, Session, utcnow
+from .names import guess_content_type
+
+log = logging.getLogger("kcr_trio.exec")
+
+# How many files move between store and sandbox at once, per request.
+TRANSFER_CONCURRENCY = 4
+# Deadline for the shielded clean-up of a half-stored output.
+CLEANUP_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class ExecLimits:
+    max_execution_time: float
+    overhead: float  # time allowed on top of the run for store, transfer and acquisition phases
+    acquire_timeout: float
+    max_output_chars: int
+    max_output_files: int
+    max_file_bytes: int
+    max_code_bytes: int
+    # Also mount the uploads of the session the code runs in, not only the listed refs. Fixes
+    # KubeCodeRun's "uploads vanish after the first generated file" (api-contract.md §6.2 step 4).
+    mount_session_uploads: bool = True
+
+
+@dataclass(slots=True)
+class ExecRequest:
+    code: str
+    lang: str
+    request_id: str
+    session_id: str | None = None
+    entity_id: str | None = None
+    user_id: str | None = None
+    files: list[FileRef] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class ExecOutcome:
+    session_id: str
+    stdout: str
+    stderr: str
+    status: Literal["completed", "failed", "timeout", "error"]
+    files: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "session_id": self.session_id,
+            "files": self.files,
+            "stdout": self.stdout,
+            "stderr": self.stderr,
+            "has_state": False,
+            "state_size": None,
+            "state_hash": None,
+        }
+
+
+@dataclass
+class Phases:
+    """Wall-clock milliseconds per phase, for the access log and metrics."""
+
+    durations: dict[str, float] = field(default_factory=dict)
+    current: str | None = None
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start, self.current = time.perf_counter(), name
+        try:
+            yield
+        finally:
+            self.durations[name] = round((time.perf_counter() - start) * 1000, 2)
+            self.current = None
+
+
+def validate(code: Any, lang: Any, limits: ExecLimits) -> Language:
+    """Checks that answer 400 before anything is committed."""
+    language = lookup(lang) if isinstance(lang, str) else None
+    if language is None:
+        raise unsupported_language(str(lang))
+    if not isinstance(code, str) or not code.strip():
+        raise empty_code()
+    if len(code.encode("utf-8", "surrogatepass")) > limits.max_code_bytes:
+        raise ApiError(
+            f"Code exceeds maximum size of {limits.max_code_bytes} bytes",
+            status=413,
+            details=[{"field": "code", "message": "Code too large", "code": "code_too_large"}],
+        )
+    return language
+
+
+class ExecService:
+    """Runs ``/exec`` requests against the three backends."""
+
+    def __init__(
+        self, sessions: SessionStore, files: FileStore, executor: Executor, limits: ExecLimits
+    ) -> None:
+        self.sessions = sessions
+        self.files = files
+        self.executor = executor
+        self.limits = limits
+
+    async def execute(self, req: ExecRequest, phases: Phases) -> ExecOutcome:
+        """Run one request. The caller's scope cancels it; its own deadline bounds it."""
+        language = validate(req.code, req.lang, self.limits)
+        limits = self.limits
+        deadline = trio.current_time() + limits.max_execution_time + limits.overhead
+        state = _State(session_id=req.session_id or "")
+        with trio.CancelScope(deadline=deadline) as scope:
+            try:
+                return await self._execute(req, language, phases, state, deadline)
+            except BaseExceptionGroup as group:
+                raise _single(group) from None
+        assert scope.cancelled_caught
+        log.warning("exec deadline reached in phase %s", phases.current, extra={"request_id": req.request_id})
+        return ExecOutcome(
+            session_id=state.session_id,
+            stdout="",
+            stderr=output.timeout_message(limits.max_execution_time),
+            status="timeout",
+        )
+
+    async def _execute(
+        self,
+        req: ExecRequest,
+        language: Language,
+        phases: Phases,
+        state: _State,
+        deadline: float,
+    ) -> ExecOutcome:
+        limits = self.limits
+        resolved = trio.Event()
+        async with trio.open_nursery() as nursery:
+            # 1. Session and input metadata, concurrently with sandbox acquisition.
+            async def resolve() -> None:
+                with phases.phase("store"):
+                    session = await self._choose_session(req)
+                    state.session_id = session.session_id
+                    state.inputs = await self._find_inputs(req, session)
+                resolved.set()
+
+            nursery.start_soon(resolve)
+            wait = max(0.0, min(limits.acquire_timeout, deadline - trio.current_time()))
+            acquire_started = time.perf_counter()
+            phases.current = "acquire"
+            # Leaving this block (normally, by error or by cancellation) releases the sandbox;
+            # the executor shields that release and bounds it with its own timeout.
+            async with self.executor.sandbox(language.code, wait=wait) as sandbox:
+                phases.durations["acquire"] = round((time.perf_counter() - acquire_started) * 1000, 2)
+                await resolved.wait()
+
+                # 2. Inputs: store → sandbox.
+                notes: list[str] = []
+                with phases.phase("upload"):
+                    await self._send_inputs(sandbox, state.inputs, notes)
+
+                # 3. Run. The sandbox enforces the timeout; keep time for collection after it.
+                run_timeout = min(
+                    float(limits.max_execution_time),
+                    max(1.0, deadline - trio.current_time() - limits.overhead / 2),
+                )
+                with phases.phase("execute"):
+                    result = await sandbox.run(req.code, timeout=run_timeout, request_id=req.request_id)
+
+                # 4. Outputs: sandbox → store, then metadata.
+                with phases.phase("collect"):
+                    files = await self._collect_outputs(sandbox, result, state.session_id, notes)
+
+        stdout, stderr = output.shape_output(
+            result, limit=limits.max_output_chars, timeout=limits.max_execution_time
+        )
+        if notes:
+            stderr = "\n".join([stderr, *notes]).strip()
+        status: Literal["completed", "failed", "timeout", "error"]
+        if result.failure:
+            status = "error"
+        elif result.timed_out:
+            status = "timeout"
+        else:
+            status = "completed" if result.exit_code == 0 else "failed"
+        return ExecOutcome(
+            session_id=state.session_id, stdout=stdout, stderr=stderr, status=status, files=files
+        )
+
+    # -- phase 1: session and inputs ---------------------------------------------------------
+
+    async def _choose_session(self, req: ExecRequest) -> Session:
+        """KubeCodeRun's order: explicit session, first ref's session, the entity's, a new one."""
+        candidates = [req.session_id] if req.session_id else []
+        candidates += [ref.session_id for ref in req.files]
+        for sid in dict.fromkeys(candidates):
+            if sid and is_safe_id(sid):
+                session = await self.sessions.get_session(sid)
+                if session is not None and session.active:
+                    return session
+        if req.entity_id:
+            session = await self.sessions.find_entity_session(req.entity_id)
+            if session is not None:
+                return session
+        return await self.sessions.create_session(entity_id=req.entity_id, user_id=req.user_id)
+
+    async def _find_inputs(self, req: ExecRequest, session: Session) -> list[FileRecord]:
+        """The files to mount, by ref (id, then name) and then the session's own uploads."""
+        found: dict[str, FileRecord] = {}  # by mounted filename; the first ref for a name wins
+        seen: set[tuple[str, str]] = set()
+        listings: dict[str, list[FileRecord]] = {}
+        for ref in req.files:
+            if not is_safe_id(ref.session_id):
+                log.warning("skipping file ref with invalid session id", extra={"request_id": req.request_id})
+                continue
+            record = await self.sessions.get_file(ref.session_id, ref.id) if is_safe_id(ref.id) else None
+            if record is None:
+                if ref.session_id not in listings:
+                    listings[ref.session_id] = await self.sessions.list_files(ref.session_id)
+                record = next(
+                    (
+                        r
+                        for r in listings[ref.session_id]
+                        if r.filename == ref.name or r.filename == ref.id or r.file_id == ref.id
+                    ),
+                    None,
+                )
+            if record is None:
+                log.warning(
+                    "file ref not found; skipped",
+                    extra={"request_id": req.request_id, "file_session": ref.session_id, "file_id": ref.id},
+                )
+                continue
+            key = (record.session_id, record.file_id)
+            if key in seen or record.filename in found:
+                continue
+            seen.add(key)
+            found[record.filename] = record
+        if self.limits.mount_session_uploads:
+            for record in await self.sessions.list_files(session.session_id):
+                if record.kind == "upload" and record.filename not in found:
+                    found[record.filename] = record
+        return list(found.values())
+
+    # -- phase 2: inputs -----------------------------------------------------------------------
+
+    async def _send_inputs(self, sandbox: Sandbox, inputs: list[FileRecord], notes: list[str]) -> None:
+        limiter = trio.CapacityLimiter(TRANSFER_CONCURRENCY)
+
+        async def send(record: FileRecord) -> None:
+            async with limiter:
+                try:
+                    async with self.files.open(record.object_key) as chunks:
+                        await sandbox.put_file(record.filename, chunks)
+                except NotFound:
+                    # KubeCodeRun would mount placeholder text; the program is better served by the
+                    # file being absent and the model being told why.
+                    notes.append(f"Input file {record.filename} could not be loaded: its content is missing")
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for record in inputs:
+                    nursery.start_soon(send, record)
+        except BaseExceptionGroup as group:
+            raise _single(group) from None
+
+    # -- phase 4: outputs ----------------------------------------------------------------------
+
+    async def _collect_outputs(
+        self, sandbox: Sandbox, result: RunResult, session_id: str, notes: list[str]
+    ) -> list[dict[str, Any]]:
+        if result.failure:
+            return []
+        generated: list[GeneratedFile] = (
+            result.generated if result.generated is not None else await sandbox.generated_files()
+        )
+        kept, skipped = output.select_outputs(
+            generated, max_files=self.limits.max_output_files, max_bytes=self.limits.max_file_bytes
+        )
+        notes.extend(skipped)
+        stored: list[tuple[int, FileRecord]] = []
+        limiter = trio.CapacityLimiter(TRANSFER_CONCURRENCY)
+
+        async def store(index: int, item: GeneratedFile) -> None:
+            async with limiter:
+                record = FileRecord(
+                    session_id=session_id,
+                    file_id=new_id(),
+                    filename=item.name,
+                    content_type=guess_content_type(item.name, item.content_type),
+                    size=0,
+                    created_at=utcnow(),
+                    kind="output",
+                )
+                try:
+                    async with sandbox.open_file(item.name) as chunks:
+                        record.size = await self.files.put(
+                            record.object_key,
+                            chunks,
+                            content_type=record.content_type,
+                            max_bytes=self.limits.max_file_bytes,
+                        )
+                except ApiError as exc:
+                    # A file we cannot fetch is reported as missing, never stored as placeholder text.
+                    notes.append(f"Output file {item.name} was not saved: {exc.message}")
+                    return
+                stored.append((index, record))
+
+        try:
+            try:
+                async with trio.open_nursery() as nursery:
+                    for index, item in enumerate(kept):
+                        nursery.start_soon(store, index, item)
+            except BaseExceptionGroup as group:
+                raise _single(group) from None
+            # Metadata last: only now do the files become visible to /files and /download.
+            for _, record in sorted(stored, key=lambda pair: pair[0]):
+                await self.sessions.add_file(record)
+        except BaseException:
+            with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
+                for _, record in stored:
+                    await self.sessions.delete_file(record.session_id, record.file_id)
+                    await self.files.delete(record.object_key)
+            raise
+        return [
+            {
+                "id": record.file_id,
+                "name": record.filename,
+                "path": None,
+                "session_id": session_id,
+                "storage_session_id": session_id,
+            }
+            for _, record in sorted(stored, key=lambda pair: pair[0])
+        ]
+
+
+@dataclass(slots=True)
+class _State:
+    session_id: str
+    inputs: list[FileRecord] = field(default_factory=list)
+
+
+def _single(group: BaseExceptionGroup) -> BaseException:
+    """The one meaningful error inside a nursery's exception group.
+
+    Trio wraps even a single failure in a group; the edge wants the ``ApiError`` itself. Cancelled
+    is never returned from here (the enclosing scope handles it): we prefer an ApiError, then any
+    other non-Cancelled exception, and otherwise give the group back untouched.
+    """
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    if any(isinstance(leaf, trio.Cancelled) for leaf in leaves):
+        return group
+    for leaf in leaves:
+        if isinstance(leaf, ApiError):
+            return leaf
+    if len(leaves) == 1:
+        return leaves[0]
+    return group
+
+
+__all__ = ["ExecLimits", "ExecOutcome", "ExecRequest", "ExecService", "Phases", "Unavailable", "validate"]

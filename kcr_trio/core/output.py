@@ -1,0 +1,74 @@
+"""What a run's raw output becomes in the ``/exec`` response (KubeCodeRun's rules, kept exactly).
+
+Pure functions: easy to test, and the only place these rules live.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from .languages import SOURCE_FILES
+from .model import GeneratedFile, RunResult
+from .names import is_plain_filename
+
+TRUNCATION_MARKER = "\n[Output truncated - size limit exceeded]"
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# Extensions KubeCodeRun never returns as generated files.
+BLOCKED_EXTENSIONS = frozenset({".exe", ".bat", ".cmd", ".sh", ".ps1", ".scr", ".com"})
+
+
+def clean_stream(text: str, limit: int) -> str:
+    """Cap, drop control characters (keeping tab/newline/CR) and strip, as KubeCodeRun does."""
+    if len(text) > limit:
+        text = text[:limit] + TRUNCATION_MARKER
+    return _CONTROL.sub("", text).strip()
+
+
+def timeout_message(seconds: float) -> str:
+    return f"Execution timed out after {seconds:g} seconds"
+
+
+def shape_output(result: RunResult, *, limit: int, timeout: float) -> tuple[str, str]:
+    """``(stdout, stderr)`` for the response.
+
+    stdout gets a trailing newline when non-empty (LibreChat expects it); a failed run with silent
+    stderr gets a readable reason, so the model always learns why nothing happened.
+    """
+    stdout = clean_stream(result.stdout, limit)
+    stderr = clean_stream(result.stderr, limit)
+    if stdout:
+        stdout += "\n"
+    if result.failure:
+        stderr = f"{stderr}\n{result.failure}".strip()
+    elif result.timed_out and "timed out" not in stderr:
+        stderr = f"{stderr}\n{timeout_message(timeout)}".strip()
+    elif result.exit_code != 0 and not stderr:
+        stderr = f"Code execution failed with exit code {result.exit_code}"
+    return stdout, stderr
+
+
+def select_outputs(
+    generated: list[GeneratedFile], *, max_files: int, max_bytes: int
+) -> tuple[list[GeneratedFile], list[str]]:
+    """Which generated files to store, and notes on the ones left out (for ``stderr``).
+
+    KubeCodeRun drops files silently; we keep its filter but say what was left out, because a
+    silently missing chart is the commonest "it said it saved the file" complaint.
+    """
+    kept: list[GeneratedFile] = []
+    notes: list[str] = []
+    for item in sorted(generated, key=lambda g: g.name):
+        name = item.name
+        if not is_plain_filename(name) or name.startswith(".") or name in SOURCE_FILES:
+            continue
+        if os.path.splitext(name)[1].lower() in BLOCKED_EXTENSIONS:
+            continue
+        if item.size > max_bytes:
+            notes.append(f"Output file {name} was not saved: larger than {max_bytes // 2**20}MB")
+            continue
+        if len(kept) >= max_files:
+            notes.append(f"Output file {name} was not saved: more than {max_files} output files")
+            continue
+        kept.append(item)
+    return kept, notes

@@ -1,0 +1,140 @@
+"""Resource limits, the scrubbed environment, and the one function that builds a user process.
+
+Every user process (compile step, run step, pre-warmed interpreter) is created by ``spawn_user``:
+new session (``setsid``), fixed minimal environment, an unprivileged uid/gid when the sidecar is
+root, and rlimits set in the child between ``fork`` and ``exec``. ``user_command`` is the single
+place where the final argv is decided, so a sandbox wrapper (bubblewrap, issue 7) can be added there
+without touching the runner.
+
+Memory is enforced with ``RLIMIT_AS`` (address space), because it needs no cgroup and works in an
+unprivileged pod. Runtimes that reserve far more address space than they use get a larger AS and a
+runtime-level cap instead (see ``languages.py``): Node ``--max-old-space-size``, Java ``-Xmx``, Go
+``GOMEMLIMIT``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+import trio
+
+SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+MB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """rlimits for one user process. ``None`` leaves a limit as inherited."""
+
+    cpu_seconds: int | None = None
+    address_space_mb: int | None = None
+    nproc: int | None = None
+    file_size_mb: int | None = None
+    open_files: int | None = None
+
+    def with_(self, **changes: object) -> "Limits":
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who user code runs as. ``uid is None`` means "as the sidecar itself" (non-root pods)."""
+
+    uid: int | None = None
+    gid: int | None = None
+    exclusive: bool = False  # the uid belongs to this sidecar alone: kill(-1) as it is safe
+
+    @property
+    def switching(self) -> bool:
+        return self.uid is not None
+
+
+def resolve_identity(run_uid: int, run_gid: int, exclusive: bool) -> Identity:
+    """Switch to ``run_uid`` only when we can (root); otherwise run as ourselves."""
+    if os.geteuid() == 0 and run_uid != 0:
+        return Identity(run_uid, run_gid, exclusive)
+    return Identity(None, None, False)
+
+
+def _preexec(limits: Limits) -> Callable[[], None]:
+    """Runs in the child after setsid/setuid, before exec: only async-signal-safe-ish syscalls."""
+    pairs: list[tuple[int, int]] = []
+    if limits.cpu_seconds is not None:
+        pairs.append((resource.RLIMIT_CPU, limits.cpu_seconds))
+    if limits.address_space_mb is not None:
+        pairs.append((resource.RLIMIT_AS, limits.address_space_mb * MB))
+    if limits.nproc is not None:
+        pairs.append((resource.RLIMIT_NPROC, limits.nproc))
+    if limits.file_size_mb is not None:
+        pairs.append((resource.RLIMIT_FSIZE, limits.file_size_mb * MB))
+    if limits.open_files is not None:
+        pairs.append((resource.RLIMIT_NOFILE, limits.open_files))
+    pairs.append((resource.RLIMIT_CORE, 0))
+
+    def apply() -> None:
+        for which, value in pairs:
+            soft, hard = resource.getrlimit(which)
+            value = value if hard == resource.RLIM_INFINITY else min(value, hard)
+            # CPU: the soft limit sends SIGXCPU, the hard one SIGKILL a second later.
+            new_hard = value + 1 if which == resource.RLIMIT_CPU else value
+            if hard != resource.RLIM_INFINITY:
+                new_hard = min(new_hard, hard)
+            resource.setrlimit(which, (value, new_hard))
+
+    return apply
+
+
+def base_env(home: str, tmp: str, extra: Mapping[str, str] = ()) -> dict[str, str]:
+    """The complete environment of a user process: nothing is inherited from the sidecar."""
+    env = {"PATH": SAFE_PATH, "HOME": home, "TMPDIR": tmp, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+    env.update(extra)
+    return env
+
+
+def user_command(argv: Sequence[str]) -> list[str]:
+    """The argv actually executed for a user process (hook for a sandbox wrapper such as bwrap)."""
+    return list(argv)
+
+
+def cpu_limit_for(timeout: float) -> int:
+    """CPU seconds for a run with this wall-clock timeout (a backstop; the wall clock rules)."""
+    return max(1, math.ceil(timeout)) + 1
+
+
+@dataclass(slots=True)
+class SpawnSpec:
+    argv: list[str]
+    cwd: str
+    env: dict[str, str]
+    limits: Limits
+    identity: Identity
+    pass_fds: tuple[int, ...] = ()
+    stdin: int | None = None  # an fd, or None for /dev/null
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+async def spawn_user(spec: SpawnSpec) -> trio.Process:
+    """Start one user process with stdout/stderr pipes. Raises OSError if it cannot start."""
+    import subprocess
+
+    kwargs: dict[str, object] = {}
+    if spec.identity.switching:
+        kwargs.update(user=spec.identity.uid, group=spec.identity.gid, extra_groups=[])
+    return await trio.lowlevel.open_process(
+        user_command(spec.argv),
+        stdin=spec.stdin if spec.stdin is not None else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=spec.cwd,
+        env=spec.env,
+        start_new_session=True,
+        preexec_fn=_preexec(spec.limits),
+        pass_fds=spec.pass_fds,
+        close_fds=True,
+        umask=0o022,
+        **kwargs,
+    )

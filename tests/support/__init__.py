@@ -1,0 +1,1 @@
+"""Shared test helpers (servers the integration tests start themselves)."""

@@ -1,0 +1,160 @@
+"""A real S3 HTTP server for integration tests: moto in server mode, in its own process.
+
+API (synchronous; use it from fixtures)::
+
+    from tests.support.s3_server import S3Server, running_s3
+
+    with running_s3() as s3:                # starts on a free 127.0.0.1 port, waits until it answers
+        s3.endpoint                         # "127.0.0.1:<port>" (MinIO style: no scheme)
+        s3.url                              # "http://127.0.0.1:<port>"
+        s3.env(bucket="b1")                 # {"MINIO_ENDPOINT": ..., "MINIO_ACCESS_KEY": ..., ...}
+        s3.stop()                           # SIGTERM and wait: an outage (moto keeps state in memory,
+        s3.start()                          #   so buckets and objects are gone after a restart)
+        s3.list_keys("b1", prefix="sessions/")   # raw object keys, via boto3, for assertions
+    # leaving the block stops the server; nothing is left running
+
+moto accepts any credentials; the fixed pair below is only there so that requests are signed like
+real ones. Readiness is awaited by polling an HTTP request with a deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from tests.support.redis_server import free_port
+
+ACCESS_KEY = "kcr-test-access"
+SECRET_KEY = "kcr-test-secret-key"
+REGION = "us-east-1"
+START_TIMEOUT = 30.0  # moto imports a lot on start-up; on 2 busy cores it can take a few seconds
+
+
+class S3Server:
+    def __init__(self, port: int | None = None) -> None:
+        self.host = "127.0.0.1"
+        self.port = port or free_port()
+        self._dir = Path(tempfile.mkdtemp(prefix="kcr-moto-"))
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.endpoint}"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def env(self, bucket: str = "kubecoderun-files") -> dict[str, str]:
+        """Environment for ``S3Settings``/``Settings`` pointing at this server."""
+        return {
+            "MINIO_ENDPOINT": self.endpoint,
+            "MINIO_ACCESS_KEY": ACCESS_KEY,
+            "MINIO_SECRET_KEY": SECRET_KEY,
+            "MINIO_SECURE": "false",
+            "MINIO_BUCKET": bucket,
+            "MINIO_REGION": REGION,
+            "KCR_FILE_STORE": "s3",
+        }
+
+    def start(self) -> None:
+        if self.running:
+            return
+        log = open(self._dir / "moto.log", "ab")  # noqa: SIM115 - owned by the process
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", self.host, "-p", str(self.port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, "AWS_DEFAULT_REGION": REGION},
+        )
+        log.close()
+        self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            if self._proc is not None and self._proc.poll() is not None:
+                raise RuntimeError(f"moto server exited with {self._proc.returncode}: {self.log_tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/moto-api/", timeout=2) as resp:
+                    resp.read()
+                return
+            except urllib.error.HTTPError:
+                return  # it answered: good enough
+            except OSError as exc:
+                last = exc
+            time.sleep(0.05)  # polling interval, bounded by the deadline above
+        self.kill()
+        raise RuntimeError(f"moto server did not answer within {START_TIMEOUT}s ({last})")
+
+    def client(self) -> Any:
+        """A boto3 client (independent of the code under test) for raw assertions and set-up."""
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.url,
+            aws_access_key_id=ACCESS_KEY,
+            aws_secret_access_key=SECRET_KEY,
+            region_name=REGION,
+        )
+
+    def list_keys(self, bucket: str, prefix: str = "") -> list[str]:
+        keys: list[str] = []
+        paginator = self.client().get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+            keys += [item["Key"] for item in page.get("Contents", [])]
+        return sorted(keys)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
+
+    def kill(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join((self._dir / "moto.log").read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def running_s3(port: int | None = None) -> Iterator[S3Server]:
+    server = S3Server(port)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
