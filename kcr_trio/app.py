@@ -141,7 +141,7 @@ async def serve(
 ) -> None:
     """Run until SIGTERM/SIGINT (or ``shutdown``): drain in-flight requests, then close backends."""
     settings.kcr_data_dir.mkdir(parents=True, exist_ok=True)
-    shutdown = shutdown or trio.Event()
+    shutdown = trio.Event() if shutdown is None else shutdown
     async with open_services(settings, executor=executor) as svc:
         asgi = build_asgi(svc)
         config = hypercorn_config(settings)

@@ -60,7 +60,7 @@ def resolve_identity(run_uid: int, run_gid: int, exclusive: bool) -> Identity:
     return Identity(None, None, False)
 
 
-def _preexec(limits: Limits) -> Callable[[], None]:
+def _preexec(limits: Limits, fd3: int | None = None) -> Callable[[], None]:
     """Runs in the child after setsid/setuid, before exec: only async-signal-safe-ish syscalls."""
     pairs: list[tuple[int, int]] = []
     if limits.cpu_seconds is not None:
@@ -76,6 +76,9 @@ def _preexec(limits: Limits) -> Callable[[], None]:
     pairs.append((resource.RLIMIT_CORE, 0))
 
     def apply() -> None:
+        if fd3 is not None and fd3 != 3:
+            os.dup2(fd3, 3)  # fd 3 is in pass_fds, so close_fds keeps it
+            os.close(fd3)
         for which, value in pairs:
             soft, hard = resource.getrlimit(which)
             value = value if hard == resource.RLIM_INFINITY else min(value, hard)
@@ -112,8 +115,8 @@ class SpawnSpec:
     env: dict[str, str]
     limits: Limits
     identity: Identity
-    pass_fds: tuple[int, ...] = ()
     stdin: int | None = None  # an fd, or None for /dev/null
+    fd3: int | None = None  # an fd that the child gets as fd 3 (the pre-warm handshake socket)
     extra: dict[str, object] = field(default_factory=dict)
 
 
@@ -132,8 +135,8 @@ async def spawn_user(spec: SpawnSpec) -> trio.Process:
         cwd=spec.cwd,
         env=spec.env,
         start_new_session=True,
-        preexec_fn=_preexec(spec.limits),
-        pass_fds=spec.pass_fds,
+        preexec_fn=_preexec(spec.limits, spec.fd3),
+        pass_fds=(3,) if spec.fd3 is not None else (),
         close_fds=True,
         umask=0o022,
         **kwargs,

@@ -12,6 +12,7 @@ API (synchronous; use it from fixtures)::
         server.start()                      # start again on the same port, wait for PING
         server.kill()                       # SIGKILL (a crash)
         server.command("FLUSHALL")          # one raw RESP command, for assertions and set-up
+        server.settings(prefix="t1:")       # a kcr_trio RedisSettings for open_redis_sessions()
     # leaving the block stops the server; nothing is left running
 
 redis-server cannot bind port 0, so a free port is chosen by binding a socket first. The server runs
@@ -71,6 +72,14 @@ class RedisServer:
             "REDIS_KEY_PREFIX": prefix,
             "KCR_SESSION_STORE": "redis",
         }
+
+    def settings(self, prefix: str = "", **overrides: object) -> object:
+        """A ``RedisSettings`` for this server (imported lazily: the helper works without kcr_trio)."""
+        from kcr_trio.backends.redis_sessions import RedisSettings
+
+        values: dict[str, object] = {"redis_url": self.url, "redis_key_prefix": prefix, "redis_mode": "standalone"}
+        values.update(overrides)
+        return RedisSettings(**values)
 
     def start(self) -> None:
         if self.running:

@@ -11,6 +11,7 @@ API (synchronous; use it from fixtures)::
         s3.stop()                           # SIGTERM and wait: an outage (moto keeps state in memory,
         s3.start()                          #   so buckets and objects are gone after a restart)
         s3.list_keys("b1", prefix="sessions/")   # raw object keys, via boto3, for assertions
+        s3.settings(bucket="b1")            # a kcr_trio S3Settings for open_s3_files()
     # leaving the block stops the server; nothing is left running
 
 moto accepts any credentials; the fixed pair below is only there so that requests are signed like
@@ -70,6 +71,21 @@ class S3Server:
             "MINIO_REGION": REGION,
             "KCR_FILE_STORE": "s3",
         }
+
+    def settings(self, bucket: str = "kubecoderun-files", **overrides: object) -> object:
+        """An ``S3Settings`` for this server (imported lazily: the helper works without kcr_trio)."""
+        from kcr_trio.backends.s3_files import S3Settings
+
+        values: dict[str, object] = {
+            "minio_endpoint": self.endpoint,
+            "minio_access_key": ACCESS_KEY,
+            "minio_secret_key": SECRET_KEY,
+            "minio_secure": False,
+            "minio_bucket": bucket,
+            "minio_region": REGION,
+        }
+        values.update(overrides)
+        return S3Settings(**values)
 
     def start(self) -> None:
         if self.running:

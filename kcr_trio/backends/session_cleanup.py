@@ -1,0 +1,97 @@
+"""Removing expired sessions, the way KubeCodeRun does it, so both servers can run it side by side.
+
+Every ``SESSION_CLEANUP_INTERVAL_MINUTES`` one pass:
+
+1. asks the session store for sessions to clean (``expired_sessions()``): ids whose record is gone
+   (KubeCodeRun: "orphaned, missing data") or whose ``expires_at`` has passed;
+2. for each: deletes the file *metadata* first (readers stop seeing the files), then the objects,
+   by record and by the ``sessions/{sid}/uploads/`` and ``.../outputs/`` prefixes (catches objects
+   whose metadata expired or was never written), and finally the session record with its index and
+   entity memberships (``forget_session``).
+
+Every step is idempotent, so two replicas, or kcr-trio and KubeCodeRun, may clean the same session
+at the same time, and a pass interrupted half-way (crash, cancellation, outage) is finished by the
+next one: the session record goes last, so the session is still listed until everything else is
+gone. Ordering metadata before bytes means an interrupted pass can leave unreferenced bytes (swept
+by the prefix delete next time) but never metadata pointing at missing bytes.
+
+Written against the ``SessionStore``/``FileStore`` protocols plus three optional methods that the
+stores provide where they can: ``SessionStore.expired_sessions()`` (required),
+``SessionStore.forget_session(sid)`` and ``FileStore.delete_prefix(prefix)``.
+
+Cancellation: the loop sleeps and works under its owner's nursery; cancelling it stops between
+(or inside) steps, which is safe for the reasons above. One pass is bounded by the interval.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import trio
+
+from kcr_trio.config import Settings
+from kcr_trio.core.errors import ApiError
+from kcr_trio.core.interfaces import FileStore, SessionStore
+
+log = logging.getLogger(__name__)
+
+
+async def purge_session(store: SessionStore, files: FileStore, session_id: str) -> int:
+    """Remove one session's files (metadata, then bytes) and then the session itself.
+
+    Idempotent. Returns the number of file records removed.
+    """
+    records = await store.list_files(session_id)
+    for record in records:
+        await store.delete_file(session_id, record.file_id)
+    for record in records:
+        await files.delete(record.object_key)
+    delete_prefix = getattr(files, "delete_prefix", None)
+    if delete_prefix is not None:
+        for folder in ("uploads", "outputs"):
+            await delete_prefix(f"sessions/{session_id}/{folder}/")
+    forget = getattr(store, "forget_session", None)
+    if forget is not None:
+        await forget(session_id)
+    return len(records)
+
+
+async def cleanup_expired_sessions(store: Any, files: FileStore) -> int:
+    """One pass; returns how many sessions were purged. Errors on one session do not stop the
+    pass (the next pass retries it); an unreachable store ends the pass early."""
+    purged = 0
+    for sid in await store.expired_sessions():
+        try:
+            await purge_session(store, files, sid)
+            purged += 1
+        except ApiError as exc:
+            log.warning("session cleanup: could not purge %s: %s", sid, exc.message)
+            if exc.status == 503:
+                break
+    return purged
+
+
+async def run_session_cleanup(
+    store: Any,
+    files: FileStore,
+    settings: Settings,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run :func:`cleanup_expired_sessions` forever, every ``SESSION_CLEANUP_INTERVAL_MINUTES``.
+
+    Start it in the app's lifespan nursery (``await nursery.start(run_session_cleanup, ...)``); it
+    never raises for a store outage (it logs and waits for the next interval).
+    """
+    interval = settings.session_cleanup_interval_minutes * 60.0
+    task_status.started()
+    while True:
+        with trio.move_on_after(interval):  # a pass never outlives its interval
+            try:
+                purged = await cleanup_expired_sessions(store, files)
+                if purged:
+                    log.info("session cleanup: purged %d expired sessions", purged)
+            except ApiError as exc:
+                log.warning("session cleanup skipped: %s", exc.message)
+        await trio.sleep(interval)

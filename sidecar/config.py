@@ -1,0 +1,102 @@
+"""Sidecar settings from the command line and the environment.
+
+Environment names follow KubeCodeRun's sidecar and Go runner where they exist (``LANGUAGE``,
+``WORKING_DIR``, ``SIDECAR_PORT``/``RUNNER_PORT``, ``MAX_EXECUTION_TIME``, ``MAX_OUTPUT_SIZE``), so
+our sidecar can be dropped into their pod specs; everything else is ``SIDECAR_<FLAG>`` (e.g.
+``SIDECAR_MAX_MEMORY_MB``). Command-line flags win over the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+
+
+def _bool(v: str | bool) -> bool:
+    if isinstance(v, bool):
+        return v
+    if v.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if v.strip().lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"not a boolean: {v!r}")
+
+
+@dataclass(slots=True)
+class Config:
+    language: str = "py"
+    host: str = "0.0.0.0"
+    port: int = 8080
+    fd: int | None = None  # an already-listening socket inherited from the parent
+    working_dir: str = "/mnt/data"
+    max_execution_time: float = 600.0  # KubeCodeRun caps at 120 s; we allow the API's maximum
+    default_timeout: float = 30.0
+    max_output_size: int = 1024 * 1024  # bytes per stream kept in the response
+    output_kill_factor: int = 16  # stop a program whose stream exceeds factor × max_output_size
+    max_memory_mb: int = 512
+    max_pids: int = 64
+    max_open_files: int = 256
+    max_file_size_mb: int = 100  # RLIMIT_FSIZE for user code and the upload size limit
+    disk_quota_mb: int = 512  # bytes a run may add to working dir + private tmp
+    max_files: int = 4096  # directory entries a run may create
+    prewarm: bool = True
+    python_preimports: str = ""
+    python: str | None = None  # interpreter for user code (default: python3 on the fixed PATH)
+    node_path: str | None = None  # NODE_PATH for ts (where the `typescript` package lives)
+    run_uid: int = 65534  # only used when the sidecar runs as root
+    run_gid: int = 65534
+    run_uid_exclusive: bool = False  # this uid is ours alone: enables the kill(-1) sweep
+    tmp_root: str = ""  # where private per-run temp dirs go (default: the system temp dir)
+    announce: bool = False  # print one JSON line with port/pid to stdout once ready
+    kill_grace_ms: int = 20
+    max_body_mb: int = 16  # /execute request body
+
+    def __post_init__(self) -> None:
+        if not self.tmp_root:
+            self.tmp_root = tempfile.gettempdir()
+
+
+_ENV_ALIASES = {
+    "language": ("LANGUAGE",),
+    "working_dir": ("WORKING_DIR",),
+    "port": ("SIDECAR_PORT", "RUNNER_PORT"),
+    "max_execution_time": ("MAX_EXECUTION_TIME",),
+    "max_output_size": ("MAX_OUTPUT_SIZE",),
+}
+
+
+def _converter(name: str, default: object):
+    if isinstance(default, bool):
+        return _bool
+    if name == "fd":
+        return int
+    if isinstance(default, int):
+        return int
+    if isinstance(default, float):
+        return float
+    return str
+
+
+def parse(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Config:
+    environ = os.environ if environ is None else environ
+    defaults = Config()
+    parser = argparse.ArgumentParser(prog="sidecar", description="kcr-trio execution sidecar")
+    for f in fields(Config):
+        default = getattr(defaults, f.name)
+        conv = _converter(f.name, default)
+        env_value = None
+        for env_name in _ENV_ALIASES.get(f.name, ()) + (f"SIDECAR_{f.name.upper()}",):
+            if environ.get(env_name):
+                env_value = environ[env_name]
+                break
+        value = conv(env_value) if env_value is not None else default
+        flag = "--" + f.name.replace("_", "-")
+        if conv is _bool:
+            parser.add_argument(flag, type=_bool, nargs="?", const=True, default=value)
+        else:
+            parser.add_argument(flag, type=conv, default=value)
+    ns = parser.parse_args(list(argv))
+    return Config(**vars(ns))

@@ -1,0 +1,288 @@
+"""The 13 languages: source file, build/run steps, memory enforcement, pre-warm bootstraps.
+
+Compiled languages build into the run's private temporary directory (outside the working directory),
+so the only by-product that can appear next to the user's files is none at all; ``byproducts`` lists
+what KubeCodeRun's runners leave behind (``Code.class``) so it is never reported either way.
+
+Memory per language (``mem`` = ``--max-memory-mb``), all on top of the wall-clock and CPU limits:
+
+=============  ===============================================  ======================================
+language       run step                                         why
+=============  ===============================================  ======================================
+py php r c     RLIMIT_AS = mem                                  plain malloc users
+cpp rs f90 d   RLIMIT_AS = mem
+bash
+js ts          ``--max-old-space-size=mem``, AS = mem + 1 GiB   V8 reserves ~0.7 GiB of address space
+java           ``-Xmx`` = 3/4 mem, AS = mem + 1.5 GiB           JVM reserves code cache, class space,
+                                                                thread stacks up front
+go             ``GOMEMLIMIT`` = mem, AS = mem + 1 GiB           the runtime reserves ~0.6 GiB at start
+compile steps  AS = max(4 × mem, 4 GiB), more processes         compilers are trusted and threaded
+=============  ===============================================  ======================================
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .limits import SAFE_PATH
+
+ALIASES = {
+    "python": "py",
+    "javascript": "js",
+    "typescript": "ts",
+    "rust": "rs",
+    "fortran": "f90",
+    "dlang": "d",
+    "sh": "bash",
+}
+
+# --- pre-warm bootstraps ------------------------------------------------------------------------
+# Protocol on fd 3 (one end of a socketpair): the child writes b"R" once its interpreter is up (and
+# pre-imports are done), then blocks reading; the sidecar writes the source file and closes its end,
+# and the child runs the file exactly as ``<interpreter> <file>`` would.
+
+PY_BOOT = r"""
+def _kcr_boot():
+    import os, sys
+    for _m in sys.argv[2].split(","):
+        if _m.strip():
+            try:
+                __import__(_m.strip())
+            except Exception:
+                pass
+    os.write(3, b"R")
+    os.read(3, 1)
+    os.close(3)
+    path = sys.argv[1]
+    cwd = os.getcwd()
+    full = os.path.join(cwd, path)
+    sys.argv[:] = [path]
+    sys.path[0] = cwd if os.access(cwd, os.R_OK | os.X_OK) else ""
+    with open(path, "rb") as fh:
+        src = fh.read()
+    import __main__
+    g = __main__.__dict__
+    builtins = g["__builtins__"]
+    g.clear()
+    g.update(__name__="__main__", __doc__=None, __package__=None, __loader__=None, __spec__=None,
+             __file__=full, __cached__=None, __builtins__=builtins)
+    code = compile(src, full, "exec")
+    try:
+        exec(code, g)
+    except SystemExit:
+        raise
+    except BaseException as exc:
+        sys.excepthook(type(exc), exc, exc.__traceback__.tb_next if exc.__traceback__ else None)
+        sys.exit(1)
+_kcr_boot()
+"""
+
+# argv after `node -e NODE_BOOT --`: <js|ts> <wait 0|1> <file>
+NODE_BOOT = r"""
+const fs = require('fs'), path = require('path'), Module = require('module');
+const [mode, wait, file] = process.argv.slice(1);
+if (mode === 'ts') {
+  const ts = require('typescript');
+  Module._extensions['.ts'] = function (m, filename) {
+    const src = fs.readFileSync(filename, 'utf8');
+    const out = ts.transpileModule(src, { fileName: path.basename(filename), reportDiagnostics: true,
+      compilerOptions: { module: ts.ModuleKind.CommonJS, target: ts.ScriptTarget.ES2020,
+                         esModuleInterop: true, sourceMap: false } });
+    if (out.diagnostics && out.diagnostics.length) {
+      for (const d of out.diagnostics) {
+        const msg = ts.flattenDiagnosticMessageText(d.messageText, '\n');
+        let where = path.basename(filename);
+        if (d.file && d.start !== undefined) {
+          const p = d.file.getLineAndCharacterOfPosition(d.start);
+          where += `(${p.line + 1},${p.character + 1})`;
+        }
+        process.stderr.write(`${where}: error TS${d.code}: ${msg}\n`);
+      }
+      process.exit(1);
+    }
+    m._compile(out.outputText, filename);
+  };
+}
+if (wait === '1') {
+  fs.writeSync(3, 'R');
+  try { fs.readSync(3, Buffer.alloc(1), 0, 1, null); } catch (e) {}
+  fs.closeSync(3);
+}
+const full = path.resolve(file);
+process.argv = [process.argv[0], full];
+Module.runMain(full);
+"""
+
+BASH_BOOT = r"""printf R >&3; IFS= read -r -n1 -u 3 _kcr; exec 3<&-; unset _kcr; BASH_ARGV0="$1"; shift; . "./$BASH_ARGV0"
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One process of a run: a compile step (trusted tool, generous limits) or the program."""
+
+    argv: list[str]
+    compile: bool = False
+    env: dict[str, str] = field(default_factory=dict)
+    address_space_mb: int | None = None  # None: the run's default (mem)
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """What steps need to know about this run and this machine."""
+
+    tmp: str  # private temp dir of this run (outside the working dir)
+    memory_mb: int
+    tools: "Toolchain"
+
+
+class Toolchain:
+    """Absolute paths of the tools, resolved once at start-up on the fixed PATH users get."""
+
+    def __init__(self, python: str | None = None, node_path: str | None = None) -> None:
+        self.python = python or shutil.which("python3", path=SAFE_PATH) or "python3"
+        self.node_path = node_path or "/usr/local/lib/node_modules:/usr/lib/node_modules"
+        self._cache: dict[str, str] = {}
+
+    def __call__(self, name: str) -> str:
+        if name not in self._cache:
+            self._cache[name] = shutil.which(name, path=SAFE_PATH) or name
+        return self._cache[name]
+
+    def has(self, name: str) -> bool:
+        return shutil.which(name, path=SAFE_PATH) is not None
+
+
+def _compile_as(mem: int) -> int:
+    return max(4 * mem, 4096)
+
+
+def _py(c: Context) -> list[Step]:
+    return [Step([c.tools.python, "code.py"], env={"PYTHONUNBUFFERED": "1"})]
+
+
+def _node_env(c: Context) -> dict[str, str]:
+    return {"NODE_PATH": c.tools.node_path}
+
+
+def _js(c: Context) -> list[Step]:
+    return [Step([c.tools("node"), f"--max-old-space-size={c.memory_mb}", "code.js"],
+                 env=_node_env(c), address_space_mb=c.memory_mb + 1024)]
+
+
+def _ts(c: Context) -> list[Step]:
+    argv = [c.tools("node"), f"--max-old-space-size={c.memory_mb}", "-e", NODE_BOOT, "--",
+            "ts", "0", "code.ts"]
+    return [Step(argv, env=_node_env(c), address_space_mb=c.memory_mb + 1024)]
+
+
+def _go(c: Context) -> list[Step]:
+    env = {"GOCACHE": f"{c.tmp}/gocache", "GOPATH": f"{c.tmp}/gopath", "GOPROXY": "off",
+           "GOSUMDB": "off", "GOFLAGS": "-mod=mod", "CGO_ENABLED": "0", "GOTOOLCHAIN": "local"}
+    out = f"{c.tmp}/main"
+    return [
+        Step([c.tools("go"), "build", "-o", out, "main.go"], compile=True, env=env,
+             address_space_mb=_compile_as(c.memory_mb)),
+        Step([out], env={"GOMEMLIMIT": f"{c.memory_mb}MiB"}, address_space_mb=c.memory_mb + 1024),
+    ]
+
+
+def _jvm_flags(heap_mb: int) -> list[str]:
+    return [f"-Xmx{heap_mb}m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1",
+            "-XX:CompressedClassSpaceSize=64m", "-XX:ReservedCodeCacheSize=64m", "-Xss1m",
+            "-Xshare:auto"]
+
+
+def _java(c: Context) -> list[Step]:
+    classes = f"{c.tmp}/classes"
+    javac = [c.tools("javac")] + [f"-J{f}" for f in _jvm_flags(max(256, c.memory_mb))]
+    heap = max(16, c.memory_mb * 3 // 4)
+    return [
+        Step(javac + ["-encoding", "UTF-8", "-d", classes, "Code.java"], compile=True,
+             address_space_mb=_compile_as(c.memory_mb) + 1536),
+        Step([c.tools("java")] + _jvm_flags(heap) + ["-cp", f"{classes}:.", "Code"],
+             address_space_mb=c.memory_mb + 1536),
+    ]
+
+
+def _native(compiler: str, source: str, extra: list[str]) -> Callable[[Context], list[Step]]:
+    def steps(c: Context) -> list[Step]:
+        out = f"{c.tmp}/prog"
+        return [
+            Step([c.tools(compiler), source, "-o", out, *extra], compile=True,
+                 address_space_mb=_compile_as(c.memory_mb)),
+            Step([out]),
+        ]
+
+    return steps
+
+
+def _rs(c: Context) -> list[Step]:
+    out = f"{c.tmp}/prog"
+    return [
+        Step([c.tools("rustc"), "--edition", "2021", "-C", "debuginfo=0", "main.rs", "-o", out],
+             compile=True, address_space_mb=_compile_as(c.memory_mb)),
+        Step([out]),
+    ]
+
+
+def _d(c: Context) -> list[Step]:
+    out = f"{c.tmp}/prog"
+    if c.tools.has("ldc2"):
+        build = [c.tools("ldc2"), "code.d", f"-of={out}", f"-od={c.tmp}/obj"]
+    else:
+        build = [c.tools("gdc"), "code.d", "-o", out]
+    return [Step(build, compile=True, address_space_mb=_compile_as(c.memory_mb)), Step([out])]
+
+
+@dataclass(frozen=True, slots=True)
+class LanguageSpec:
+    code: str
+    source_file: str
+    steps: Callable[[Context], list[Step]]
+    prewarm: str | None = None  # "py" | "js" | "ts" | "bash"
+    byproducts: frozenset[str] = frozenset()
+
+
+LANGUAGES: dict[str, LanguageSpec] = {
+    s.code: s
+    for s in (
+        LanguageSpec("py", "code.py", _py, prewarm="py"),
+        LanguageSpec("js", "code.js", _js, prewarm="js"),
+        LanguageSpec("ts", "code.ts", _ts, prewarm="ts"),
+        LanguageSpec("go", "main.go", _go),
+        LanguageSpec("java", "Code.java", _java, byproducts=frozenset({"Code.class"})),
+        LanguageSpec("c", "code.c", _native("gcc", "code.c", ["-lm"])),
+        LanguageSpec("cpp", "code.cpp", _native("g++", "code.cpp", [])),
+        LanguageSpec("php", "code.php", lambda c: [Step([c.tools("php"), "code.php"])]),
+        LanguageSpec("rs", "main.rs", _rs),
+        LanguageSpec("r", "code.r", lambda c: [Step([c.tools("Rscript"), "code.r"])]),
+        LanguageSpec("f90", "code.f90", _native("gfortran", "code.f90", [])),
+        LanguageSpec("d", "code.d", _d),
+        LanguageSpec("bash", "code.sh", lambda c: [Step([c.tools("bash"), "code.sh"])], prewarm="bash"),
+    )
+}
+
+# Every runner source file, whatever the sidecar's language: never reported as generated.
+SOURCE_FILES = frozenset(s.source_file for s in LANGUAGES.values())
+
+
+def lookup(code: str) -> LanguageSpec | None:
+    code = code.strip().lower()
+    return LANGUAGES.get(ALIASES.get(code, code))
+
+
+def prewarm_step(spec: LanguageSpec, c: Context, preimports: str) -> Step | None:
+    """The pre-warmed variant of the run step (same limits and env), or None."""
+    if spec.prewarm == "py":
+        return Step([c.tools.python, "-c", PY_BOOT, "code.py", preimports],
+                    env={"PYTHONUNBUFFERED": "1"})
+    if spec.prewarm in ("js", "ts"):
+        argv = [c.tools("node"), f"--max-old-space-size={c.memory_mb}", "-e", NODE_BOOT, "--",
+                spec.prewarm, "1", spec.source_file]
+        return Step(argv, env=_node_env(c), address_space_mb=c.memory_mb + 1024)
+    if spec.prewarm == "bash":
+        return Step([c.tools("bash"), "-c", BASH_BOOT, "bash", "code.sh"])
+    return None

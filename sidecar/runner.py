@@ -1,0 +1,432 @@
+"""Running one program: steps, output capture, limits, timeout, and killing everything afterwards.
+
+Cancellation semantics: ``Runner.execute`` may be cancelled at any await (the HTTP layer cancels it
+when the caller's connection goes away). Whatever happens, its ``finally`` kills every process the
+run started (``proctree.kill_tree``: SIGTERM, a 20 ms grace, then SIGKILL sweeps over ``/proc``),
+reaps them, removes the run's private temp dir and logs one JSON line if the run did not finish
+normally. That cleanup runs shielded, in a worker thread, bounded by ``proctree``'s own deadline.
+
+Output: each stream keeps at most ``max_output_size`` bytes and discards (but keeps draining) the
+rest, so memory stays flat; a program whose stream exceeds ``output_kill_factor`` times the cap is
+stopped (``killed: "output"``). Disk: a watcher sums working dir + private temp dir every 100 ms and
+stops the program when it has added more than ``disk_quota_mb`` or ``max_files`` entries.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import resource
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from . import files, proctree
+from .config import Config
+from .languages import Context, LanguageSpec, SOURCE_FILES, Step, Toolchain, prewarm_step
+from .limits import MB, Identity, Limits, SpawnSpec, base_env, cpu_limit_for, spawn_user
+from .prewarm import Warm, make_private_tmp, remove_tree
+
+TRUNCATED = "\n[Output truncated - size limit exceeded]"
+_MEMORY_PATTERNS = re.compile(
+    r"MemoryError|out of memory|Cannot allocate memory|std::bad_alloc|heap out of memory|"
+    r"OutOfMemoryError|failed to reserve|cannot allocate vector|Allowed memory size|memory allocation failed",
+    re.IGNORECASE,
+)
+
+
+def log(event: str, **fields: Any) -> None:
+    """One JSON line on stderr (the sidecar's only log channel)."""
+    line = {"ts": round(time.time(), 3), "event": event, **fields}
+    try:
+        sys.stderr.write(json.dumps(line, default=str) + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+
+
+class Conflict(Exception):
+    """An execution is already running."""
+
+
+class Capture:
+    """A capped byte buffer for one output stream."""
+
+    def __init__(self, cap: int, kill_at: int) -> None:
+        self.cap = cap
+        self.kill_at = kill_at
+        self.buf = bytearray()
+        self.total = 0
+
+    def add(self, data: bytes) -> bool:
+        """Keep what fits; return True once the stream has exceeded the kill threshold."""
+        self.total += len(data)
+        room = self.cap - len(self.buf)
+        if room > 0:
+            self.buf += data[:room]
+        return self.total > self.kill_at
+
+    @property
+    def truncated(self) -> bool:
+        return self.total > self.cap
+
+    def text(self) -> str:
+        out = self.buf.decode("utf-8", "replace")
+        return out + TRUNCATED if self.truncated else out
+
+
+@dataclass(slots=True)
+class RunState:
+    out: Capture
+    err: Capture
+    tmp: str
+    reason: str | None = None  # timeout | output | disk | cpu | file_size | memory
+    step_scope: trio.CancelScope | None = None
+    pids: set[int] = field(default_factory=set)
+
+    def stop(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+        if self.step_scope is not None:
+            self.step_scope.cancel()
+
+
+def _fmt_seconds(t: float) -> str:
+    return str(int(t)) if float(t).is_integer() else f"{t:g}"
+
+
+class Runner:
+    """Runs one execution at a time for one language in one working directory."""
+
+    def __init__(self, cfg: Config, spec: LanguageSpec, identity: Identity) -> None:
+        self.cfg = cfg
+        self.spec = spec
+        self.identity = identity
+        self.tools = Toolchain(cfg.python, cfg.node_path)
+        self.busy = False
+        self.tracked: set[int] = set()  # pids Trio waits for; reap_orphans must not touch them
+        self.warm: Warm | None = None
+        self._warm_lock = trio.Lock()
+        self._nursery: trio.Nursery | None = None
+        self.runs = 0
+
+    # --- pre-warm --------------------------------------------------------------------------
+    @property
+    def prewarm_enabled(self) -> bool:
+        return self.cfg.prewarm and self.spec.prewarm is not None
+
+    @property
+    def ready(self) -> bool:
+        if not os.path.isdir(self.cfg.working_dir):
+            return False
+        if not self.prewarm_enabled:
+            return True
+        return self.warm is not None and self.warm.ready.is_set() and not self.warm.failed
+
+    async def serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the background work (pre-warm spawns) for the sidecar's lifetime."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                if self.prewarm_enabled:
+                    await self._spawn_warm()
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._discard_warm()
+                await trio.to_thread.run_sync(self._kill_all)
+
+    def _context(self, tmp: str) -> Context:
+        return Context(tmp=tmp, memory_mb=self.cfg.max_memory_mb, tools=self.tools)
+
+    def _limits(self, timeout: float, step: Step) -> Limits:
+        nproc = self.cfg.max_pids
+        if step.compile:
+            nproc = max(nproc, 1024)
+        if not (self.identity.switching and self.identity.exclusive):
+            # RLIMIT_NPROC counts every task of the real uid: leave room for what already runs.
+            uid = self.identity.uid if self.identity.switching else os.getuid()
+            nproc += proctree.count_tasks_of_uid(uid)  # type: ignore[arg-type]
+        mem = step.address_space_mb or self.cfg.max_memory_mb
+        return Limits(
+            cpu_seconds=cpu_limit_for(timeout),
+            address_space_mb=mem,
+            nproc=nproc,
+            file_size_mb=self.cfg.max_file_size_mb,
+            open_files=self.cfg.max_open_files,
+        )
+
+    def _spec_for(self, step: Step, tmp: str, timeout: float, **extra: Any) -> SpawnSpec:
+        env = base_env(f"{tmp}/home", f"{tmp}/tmp", step.env)
+        return SpawnSpec(step.argv, self.cfg.working_dir, env, self._limits(timeout, step),
+                         self.identity, **extra)
+
+    async def _spawn_warm(self) -> None:
+        async with self._warm_lock:
+            if self.warm is not None:
+                return
+            tmp = make_private_tmp(self.cfg.tmp_root, self.identity)
+            step = prewarm_step(self.spec, self._context(tmp), self.cfg.python_preimports)
+            assert step is not None
+            parent, child = Warm.pair()
+            try:
+                spec = self._spec_for(step, tmp, self.cfg.max_execution_time, fd3=child.fileno())
+                proc = await spawn_user(spec)
+            except OSError as exc:
+                parent.close()
+                remove_tree(tmp)
+                log("prewarm_failed", language=self.spec.code, error=str(exc))
+                return
+            finally:
+                child.close()
+            self.tracked.add(proc.pid)
+            warm = Warm(proc, trio.socket.from_stdlib_socket(parent), tmp)
+            self.warm = warm
+            assert self._nursery is not None
+            self._nursery.start_soon(self._watch_warm, warm)
+
+    async def _watch_warm(self, warm: Warm) -> None:
+        await warm.wait_handshake()
+        if warm.failed and self.warm is warm:
+            # The interpreter died while idle (e.g. a bad pre-import crashed it): report and drop it.
+            err = b""
+            with trio.move_on_after(1):
+                err = await warm.process.stderr.receive_some(4096)  # type: ignore[union-attr]
+            log("prewarm_failed", language=self.spec.code, stderr=err.decode("utf-8", "replace"))
+            await self._discard_warm()
+
+    async def _discard_warm(self) -> None:
+        warm, self.warm = self.warm, None
+        if warm is None:
+            return
+        with trio.CancelScope(shield=True):
+            try:
+                os.killpg(warm.process.pid, signal.SIGKILL)
+            except OSError:
+                pass
+            with trio.move_on_after(2):
+                await warm.process.wait()
+            self.tracked.discard(warm.process.pid)
+            warm.close()
+            await trio.to_thread.run_sync(remove_tree, warm.tmp)
+
+    async def _take_warm(self) -> Warm | None:
+        async with self._warm_lock:
+            warm, self.warm = self.warm, None
+        if warm is None:
+            return None
+        if warm.failed or warm.process.returncode is not None:
+            self.warm = warm
+            await self._discard_warm()
+            return None
+        return warm
+
+    # --- execution -------------------------------------------------------------------------
+    async def execute(self, code: str, timeout: float, request_id: str) -> dict[str, Any]:
+        if self.busy:
+            raise Conflict("An execution is already running in this sidecar")
+        self.busy = True
+        self.runs += 1
+        warm = await self._take_warm() if self.prewarm_enabled else None
+        tmp = warm.tmp if warm else make_private_tmp(self.cfg.tmp_root, self.identity)
+        cap = self.cfg.max_output_size
+        state = RunState(Capture(cap, cap * self.cfg.output_kill_factor),
+                         Capture(cap, cap * self.cfg.output_kill_factor), tmp)
+        wd = self.cfg.working_dir
+        finished = False
+        started = time.perf_counter()
+        exit_code = 0
+        try:
+            self._write_source(code)
+            before = files.snapshot(wd)
+            steps = self.spec.steps(self._context(tmp))
+            deadline = trio.current_time() + timeout
+            async with trio.open_nursery() as watchers:
+                base = files.usage([wd, tmp])
+                watchers.start_soon(self._watch_disk, state, base)
+                for i, step in enumerate(steps):
+                    use_warm = warm if (warm is not None and i == len(steps) - 1) else None
+                    exit_code = await self._run_step(step, use_warm, state, deadline, timeout)
+                    if state.reason is not None or (step.compile and exit_code != 0):
+                        break
+                watchers.cancel_scope.cancel()
+            elapsed_ms = (time.perf_counter() - started) * 1000
+            after = files.snapshot(wd)
+            finished = True
+        finally:
+            with trio.CancelScope(shield=True):
+                killed = await trio.to_thread.run_sync(self._kill_all)
+                if warm is not None:
+                    warm.close()
+                proctree.reap_orphans(self.tracked)
+                await trio.to_thread.run_sync(remove_tree, tmp)
+                if not finished:
+                    log("execution_cancelled", request_id=request_id, language=self.spec.code,
+                        reason="client_disconnected_or_cancelled", killed_pids=sorted(killed | state.pids),
+                        elapsed_ms=round((time.perf_counter() - started) * 1000, 1))
+                self.busy = False
+                if self.prewarm_enabled and self._nursery is not None:
+                    self._nursery.start_soon(self._spawn_warm)
+        return self._result(exit_code, state, timeout, elapsed_ms, before, after, request_id)
+
+    def _result(self, exit_code: int, state: RunState, timeout: float, elapsed_ms: float,
+                before: files.Snapshot, after: files.Snapshot, request_id: str) -> dict[str, Any]:
+        notes: list[str] = []
+        if exit_code < 0:  # killed by a signal: shell convention
+            sig = -exit_code
+            if state.reason is None and sig == signal.SIGXCPU:
+                state.reason = "cpu"
+            elif state.reason is None and sig == signal.SIGXFSZ:
+                state.reason = "file_size"
+            exit_code = 128 + sig
+        stderr_tail = state.err.buf[-4096:].decode("utf-8", "replace")
+        if state.reason is None and exit_code != 0 and _MEMORY_PATTERNS.search(stderr_tail):
+            state.reason = "memory"
+        timed_out = state.reason == "timeout"
+        if timed_out:
+            exit_code = 124
+            notes.append(f"Execution timed out after {_fmt_seconds(timeout)} seconds")
+        elif state.reason == "output":
+            notes.append("Process stopped: output limit exceeded")
+        elif state.reason == "disk":
+            notes.append(f"Process stopped: disk quota exceeded ({self.cfg.disk_quota_mb} MB "
+                         f"or {self.cfg.max_files} files)")
+        elif state.reason == "cpu":
+            notes.append("Process stopped: CPU time limit exceeded")
+        elif state.reason == "file_size":
+            notes.append(f"Process stopped: file size limit exceeded ({self.cfg.max_file_size_mb} MB)")
+        elif state.reason == "memory":
+            notes.append(f"Memory limit exceeded ({self.cfg.max_memory_mb} MB)")
+        stderr = state.err.text()
+        for note in notes:
+            if stderr and not stderr.endswith("\n"):
+                stderr += "\n"
+            stderr += note
+        exclude = SOURCE_FILES | self.spec.byproducts
+        generated = [e.as_json(with_path=False) for e in files.changed(before, after, exclude)]
+        return {
+            "exit_code": exit_code,
+            "stdout": state.out.text(),
+            "stderr": stderr,
+            "execution_time_ms": round(elapsed_ms, 3),
+            "state": None,
+            "state_errors": None,
+            "timed_out": timed_out,
+            "stdout_truncated": state.out.truncated,
+            "stderr_truncated": state.err.truncated,
+            "killed": state.reason,
+            "generated": generated,
+            "request_id": request_id,
+        }
+
+    def _write_source(self, code: str) -> None:
+        """Write the program file; never through a symlink a previous run may have planted."""
+        name = self.spec.source_file
+        dfd = os.open(self.cfg.working_dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            try:
+                os.unlink(name, dir_fd=dfd)
+            except FileNotFoundError:
+                pass
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o644, dir_fd=dfd)
+            try:
+                data = code.encode("utf-8", "surrogatepass")
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                if self.identity.switching:
+                    os.fchown(fd, self.identity.uid, self.identity.gid)  # type: ignore[arg-type]
+            finally:
+                os.close(fd)
+        finally:
+            os.close(dfd)
+
+    async def _run_step(self, step: Step, warm: Warm | None, state: RunState, deadline: float,
+                        timeout: float) -> int:
+        if warm is not None:
+            proc = warm.process
+            try:  # the warm process was limited for MAX_EXECUTION_TIME; tighten CPU to this run
+                used = _cpu_seconds(proc.pid)
+                limit = cpu_limit_for(timeout) + used
+                resource.prlimit(proc.pid, resource.RLIMIT_CPU, (limit, limit + 1))
+            except (OSError, ValueError):
+                pass
+            await warm.go()
+        else:
+            proc = await spawn_user(self._spec_for(step, state.tmp, timeout))
+            self.tracked.add(proc.pid)
+        state.pids.add(proc.pid)
+        scope = trio.CancelScope(deadline=deadline)
+        state.step_scope = scope
+        try:
+            async with trio.open_nursery() as pumps:
+                pumps.start_soon(self._pump, proc.stdout, state.out, state)
+                pumps.start_soon(self._pump, proc.stderr, state.err, state)
+                with scope:
+                    await proc.wait()
+                if scope.cancelled_caught and state.reason is None:
+                    state.reason = "timeout"
+                # The program is done (or stopped): kill what it left behind so the pipes reach EOF,
+                # then give the pumps a moment to drain what is already buffered.
+                await trio.to_thread.run_sync(self._kill_all)
+                pumps.cancel_scope.deadline = trio.current_time() + 2
+        finally:
+            state.step_scope = None
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self._kill_all)
+                with trio.move_on_after(2):
+                    await proc.wait()
+                self.tracked.discard(proc.pid)
+        return proc.returncode if proc.returncode is not None else -signal.SIGKILL
+
+    async def _pump(self, stream: trio.abc.ReceiveStream | None, cap: Capture, state: RunState) -> None:
+        if stream is None:
+            return
+        async with stream:
+            while True:
+                try:
+                    data = await stream.receive_some(65536)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return
+                if not data:
+                    return
+                if cap.add(data):
+                    state.stop("output")
+
+    async def _watch_disk(self, state: RunState, base: tuple[int, int]) -> None:
+        quota = self.cfg.disk_quota_mb * MB
+        paths = [self.cfg.working_dir, state.tmp]
+        while True:
+            await trio.sleep(0.1)
+            used, entries = await trio.to_thread.run_sync(files.usage, paths)
+            if used - base[0] > quota or entries - base[1] > self.cfg.max_files:
+                state.stop("disk")
+                return
+
+    def _kill_all(self) -> set[int]:
+        """Kill every descendant of the sidecar except the idle pre-warmed interpreter."""
+        keep: set[int] = set()
+        if self.warm is not None:
+            keep.add(self.warm.process.pid)
+        uid = None
+        if self.identity.switching and self.identity.exclusive and self.warm is None:
+            uid = (self.identity.uid, self.identity.gid)
+        killed = proctree.kill_tree(os.getpid(), keep=keep, grace=self.cfg.kill_grace_ms / 1000,
+                                    uid=uid)  # type: ignore[arg-type]
+        proctree.reap_orphans(self.tracked)
+        return set(killed)
+
+
+def _cpu_seconds(pid: int) -> int:
+    with open(f"/proc/{pid}/stat", "rb") as fh:
+        fields_ = fh.read().rsplit(b")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return math.ceil((int(fields_[11]) + int(fields_[12])) / ticks)
