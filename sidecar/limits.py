@@ -141,3 +141,36 @@ async def spawn_user(spec: SpawnSpec) -> trio.Process:
         umask=0o022,
         **kwargs,
     )
+
+
+def reachable_by(path: str, uid: int, gid: int) -> bool:
+    """True if ``uid``/``gid`` may traverse every directory from ``/`` down to ``path``.
+
+    Interpreters such as ``python3 code.py`` and ``php code.php`` open their script by absolute
+    path, so a working directory below a private parent (``/root``, a 0700 temp dir) breaks them
+    even though the process's cwd was set before it dropped privileges.
+    """
+    import stat as _stat
+
+    current = os.path.abspath(path)
+    parts = []
+    while True:
+        parts.append(current)
+        parent = os.path.dirname(current)
+        if parent == current:
+            break
+        current = parent
+    for p in parts:
+        try:
+            st = os.stat(p)
+        except OSError:
+            return False
+        if st.st_uid == uid:
+            ok = st.st_mode & _stat.S_IXUSR
+        elif st.st_gid == gid:
+            ok = st.st_mode & _stat.S_IXGRP
+        else:
+            ok = st.st_mode & _stat.S_IXOTH
+        if not ok:
+            return False
+    return True

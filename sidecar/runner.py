@@ -262,11 +262,13 @@ class Runner:
             finished = True
         finally:
             with trio.CancelScope(shield=True):
-                killed = await trio.to_thread.run_sync(self._kill_all)
+                killed = await self._kill_leftovers(final=True)
                 if warm is not None:
                     warm.close()
-                proctree.reap_orphans(self.tracked)
-                await trio.to_thread.run_sync(remove_tree, tmp)
+                if self._nursery is not None:
+                    self._nursery.start_soon(trio.to_thread.run_sync, remove_tree, tmp)
+                else:
+                    await trio.to_thread.run_sync(remove_tree, tmp)
                 if not finished:
                     log("execution_cancelled", request_id=request_id, language=self.spec.code,
                         reason="client_disconnected_or_cancelled", killed_pids=sorted(killed | state.pids),
@@ -376,12 +378,12 @@ class Runner:
                     state.reason = "timeout"
                 # The program is done (or stopped): kill what it left behind so the pipes reach EOF,
                 # then give the pumps a moment to drain what is already buffered.
-                await trio.to_thread.run_sync(self._kill_all)
+                await self._kill_leftovers()
                 pumps.cancel_scope.deadline = trio.current_time() + 2
         finally:
             state.step_scope = None
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(self._kill_all)
+                await self._kill_leftovers()
                 with trio.move_on_after(2):
                     await proc.wait()
                 self.tracked.discard(proc.pid)
@@ -411,18 +413,27 @@ class Runner:
                 state.stop("disk")
                 return
 
-    def _kill_all(self) -> set[int]:
-        """Kill every descendant of the sidecar except the idle pre-warmed interpreter."""
+    def _kill_all(self, final: bool = True) -> set[int]:
+        """Kill every descendant of the sidecar except the idle pre-warmed interpreter (blocking)."""
         keep: set[int] = set()
         if self.warm is not None:
             keep.add(self.warm.process.pid)
         uid = None
-        if self.identity.switching and self.identity.exclusive and self.warm is None:
+        if final and self.identity.switching and self.identity.exclusive and self.warm is None:
             uid = (self.identity.uid, self.identity.gid)
         killed = proctree.kill_tree(os.getpid(), keep=keep, grace=self.cfg.kill_grace_ms / 1000,
                                     uid=uid)  # type: ignore[arg-type]
         proctree.reap_orphans(self.tracked)
         return set(killed)
+
+    async def _kill_leftovers(self, final: bool = False) -> set[int]:
+        """``_kill_all`` in a worker thread, skipped when a cheap inline check finds nothing."""
+        keep = {self.warm.process.pid} if self.warm is not None else set()
+        sweep_uid = final and self.identity.exclusive and self.identity.switching
+        if not sweep_uid and not any(proctree.alive(p) for p in proctree.descendants(os.getpid()) - keep):
+            proctree.reap_orphans(self.tracked)
+            return set()
+        return await trio.to_thread.run_sync(self._kill_all, final)
 
 
 def _cpu_seconds(pid: int) -> int:

@@ -57,7 +57,6 @@ class PodTemplate:
     seccomp_profile_type: str = "RuntimeDefault"
     termination_grace_seconds: int = 5
     data_size_limit: str = "1Gi"
-    max_execution_time: int = 120
 
 
 def selector(*, owner_uid: str | None = None, language: str | None = None) -> str:
@@ -115,7 +114,6 @@ def pod_manifest(
             {"name": "LANGUAGE", "value": language},
             {"name": "WORKING_DIR", "value": "/mnt/data"},
             {"name": "SIDECAR_PORT", "value": str(template.port)},
-            {"name": "MAX_EXECUTION_TIME", "value": str(template.max_execution_time)},
             {"name": "HOME", "value": "/mnt/data"},
         ]
     elif language in RUNNER_LANGUAGE_ARGS:

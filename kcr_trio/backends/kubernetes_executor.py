@@ -306,7 +306,6 @@ class KubernetesExecutor:
             node_selector=kube_pods.parse_node_selector(ksettings.k8s_pod_node_selector),
             tolerations_json=kube_pods.check_tolerations(ksettings.k8s_pod_tolerations),
             seccomp_profile_type=ksettings.k8s_seccomp_profile_type,
-            max_execution_time=settings.max_execution_time,
         )
         self.pools = {
             lang: _Pool(lang, settings.pool_size(lang) if ksettings.supports(lang) else 0)
@@ -340,6 +339,10 @@ class KubernetesExecutor:
 
     async def status(self) -> dict[str, Any]:
         await trio.lowlevel.checkpoint()
+        return self.snapshot()
+
+    def snapshot(self) -> dict[str, Any]:
+        """``status()`` without an await (for metrics and tests)."""
         pools = {
             lang: {
                 "target": p.target,

@@ -276,6 +276,12 @@ class KubeEmulator:
             p = self._pods.get((namespace, name))
             return p.main_pid if p else None
 
+    def workdir(self, namespace: str, name: str) -> Path | None:
+        """The host directory standing in for the pod's ``/mnt/data`` emptyDir."""
+        with self._lock:
+            p = self._pods.get((namespace, name))
+            return p.workdir if p else None
+
     def oom_kill(self, namespace: str, name: str) -> None:
         """Kill the container as the kernel's OOM killer would: SIGKILL, reason ``OOMKilled``."""
         with self._lock:
@@ -597,6 +603,7 @@ _PODS = re.compile(r"^/api/v1(?:/namespaces/(?P<ns>[^/]+))?/pods(?:/(?P<name>[^/
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body are separate writes: avoid 40 ms stalls
     emu: KubeEmulator
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet

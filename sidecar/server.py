@@ -1,0 +1,114 @@
+"""Start-up: working directory, listening socket, Hypercorn (Trio worker), pre-warm, shutdown.
+
+The listening socket is either inherited (``--fd N``: the parent bound it, so a client may connect
+before we even start; connections wait in the kernel's backlog, which is what makes a local pool
+race-free) or bound here. With ``--announce`` one JSON line ``{"event": "ready", "port", "pid"}``
+goes to stdout once requests are served and the pre-warmed interpreter (if any) is up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+
+from . import proctree
+from .app import App
+from .config import Config
+from .languages import lookup
+from .limits import reachable_by, resolve_identity
+from .runner import Runner, log
+
+
+def _reserve_fd3() -> None:
+    """Keep fd 3 occupied so no pipe subprocess creates ever lands there (we dup2 over 3 in children)."""
+    try:
+        os.fstat(3)
+    except OSError:
+        fd = os.open(os.devnull, os.O_RDONLY)
+        if fd != 3:
+            os.close(fd)
+
+
+def prepare_working_dir(cfg: Config, uid: int | None, gid: int | None) -> None:
+    os.makedirs(cfg.working_dir, exist_ok=True)
+    if uid is not None:
+        os.chown(cfg.working_dir, uid, gid)  # type: ignore[arg-type]
+        os.chmod(cfg.working_dir, 0o755)
+    os.makedirs(cfg.tmp_root, exist_ok=True)
+
+
+def listening_socket(cfg: Config) -> socket.socket:
+    if cfg.fd is not None:
+        sock = socket.socket(fileno=cfg.fd)
+    else:
+        family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((cfg.host, cfg.port))
+        sock.listen(128)
+    sock.set_inheritable(False)
+    return sock
+
+
+async def run(cfg: Config) -> None:
+    spec = lookup(cfg.language)
+    if spec is None:
+        raise SystemExit(f"sidecar: unsupported language {cfg.language!r}")
+    identity = resolve_identity(cfg.run_uid, cfg.run_gid, cfg.run_uid_exclusive)
+    prepare_working_dir(cfg, identity.uid, identity.gid)
+    cfg.working_dir = os.path.abspath(cfg.working_dir)
+    if identity.switching and not reachable_by(cfg.working_dir, identity.uid, identity.gid):  # type: ignore[arg-type]
+        log("working_dir_unreachable", working_dir=cfg.working_dir, uid=identity.uid,
+            hint="a parent directory is not traversable by the run uid; interpreters that open "
+                 "their script by absolute path (python, php) will fail")
+    subreaper = proctree.become_subreaper()
+    sock = listening_socket(cfg)
+    port = sock.getsockname()[1]
+    runner = Runner(cfg, spec, identity)
+    hc = HypercornConfig()
+    hc.bind = [f"fd://{sock.fileno()}"]
+    hc.accesslog = None
+    hc.errorlog = "-"
+    hc.keep_alive_timeout = 75
+    hc.graceful_timeout = 2
+    hc.h11_max_incomplete_size = 64 * 1024
+    hc.include_server_header = False
+    stop = trio.Event()
+
+    async def on_signals() -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for _ in signals:
+                stop.set()
+                return
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(on_signals)
+        await nursery.start(runner.serve)
+        await nursery.start(lambda task_status: hypercorn_serve(
+            App(cfg, runner), hc, shutdown_trigger=stop.wait, task_status=task_status))
+        if runner.warm is not None:
+            with trio.move_on_after(30):
+                await runner.warm.ready.wait()
+        log("sidecar_started", language=spec.code, port=port, pid=os.getpid(), working_dir=cfg.working_dir,
+            uid=identity.uid, prewarm=runner.prewarm_enabled, subreaper=subreaper)
+        if cfg.announce:
+            sys.stdout.write(json.dumps({"event": "ready", "port": port, "pid": os.getpid()}) + "\n")
+            sys.stdout.flush()
+        await stop.wait()
+        nursery.cancel_scope.deadline = trio.current_time() + 5
+
+
+def main(cfg: Config) -> int:
+    _reserve_fd3()
+    try:
+        trio.run(run, cfg)
+    except KeyboardInterrupt:
+        return 130
+    return 0
