@@ -25,7 +25,9 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
 from kcr_trio.api.auth import Authenticator
-from kcr_trio.api.routes import Services, create_app
+from kcr_trio.api.metrics import Metrics
+from kcr_trio.api.ratelimit import RateLimiter
+from kcr_trio.api.routes import Services, create_app, render_metrics
 from kcr_trio.api.scope import RequestScopeMiddleware
 from kcr_trio.config import Settings
 from kcr_trio.core.exec import ExecLimits, ExecService
@@ -110,9 +112,22 @@ async def open_services(settings: Settings, *, executor: Any = None) -> AsyncIte
             files=files,
             executor=executor,
             exec_service=ExecService(sessions, files, executor, exec_limits(settings)),
-            auth=Authenticator(ensure_keys(settings), settings.auth_trusted_networks),
+            auth=Authenticator(
+                ensure_keys(settings),
+                settings.auth_trusted_networks,
+                exempt=() if settings.kcr_metrics_auth else ("/metrics",),
+            ),
             spool_dir=spool_dir,
             warnings=warnings,
+            metrics=Metrics() if settings.kcr_metrics else None,
+            limiter=RateLimiter(
+                sessions,
+                per_minute=settings.kcr_rate_limit_per_minute,
+                per_hour=settings.kcr_rate_limit_per_hour,
+                auth_failures_per_minute=settings.kcr_auth_failures_per_minute,
+            )
+            if settings.rate_limit_enabled
+            else None,
         )
 
 
@@ -129,7 +144,43 @@ def hypercorn_config(settings: Settings) -> HypercornConfig:
 
 
 def build_asgi(svc: Services) -> Any:
-    return RequestScopeMiddleware(create_app(svc))
+    on_finish = svc.metrics.on_finish if svc.metrics is not None else None
+    return RequestScopeMiddleware(create_app(svc), on_finish=on_finish)
+
+
+def metrics_asgi(svc: Services) -> Any:
+    """The app of the separate metrics port (``KCR_METRICS_PORT``): ``GET /metrics`` and nothing else.
+
+    Plain ASGI (no Quart, no request scope): scrapes are not API requests and are not counted.
+    """
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":  # nothing to start or stop: acknowledge both
+            while True:
+                message = await receive()
+                kind = message["type"].rsplit(".", 1)[-1]
+                await send({"type": f"lifespan.{kind}.complete"})
+                if kind == "shutdown":
+                    return
+        if scope["type"] != "http":
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
+        status, content_type, body = 200, "text/plain; version=0.0.4; charset=utf-8", b""
+        if scope.get("path") != "/metrics" or scope.get("method") not in ("GET", "HEAD"):
+            status, content_type, body = 404, "application/json", b'{"error":"Not found"}'
+        elif svc.settings.kcr_metrics_auth and not svc.auth.is_trusted((scope.get("client") or (None,))[0]):
+            try:
+                svc.auth.check(svc.auth.header_key(headers))
+            except Exception as exc:
+                status, content_type = 401, "application/json"
+                body = json.dumps({"error": getattr(exc, "message", "Unauthorized")}).encode()
+        if status == 200:
+            body = await render_metrics(svc)
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body if scope.get("method") != "HEAD" else b""})
+
+    return app
 
 
 async def serve(
@@ -155,6 +206,13 @@ async def serve(
 
             nursery.start_soon(_watch_signals, shutdown)
             binds = await nursery.start(run_server)
+            if svc.metrics is not None and settings.kcr_metrics_port is not None:
+                metrics_config = hypercorn_config(settings)
+                metrics_config.bind = [f"{settings.api_host}:{settings.kcr_metrics_port}"]
+                metrics_config.graceful_timeout = 1.0
+                binds = binds + await nursery.start(
+                    partial(hypercorn_serve, metrics_asgi(svc), metrics_config, shutdown_trigger=shutdown.wait)
+                )
             log.info("serving", extra={"binds": binds})
             task_status.started(binds)
             await shutdown.wait()

@@ -63,6 +63,17 @@ class Settings(BaseSettings):
     session_ttl_hours: int = Field(0, ge=0, le=8760)  # 0 = sessions never expire (KubeCodeRun main)
     session_cleanup_interval_minutes: int = Field(10, ge=1)
 
+    # --- operations (metrics, rate limits, timeouts of the non-/exec routes) -------------------
+    kcr_metrics: bool = True  # Prometheus /metrics (and the per-request counters behind it)
+    kcr_metrics_port: int | None = Field(None, ge=0, le=65535)  # serve /metrics only there
+    kcr_metrics_auth: bool = True  # /metrics needs an API key, like any other route
+    kcr_request_timeout: float = Field(30.0, gt=0.0)  # deadline of the non-/exec handlers (504)
+    kcr_ready_timeout: float = Field(3.0, gt=0.0)  # per dependency check of /ready
+    rate_limit_enabled: bool = True  # KubeCodeRun's switch; the limits below decide what applies
+    kcr_rate_limit_per_minute: int = Field(0, ge=0)  # requests per API key; 0 = unlimited
+    kcr_rate_limit_per_hour: int = Field(0, ge=0)
+    kcr_auth_failures_per_minute: int = Field(60, ge=0)  # per client IP, then 429; 0 = off
+
     # --- hang-up immunity (keepalive.md) -------------------------------------------------------
     kcr_heartbeat: bool = True
     kcr_heartbeat_grace: float = Field(1.0, ge=0.0)  # seconds of silence before committing a 200

@@ -156,6 +156,13 @@ class App:
         request_id = rid or _header(scope, b"x-request-id") or secrets.token_hex(8)
         if self.runner.busy:
             raise HTTPError(409, "An execution is already running in this sidecar")
+        try:
+            await self._execute(code, timeout, request_id, receive, send)
+        finally:
+            self.runner.replenish()
+
+    async def _execute(self, code: str, timeout: float, request_id: str, receive: Receive,
+                       send: Send) -> None:
         result: dict[str, Any] | None = None
         disconnected = False
         async with trio.open_nursery() as nursery:
@@ -175,6 +182,9 @@ class App:
                 result = await self.runner.execute(code, timeout, request_id)
             except Conflict as exc:
                 raise HTTPError(409, str(exc)) from None
+            except OSError as exc:  # cannot write the source file, fork, ... : the sandbox is broken
+                log("execution_setup_failed", request_id=request_id, error=str(exc))
+                raise HTTPError(503, f"Cannot start the program: {exc.strerror or exc}") from None
             nursery.cancel_scope.cancel()
         if result is None or disconnected:
             return

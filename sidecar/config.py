@@ -68,6 +68,35 @@ _ENV_ALIASES = {
 }
 
 
+_HELP = {
+    "language": "py js ts go java c cpp php rs r f90 d bash (env LANGUAGE)",
+    "port": "TCP port (env SIDECAR_PORT or RUNNER_PORT); 0 picks a free one",
+    "fd": "serve this inherited, already-listening socket instead of binding",
+    "working_dir": "where programs run and files live (env WORKING_DIR)",
+    "max_execution_time": "largest accepted timeout in seconds (env MAX_EXECUTION_TIME)",
+    "default_timeout": "timeout when a request gives none",
+    "max_output_size": "bytes kept per output stream (env MAX_OUTPUT_SIZE)",
+    "output_kill_factor": "stop a program whose stream exceeds this many times the cap",
+    "max_memory_mb": "memory per program (see README for per-language enforcement)",
+    "max_pids": "RLIMIT_NPROC for programs",
+    "max_open_files": "RLIMIT_NOFILE for programs",
+    "max_file_size_mb": "RLIMIT_FSIZE for programs, and the upload size limit",
+    "disk_quota_mb": "bytes a run may add to working dir + private temp dir",
+    "max_files": "directory entries a run may create",
+    "prewarm": "keep the next interpreter started while idle (py js ts bash)",
+    "python_preimports": "comma-separated modules the pre-warmed Python imports",
+    "python": "interpreter for user Python code (default: python3 on the fixed PATH)",
+    "node_path": "NODE_PATH for programs; must contain the typescript package for ts",
+    "run_uid": "uid for user code when the sidecar runs as root",
+    "run_gid": "gid for user code when the sidecar runs as root",
+    "run_uid_exclusive": "the uid is this sidecar's alone: also sweep it with kill(-1)",
+    "tmp_root": "parent of the per-run private temp dirs",
+    "announce": "print one JSON line with port and pid on stdout once ready",
+    "kill_grace_ms": "SIGTERM-to-SIGKILL grace when killing a run",
+    "max_body_mb": "largest /execute request body",
+}
+
+
 def _converter(name: str, default: object):
     if isinstance(default, bool):
         return _bool
@@ -94,9 +123,10 @@ def parse(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Conf
                 break
         value = conv(env_value) if env_value is not None else default
         flag = "--" + f.name.replace("_", "-")
+        help_ = f"{_HELP.get(f.name, '')} [default: {default!r}]".strip()
         if conv is _bool:
-            parser.add_argument(flag, type=_bool, nargs="?", const=True, default=value)
+            parser.add_argument(flag, type=_bool, nargs="?", const=True, default=value, help=help_)
         else:
-            parser.add_argument(flag, type=conv, default=value)
+            parser.add_argument(flag, type=conv, default=value, help=help_)
     ns = parser.parse_args(list(argv))
     return Config(**vars(ns))

@@ -39,9 +39,10 @@ ALIASES = {
 }
 
 # --- pre-warm bootstraps ------------------------------------------------------------------------
-# Protocol on fd 3 (one end of a socketpair): the child writes b"R" once its interpreter is up (and
-# pre-imports are done), then blocks reading; the sidecar writes the source file and closes its end,
-# and the child runs the file exactly as ``<interpreter> <file>`` would.
+# Protocol on an inherited socket (one end of a socketpair; its fd number is an argument, "-" for a
+# cold run): the child writes b"R" once its interpreter is up (and pre-imports are done), then
+# blocks reading; the sidecar writes the source file and sends b"G", and the child runs the file
+# exactly as ``<interpreter> <file>`` would.
 
 PY_BOOT = r"""
 def _kcr_boot():
@@ -52,9 +53,11 @@ def _kcr_boot():
                 __import__(_m.strip())
             except Exception:
                 pass
-    os.write(3, b"R")
-    os.read(3, 1)
-    os.close(3)
+    if sys.argv[3] != "-":
+        fd = int(sys.argv[3])
+        os.write(fd, b"R")
+        os.read(fd, 1)
+        os.close(fd)
     path = sys.argv[1]
     cwd = os.getcwd()
     full = os.path.join(cwd, path)
@@ -68,21 +71,55 @@ def _kcr_boot():
     g.clear()
     g.update(__name__="__main__", __doc__=None, __package__=None, __loader__=None, __spec__=None,
              __file__=full, __cached__=None, __builtins__=builtins)
-    code = compile(src, full, "exec")
+    status = 0
     try:
-        exec(code, g)
-    except SystemExit:
-        raise
+        exec(compile(src, full, "exec"), g)
+    except SystemExit as exc:
+        if exc.code is None:
+            status = 0
+        elif isinstance(exc.code, int):
+            status = exc.code & 0xFF
+        else:
+            try:
+                print(exc.code, file=sys.stderr)
+            except Exception:
+                pass
+            status = 1
     except BaseException as exc:
-        sys.excepthook(type(exc), exc, exc.__traceback__.tb_next if exc.__traceback__ else None)
-        sys.exit(1)
+        tb = exc.__traceback__
+        sys.excepthook(type(exc), exc.with_traceback(tb.tb_next if tb else None), tb.tb_next if tb else None)
+        status = 1
+    # The interpreter's own finalisation, minus module teardown (which costs more than the run):
+    # join non-daemon threads, run atexit handlers, drop the program's globals (closing and
+    # flushing files it left open), flush the standard streams.
+    threading = sys.modules.get("threading")  # only if the program used it: importing costs ms
+    if threading is not None:
+        try:
+            threading._shutdown()
+        except BaseException:
+            pass
+    try:
+        import atexit
+        atexit._run_exitfuncs()
+    except BaseException:
+        pass
+    try:
+        g.clear()
+    except BaseException:
+        pass
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:
+            pass
+    os._exit(status)
 _kcr_boot()
 """
 
-# argv after `node -e NODE_BOOT --`: <js|ts> <wait 0|1> <file>
+# argv after `node -e NODE_BOOT --`: <js|ts> <handshake fd or -> <file>
 NODE_BOOT = r"""
 const fs = require('fs'), path = require('path'), Module = require('module');
-const [mode, wait, file] = process.argv.slice(1);
+const [mode, fdArg, file] = process.argv.slice(1);
 if (mode === 'ts') {
   const ts = require('typescript');
   Module._extensions['.ts'] = function (m, filename) {
@@ -105,17 +142,24 @@ if (mode === 'ts') {
     m._compile(out.outputText, filename);
   };
 }
-if (wait === '1') {
-  fs.writeSync(3, 'R');
-  try { fs.readSync(3, Buffer.alloc(1), 0, 1, null); } catch (e) {}
-  fs.closeSync(3);
+if (fdArg !== '-') {
+  const fd = Number(fdArg);
+  // Pay Node's lazy initialisation now: the stdio streams, the CommonJS compile path.
+  process.stdout; process.stderr;
+  new Module('[warm-up]', null)._compile('module.exports = 1;', path.join(process.cwd(), '[warm-up].js'));
+  if (mode === 'ts') Module._extensions['.ts'].warm = require('typescript').transpileModule(
+    'const a: number = 1; export default a;', { compilerOptions: { module: 1 } });  // JIT warm-up
+  fs.writeSync(fd, 'R');
+  try { fs.readSync(fd, Buffer.alloc(1), 0, 1, null); } catch (e) {}
+  fs.closeSync(fd);
 }
 const full = path.resolve(file);
 process.argv = [process.argv[0], full];
-Module.runMain(full);
+Module._load(full, null, true);  // as `node file` does for CommonJS, minus the ESM loader set-up
 """
 
-BASH_BOOT = r"""printf R >&3; IFS= read -r -n1 -u 3 _kcr; exec 3<&-; unset _kcr; BASH_ARGV0="$1"; shift; . "./$BASH_ARGV0"
+# argv after `bash -c BASH_BOOT bash`: <handshake fd> <file>
+BASH_BOOT = r"""printf R >&"$1"; IFS= read -r -n1 -u "$1" _kcr; eval "exec $1<&-"; unset _kcr; BASH_ARGV0="$2"; shift 2; . "./$BASH_ARGV0"
 """
 
 
@@ -160,7 +204,9 @@ def _compile_as(mem: int) -> int:
 
 
 def _py(c: Context) -> list[Step]:
-    return [Step([c.tools.python, "code.py"], env={"PYTHONUNBUFFERED": "1"})]
+    # The same bootstrap as the pre-warmed path (without the wait), so both behave identically
+    # and neither needs the working directory's absolute path to be reachable.
+    return [Step([c.tools.python, "-c", PY_BOOT, "code.py", "", "-"], env={"PYTHONUNBUFFERED": "1"})]
 
 
 def _node_env(c: Context) -> dict[str, str]:
@@ -174,7 +220,7 @@ def _js(c: Context) -> list[Step]:
 
 def _ts(c: Context) -> list[Step]:
     argv = [c.tools("node"), f"--max-old-space-size={c.memory_mb}", "-e", NODE_BOOT, "--",
-            "ts", "0", "code.ts"]
+            "ts", "-", "code.ts"]
     return [Step(argv, env=_node_env(c), address_space_mb=c.memory_mb + 1024)]
 
 
@@ -274,15 +320,15 @@ def lookup(code: str) -> LanguageSpec | None:
     return LANGUAGES.get(ALIASES.get(code, code))
 
 
-def prewarm_step(spec: LanguageSpec, c: Context, preimports: str) -> Step | None:
+def prewarm_step(spec: LanguageSpec, c: Context, preimports: str, fd: int) -> Step | None:
     """The pre-warmed variant of the run step (same limits and env), or None."""
     if spec.prewarm == "py":
-        return Step([c.tools.python, "-c", PY_BOOT, "code.py", preimports],
+        return Step([c.tools.python, "-c", PY_BOOT, "code.py", preimports, str(fd)],
                     env={"PYTHONUNBUFFERED": "1"})
     if spec.prewarm in ("js", "ts"):
         argv = [c.tools("node"), f"--max-old-space-size={c.memory_mb}", "-e", NODE_BOOT, "--",
-                spec.prewarm, "1", spec.source_file]
+                spec.prewarm, str(fd), spec.source_file]
         return Step(argv, env=_node_env(c), address_space_mb=c.memory_mb + 1024)
     if spec.prewarm == "bash":
-        return Step([c.tools("bash"), "-c", BASH_BOOT, "bash", "code.sh"])
+        return Step([c.tools("bash"), "-c", BASH_BOOT, "bash", str(fd), "code.sh"])
     return None

@@ -56,6 +56,16 @@ class Warm:
         self.tmp = tmp
         self.ready = trio.Event()
         self.failed = False
+        self.used = False
+        # The idle watcher (handshake, then "did it die while idle?") runs in this scope; whoever
+        # takes or discards the process cancels it and waits for ``idle_done`` first, because only
+        # one task at a time may wait for a process.
+        self.idle_scope = trio.CancelScope()
+        self.idle_done = trio.Event()
+
+    async def stop_watching(self) -> None:
+        self.idle_scope.cancel()
+        await self.idle_done.wait()
 
     @classmethod
     def pair(cls) -> tuple[socket.socket, socket.socket]:
@@ -67,14 +77,15 @@ class Warm:
         """Wait for the child's ``R``; a child that dies first marks the warm process failed."""
         try:
             data = await self.sock.recv(1)
-        except OSError:
-            data = b""
+        except (OSError, trio.ClosedResourceError):  # closed by a run that used us meanwhile
+            data = b"R" if self.used else b""
         if data != b"R":
             self.failed = True
         self.ready.set()
 
     async def go(self) -> None:
         """Let the child run the source file (already written by the caller)."""
+        self.used = True
         try:
             await self.sock.send(b"G")
         except OSError:

@@ -219,22 +219,14 @@ def reap_orphans(tracked: Iterable[int]) -> int:
 
 
 def count_tasks_of_uid(uid: int) -> int:
-    """Threads owned (real uid) by ``uid``: what RLIMIT_NPROC compares against."""
+    """Threads owned by ``uid``: what RLIMIT_NPROC compares against (owner of ``/proc/<pid>``)."""
     total = 0
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
         try:
-            with open(f"/proc/{name}/status", "rb") as fh:
-                ruid = threads = None
-                for line in fh:
-                    if line.startswith(b"Uid:"):
-                        ruid = int(line.split()[1])
-                    elif line.startswith(b"Threads:"):
-                        threads = int(line.split()[1])
-                        break
-        except (OSError, ValueError, IndexError):
+            if os.stat(f"/proc/{name}").st_uid == uid:
+                total += len(os.listdir(f"/proc/{name}/task"))
+        except OSError:
             continue
-        if ruid == uid and threads:
-            total += threads
     return total

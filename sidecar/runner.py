@@ -39,6 +39,11 @@ _MEMORY_PATTERNS = re.compile(
     r"OutOfMemoryError|failed to reserve|cannot allocate vector|Allowed memory size|memory allocation failed",
     re.IGNORECASE,
 )
+_PIDS_PATTERNS = re.compile(
+    r"fork: (retry: )?Resource temporarily unavailable|BlockingIOError: \[Errno 11\]|"
+    r"unable to create (new )?native thread|Cannot fork|EAGAIN.*(fork|spawn|clone)",
+    re.IGNORECASE,
+)
 
 
 def log(event: str, **fields: Any) -> None:
@@ -115,6 +120,8 @@ class Runner:
         self._warm_lock = trio.Lock()
         self._nursery: trio.Nursery | None = None
         self.runs = 0
+        self._killed: set[int] = set()  # pids killed during the current execution (for the log)
+        self.warm_broken = False
 
     # --- pre-warm --------------------------------------------------------------------------
     @property
@@ -127,6 +134,8 @@ class Runner:
             return False
         if not self.prewarm_enabled:
             return True
+        if self.warm_broken:  # pre-warm cannot work here (e.g. a missing module): serve cold
+            return True
         return self.warm is not None and self.warm.ready.is_set() and not self.warm.failed
 
     async def serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -137,7 +146,9 @@ class Runner:
                 if self.prewarm_enabled:
                     await self._spawn_warm()
                 task_status.started()
-                await trio.sleep_forever()
+                while True:  # adopted orphans become our zombies: reap them even between runs
+                    await trio.sleep(1)
+                    proctree.reap_orphans(self.tracked)
         finally:
             with trio.CancelScope(shield=True):
                 await self._discard_warm()
@@ -173,16 +184,17 @@ class Runner:
             if self.warm is not None:
                 return
             tmp = make_private_tmp(self.cfg.tmp_root, self.identity)
-            step = prewarm_step(self.spec, self._context(tmp), self.cfg.python_preimports)
-            assert step is not None
             parent, child = Warm.pair()
+            step = prewarm_step(self.spec, self._context(tmp), self.cfg.python_preimports, child.fileno())
+            assert step is not None
             try:
-                spec = self._spec_for(step, tmp, self.cfg.max_execution_time, fd3=child.fileno())
+                spec = self._spec_for(step, tmp, self.cfg.max_execution_time, pass_fd=child.fileno())
                 proc = await spawn_user(spec)
             except OSError as exc:
                 parent.close()
                 remove_tree(tmp)
                 log("prewarm_failed", language=self.spec.code, error=str(exc))
+                self.warm_broken = True
                 return
             finally:
                 child.close()
@@ -193,20 +205,36 @@ class Runner:
             self._nursery.start_soon(self._watch_warm, warm)
 
     async def _watch_warm(self, warm: Warm) -> None:
-        await warm.wait_handshake()
-        if warm.failed and self.warm is warm:
-            # The interpreter died while idle (e.g. a bad pre-import crashed it): report and drop it.
-            err = b""
-            with trio.move_on_after(1):
-                err = await warm.process.stderr.receive_some(4096)  # type: ignore[union-attr]
-            log("prewarm_failed", language=self.spec.code, stderr=err.decode("utf-8", "replace"))
-            await self._discard_warm()
+        try:
+            with warm.idle_scope:
+                await warm.wait_handshake()
+                if warm.failed:
+                    if self.warm is warm:
+                        # The interpreter died before it was ready (e.g. a bad pre-import
+                        # crashed it): report it and serve cold until the next run retries.
+                        self.warm_broken = True
+                        err = b""
+                        with trio.move_on_after(1):
+                            err = await warm.process.stderr.receive_some(4096)  # type: ignore[union-attr]
+                        log("prewarm_failed", language=self.spec.code, stderr=err.decode("utf-8", "replace"))
+                        await self._discard_warm(watcher=True)
+                    return
+                self.warm_broken = False
+                await warm.process.wait()
+                if self.warm is warm:  # killed while idle (OOM killer, an operator): replace it
+                    log("prewarm_died", language=self.spec.code, returncode=warm.process.returncode)
+                    await self._discard_warm(watcher=True)
+                    self.replenish()
+        finally:
+            warm.idle_done.set()
 
-    async def _discard_warm(self) -> None:
+    async def _discard_warm(self, watcher: bool = False) -> None:
         warm, self.warm = self.warm, None
         if warm is None:
             return
         with trio.CancelScope(shield=True):
+            if not watcher:
+                await warm.stop_watching()
             try:
                 os.killpg(warm.process.pid, signal.SIGKILL)
             except OSError:
@@ -217,11 +245,18 @@ class Runner:
             warm.close()
             await trio.to_thread.run_sync(remove_tree, warm.tmp)
 
+    def replenish(self) -> None:
+        """Start the next pre-warmed interpreter in the background (call after answering: the
+        fork and interpreter start-up would otherwise compete with sending the response)."""
+        if self.prewarm_enabled and self.warm is None and not self.busy and self._nursery is not None:
+            self._nursery.start_soon(self._spawn_warm)
+
     async def _take_warm(self) -> Warm | None:
         async with self._warm_lock:
             warm, self.warm = self.warm, None
         if warm is None:
             return None
+        await warm.stop_watching()
         if warm.failed or warm.process.returncode is not None:
             self.warm = warm
             await self._discard_warm()
@@ -230,20 +265,25 @@ class Runner:
 
     # --- execution -------------------------------------------------------------------------
     async def execute(self, code: str, timeout: float, request_id: str) -> dict[str, Any]:
+        """Run ``code`` once. Raises ``Conflict`` if busy, ``OSError`` if the run cannot be set up."""
         if self.busy:
             raise Conflict("An execution is already running in this sidecar")
         self.busy = True
         self.runs += 1
-        warm = await self._take_warm() if self.prewarm_enabled else None
-        tmp = warm.tmp if warm else make_private_tmp(self.cfg.tmp_root, self.identity)
+        self._killed = set()
         cap = self.cfg.max_output_size
-        state = RunState(Capture(cap, cap * self.cfg.output_kill_factor),
-                         Capture(cap, cap * self.cfg.output_kill_factor), tmp)
         wd = self.cfg.working_dir
+        warm: Warm | None = None
+        tmp: str | None = None
+        state: RunState | None = None
         finished = False
         started = time.perf_counter()
         exit_code = 0
         try:
+            warm = await self._take_warm() if self.prewarm_enabled else None
+            tmp = warm.tmp if warm else make_private_tmp(self.cfg.tmp_root, self.identity)
+            state = RunState(Capture(cap, cap * self.cfg.output_kill_factor),
+                             Capture(cap, cap * self.cfg.output_kill_factor), tmp)
             self._write_source(code)
             before = files.snapshot(wd)
             steps = self.spec.steps(self._context(tmp))
@@ -261,21 +301,27 @@ class Runner:
             after = files.snapshot(wd)
             finished = True
         finally:
+            cleanup_started = time.perf_counter()
             with trio.CancelScope(shield=True):
-                killed = await self._kill_leftovers(final=True)
+                await self._kill_leftovers(final=True)
                 if warm is not None:
                     warm.close()
-                if self._nursery is not None:
-                    self._nursery.start_soon(trio.to_thread.run_sync, remove_tree, tmp)
-                else:
-                    await trio.to_thread.run_sync(remove_tree, tmp)
+                    if not warm.used:  # taken but never started: it still waits; stop it
+                        self.warm = warm
+                        await self._discard_warm()
+                if tmp is not None and (warm is None or warm.used):
+                    if self._nursery is not None:
+                        self._nursery.start_soon(trio.to_thread.run_sync, remove_tree, tmp)
+                    else:
+                        await trio.to_thread.run_sync(remove_tree, tmp)
                 if not finished:
                     log("execution_cancelled", request_id=request_id, language=self.spec.code,
-                        reason="client_disconnected_or_cancelled", killed_pids=sorted(killed | state.pids),
+                        reason="client_disconnected_or_cancelled",
+                        killed_pids=sorted(self._killed | (state.pids if state else set())),
+                        cleanup_ms=round((time.perf_counter() - cleanup_started) * 1000, 1),
                         elapsed_ms=round((time.perf_counter() - started) * 1000, 1))
                 self.busy = False
-                if self.prewarm_enabled and self._nursery is not None:
-                    self._nursery.start_soon(self._spawn_warm)
+        assert state is not None
         return self._result(exit_code, state, timeout, elapsed_ms, before, after, request_id)
 
     def _result(self, exit_code: int, state: RunState, timeout: float, elapsed_ms: float,
@@ -291,6 +337,10 @@ class Runner:
         stderr_tail = state.err.buf[-4096:].decode("utf-8", "replace")
         if state.reason is None and exit_code != 0 and _MEMORY_PATTERNS.search(stderr_tail):
             state.reason = "memory"
+        if state.reason is None and exit_code != 0 and re.search(r"File too large|EFBIG", stderr_tail):
+            state.reason = "file_size"  # Python ignores SIGXFSZ, so the write fails with EFBIG
+        if state.reason is None and _PIDS_PATTERNS.search(state.err.buf[:65536].decode("utf-8", "replace")):
+            state.reason = "pids"
         timed_out = state.reason == "timeout"
         if timed_out:
             exit_code = 124
@@ -306,6 +356,8 @@ class Runner:
             notes.append(f"Process stopped: file size limit exceeded ({self.cfg.max_file_size_mb} MB)")
         elif state.reason == "memory":
             notes.append(f"Memory limit exceeded ({self.cfg.max_memory_mb} MB)")
+        elif state.reason == "pids":
+            notes.append(f"Process limit reached ({self.cfg.max_pids} processes)")
         stderr = state.err.text()
         for note in notes:
             if stderr and not stderr.endswith("\n"):
@@ -368,6 +420,7 @@ class Runner:
         state.pids.add(proc.pid)
         scope = trio.CancelScope(deadline=deadline)
         state.step_scope = scope
+        cleaned = False
         try:
             async with trio.open_nursery() as pumps:
                 pumps.start_soon(self._pump, proc.stdout, state.out, state)
@@ -380,12 +433,14 @@ class Runner:
                 # then give the pumps a moment to drain what is already buffered.
                 await self._kill_leftovers()
                 pumps.cancel_scope.deadline = trio.current_time() + 2
+            cleaned = proc.returncode is not None
         finally:
             state.step_scope = None
             with trio.CancelScope(shield=True):
-                await self._kill_leftovers()
-                with trio.move_on_after(2):
-                    await proc.wait()
+                if not cleaned:
+                    await self._kill_leftovers()
+                    with trio.move_on_after(2):
+                        await proc.wait()
                 self.tracked.discard(proc.pid)
         return proc.returncode if proc.returncode is not None else -signal.SIGKILL
 
@@ -424,13 +479,16 @@ class Runner:
         killed = proctree.kill_tree(os.getpid(), keep=keep, grace=self.cfg.kill_grace_ms / 1000,
                                     uid=uid)  # type: ignore[arg-type]
         proctree.reap_orphans(self.tracked)
+        self._killed.update(killed)
         return set(killed)
 
     async def _kill_leftovers(self, final: bool = False) -> set[int]:
-        """``_kill_all`` in a worker thread, skipped when a cheap inline check finds nothing."""
+        """``_kill_all`` in a worker thread, skipped when a cheap inline check finds nothing.
+
+        Thanks to the subreaper, nothing the run started can leave the sidecar's subtree, so an
+        empty subtree means there is nothing to kill (the uid sweep is then skipped too)."""
         keep = {self.warm.process.pid} if self.warm is not None else set()
-        sweep_uid = final and self.identity.exclusive and self.identity.switching
-        if not sweep_uid and not any(proctree.alive(p) for p in proctree.descendants(os.getpid()) - keep):
+        if not any(proctree.alive(p) for p in proctree.descendants(os.getpid()) - keep):
             proctree.reap_orphans(self.tracked)
             return set()
         return await trio.to_thread.run_sync(self._kill_all, final)

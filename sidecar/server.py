@@ -26,21 +26,11 @@ from .limits import reachable_by, resolve_identity
 from .runner import Runner, log
 
 
-def _reserve_fd3() -> None:
-    """Keep fd 3 occupied so no pipe subprocess creates ever lands there (we dup2 over 3 in children)."""
-    try:
-        os.fstat(3)
-    except OSError:
-        fd = os.open(os.devnull, os.O_RDONLY)
-        if fd != 3:
-            os.close(fd)
-
-
 def prepare_working_dir(cfg: Config, uid: int | None, gid: int | None) -> None:
     os.makedirs(cfg.working_dir, exist_ok=True)
     if uid is not None:
         os.chown(cfg.working_dir, uid, gid)  # type: ignore[arg-type]
-        os.chmod(cfg.working_dir, 0o755)
+        os.chmod(cfg.working_dir, 0o700)  # the run uid's alone (we are root and need no bits)
     os.makedirs(cfg.tmp_root, exist_ok=True)
 
 
@@ -76,8 +66,9 @@ async def run(cfg: Config) -> None:
     hc.bind = [f"fd://{sock.fileno()}"]
     hc.accesslog = None
     hc.errorlog = "-"
+    hc.loglevel = "WARNING"
     hc.keep_alive_timeout = 75
-    hc.graceful_timeout = 2
+    hc.graceful_timeout = 1
     hc.h11_max_incomplete_size = 64 * 1024
     hc.include_server_header = False
     stop = trio.Event()
@@ -91,8 +82,16 @@ async def run(cfg: Config) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(on_signals)
         await nursery.start(runner.serve)
-        await nursery.start(lambda task_status: hypercorn_serve(
-            App(cfg, runner), hc, shutdown_trigger=stop.wait, task_status=task_status))
+        server_done = trio.Event()
+
+        async def http_server(task_status: trio.TaskStatus[None]) -> None:
+            try:
+                await hypercorn_serve(App(cfg, runner), hc, shutdown_trigger=stop.wait,
+                                      task_status=task_status)
+            finally:
+                server_done.set()
+
+        await nursery.start(http_server)
         if runner.warm is not None:
             with trio.move_on_after(30):
                 await runner.warm.ready.wait()
@@ -101,12 +100,11 @@ async def run(cfg: Config) -> None:
         if cfg.announce:
             sys.stdout.write(json.dumps({"event": "ready", "port": port, "pid": os.getpid()}) + "\n")
             sys.stdout.flush()
-        await stop.wait()
-        nursery.cancel_scope.deadline = trio.current_time() + 5
+        await server_done.wait()  # SIGTERM/SIGINT -> graceful HTTP shutdown -> stop everything
+        nursery.cancel_scope.cancel()
 
 
 def main(cfg: Config) -> int:
-    _reserve_fd3()
     try:
         trio.run(run, cfg)
     except KeyboardInterrupt:

@@ -19,13 +19,15 @@ from kcr_trio.core.errors import Unauthorized
 
 log = logging.getLogger("kcr_trio.auth")
 
-EXEMPT_PATHS = frozenset({"/health", "/ready", "/docs", "/redoc", "/openapi.json", "/metrics"})
+EXEMPT_PATHS = frozenset({"/health", "/ready", "/docs", "/redoc", "/openapi.json"})
 BODY_KEY_FIELDS = ("LIBRECHAT_CODE_API_KEY", "api_key", "apiKey")
 
 
 class Authenticator:
-    def __init__(self, keys: Iterable[str], trusted_networks: str = "") -> None:
+    def __init__(self, keys: Iterable[str], trusted_networks: str = "", *, exempt: Iterable[str] = ()) -> None:
+        """``exempt``: more paths that need no key (``/metrics`` when ``KCR_METRICS_AUTH=false``)."""
         self._keys = [k.encode() for k in keys]
+        self._exempt = EXEMPT_PATHS | frozenset(exempt)
         self._networks = []
         for item in trusted_networks.split(","):
             if item.strip():
@@ -35,7 +37,7 @@ class Authenticator:
                     log.warning("ignoring invalid AUTH_TRUSTED_NETWORKS entry %r", item.strip())
 
     def is_exempt(self, method: str, path: str) -> bool:
-        return method == "OPTIONS" or path in EXEMPT_PATHS
+        return method == "OPTIONS" or path in self._exempt
 
     def is_trusted(self, peer: str | None) -> bool:
         if not self._networks or not peer:

@@ -23,4 +23,5 @@ def error_body(exc: ApiError) -> dict[str, Any]:
 
 
 def dumps(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    # "replace": a lone surrogate that slipped into a message must cost a "?", never the answer.
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "replace")

@@ -21,11 +21,11 @@ import trio
 from pydantic import ValidationError
 from quart import Response, g, request
 from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from kcr_trio import __version__
 from kcr_trio.config import Settings
-from kcr_trio.core.errors import ApiError, Busy, NotFound, TooLarge, Unavailable
+from kcr_trio.core.errors import ApiError, Busy, NotFound, TooLarge, Unauthorized, Unavailable
 from kcr_trio.core.exec import ExecOutcome, ExecRequest, ExecService, Phases, validate
 from kcr_trio.core.ids import is_safe_id, new_id
 from kcr_trio.core.interfaces import Executor, FileStore, SessionStore
@@ -34,7 +34,11 @@ from kcr_trio.core.names import content_disposition, guess_content_type, sanitiz
 
 from .auth import Authenticator
 from .errors import dumps, error_body
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import Metrics
 from .models import ExecBody, validation_details
+from .openapi import docs_page, openapi_document
+from .ratelimit import RateLimited, RateLimiter
 from .scope import current
 from .uploads import ParsedForm, parse_multipart, spooled_chunks
 
@@ -50,6 +54,8 @@ CORS_HEADERS = {
     "Access-Control-Allow-Headers": "x-api-key, Content-Type",
     "Access-Control-Expose-Headers": "Content-Disposition",
 }
+# The access-log/metrics outcome of an /exec result (a broken sandbox is "error", not "ok").
+_OUTCOMES = {"timeout": "timeout", "error": "error"}
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
@@ -67,15 +73,42 @@ class Services:
     auth: Authenticator
     spool_dir: Path
     warnings: list[str]
+    metrics: Metrics | None = None
+    limiter: RateLimiter | None = None
 
 
 def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(dumps(obj), status=status, content_type="application/json", headers=headers)
 
 
+class KcrQuart(QuartTrio):
+    """Quart-Trio with one deadline per handler (``KCR_REQUEST_TIMEOUT``), answered as 504.
+
+    ``/exec`` carries its own deadline (execution time + overhead, see ``core.exec``) and is left
+    alone; uploads get the body timeout on top, since the body arrives inside the handler. A stuck
+    store therefore costs a client at most this long, and the answer is a clean JSON 504, not a hang.
+    Streaming bodies (downloads) continue after the handler returned and are not cut by it.
+    """
+
+    request_timeout: float = 30.0
+    body_timeout: float = 60.0
+
+    async def dispatch_request(self, request_context: Any = None) -> Any:
+        path = request.path
+        if path == "/exec":
+            return await super().dispatch_request(request_context)
+        timeout = self.request_timeout + (self.body_timeout if path.startswith("/upload") else 0.0)
+        with trio.move_on_after(timeout):
+            return await super().dispatch_request(request_context)
+        current(request.scope).outcome = "timeout"
+        raise ApiError("Request timed out", status=504)
+
+
 def create_app(svc: Services) -> QuartTrio:
     settings = svc.settings
-    app = QuartTrio("kcr_trio")
+    app = KcrQuart("kcr_trio")
+    app.request_timeout = settings.kcr_request_timeout
+    app.body_timeout = settings.kcr_body_timeout
     app.config.update(
         RESPONSE_TIMEOUT=None,  # /exec enforces its own deadline; Quart's would cut the heartbeat
         BODY_TIMEOUT=settings.kcr_body_timeout,
@@ -91,6 +124,8 @@ def create_app(svc: Services) -> QuartTrio:
         rs = current(request.scope)
         if isinstance(exc, Busy):
             rs.outcome = "busy"
+        elif isinstance(exc, RateLimited):
+            rs.extra["rate_limited"] = exc.limit
         headers = dict(exc.headers)
         return json_response(error_body(exc), exc.status, headers)
 
@@ -99,7 +134,12 @@ def create_app(svc: Services) -> QuartTrio:
         status = exc.code or 500
         messages = {404: "Not found", 405: "Method not allowed", 408: "Request body timeout",
                     413: "Request body too large"}
-        return json_response(error_body(ApiError(messages.get(status, exc.name), status=status)), status)
+        headers = {}
+        if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
+            headers["Allow"] = ", ".join(sorted(exc.valid_methods))
+        if status >= 500:
+            current(request.scope).outcome = "error"
+        return json_response(error_body(ApiError(messages.get(status, exc.name), status=status)), status, headers)
 
     @app.errorhandler(Exception)
     async def _unexpected(exc: Exception) -> Response:
@@ -108,10 +148,26 @@ def create_app(svc: Services) -> QuartTrio:
 
     # -- before/after every request ----------------------------------------------------------
 
+    limiter = svc.limiter if svc.limiter is not None and svc.limiter.active else None
+
+    async def authenticate(key: str | None) -> None:
+        """Check the key; count wrong keys per IP and requests per key (``api.ratelimit``)."""
+        try:
+            svc.auth.check(key)
+        except Unauthorized:
+            if limiter is not None and key:
+                await limiter.auth_failed((request.scope.get("client") or (None,))[0])
+            raise
+        if limiter is not None and limiter.limits:
+            g.quotas = await limiter.check_key(key or "")
+
     @app.before_request
     async def _content_type_and_auth() -> None:
         method, path = request.method, request.path
-        if method in ("POST", "PUT", "PATCH") and not path.startswith(("/upload", "/state/")):
+        rule = request.url_rule
+        current(request.scope).route = rule.rule if rule is not None else None
+        # No route (404/405): the content type cannot matter; the routing error answers.
+        if rule is not None and method in ("POST", "PUT", "PATCH") and not path.startswith(("/upload", "/state/")):
             content_type = request.headers.get("content-type", "")
             if not any(t in content_type.lower() for t in JSON_TYPES):
                 raise ApiError(f"Unsupported content type: {content_type}", status=415, shape="A")
@@ -120,13 +176,15 @@ def create_app(svc: Services) -> QuartTrio:
         peer = (request.scope.get("client") or (None,))[0]
         if svc.auth.is_trusted(peer):
             return
+        if limiter is not None:
+            limiter.check_blocked(peer)  # 429 before any key is compared
         key = svc.auth.header_key(request.headers)
         if key is not None:
-            svc.auth.check(key)
+            await authenticate(key)
         elif method in ("POST", "PUT", "PATCH") and request.mimetype == "application/json":
             g.auth_pending = True  # the handler checks the key in the JSON body
         else:
-            svc.auth.check(None)
+            await authenticate(None)
 
     @app.after_request
     async def _headers(response: Response) -> Response:
@@ -134,6 +192,11 @@ def create_app(svc: Services) -> QuartTrio:
             response.headers.setdefault(name, value)
         if settings.kcr_connection_close and request.path.startswith(CLOSE_PREFIXES):
             response.headers["Connection"] = "close"
+        quotas = g.get("quotas")
+        if quotas:  # the tightest window's state, as a client would want to pace itself
+            quota = min(quotas, key=lambda q: q.limit - q.used)
+            for name, value in quota.headers(time.time()).items():
+                response.headers.setdefault(name, value)
         return response
 
     # -- /exec -------------------------------------------------------------------------------
@@ -143,7 +206,7 @@ def create_app(svc: Services) -> QuartTrio:
         rs = current(request.scope)
         raw = await _read_json(settings.kcr_max_json_body_bytes)
         if g.get("auth_pending"):
-            svc.auth.check(svc.auth.body_key(raw))
+            await authenticate(svc.auth.body_key(raw))
         try:
             body = ExecBody.model_validate(raw)
         except ValidationError as exc:
@@ -164,6 +227,7 @@ def create_app(svc: Services) -> QuartTrio:
         """Answer plainly if the run finishes within the grace, else commit a heartbeat 200."""
         rs = current(request.scope)
         phases = Phases()
+        rs.exec_phases, rs.phases = phases, phases.durations  # live: the log sees cut-short runs too
         done = trio.Event()
         box: dict[str, Any] = {}
 
@@ -190,7 +254,7 @@ def create_app(svc: Services) -> QuartTrio:
             if "error" in box:
                 raise box["error"]
             outcome: ExecOutcome = box["outcome"]
-            rs.outcome = "timeout" if outcome.status == "timeout" else "ok"
+            rs.outcome = _OUTCOMES.get(outcome.status, "ok")
             return json_response(outcome.to_json())
 
         # Slow: commit 200 now and keep the connection audibly alive (keepalive.md, points 1 and 3).
@@ -212,7 +276,7 @@ def create_app(svc: Services) -> QuartTrio:
                 )
             else:
                 outcome = box["outcome"]
-                rs.outcome = "timeout" if outcome.status == "timeout" else "ok"
+                rs.outcome = _OUTCOMES.get(outcome.status, "ok")
                 yield dumps(outcome.to_json())
 
         return Response(
@@ -232,8 +296,21 @@ def create_app(svc: Services) -> QuartTrio:
         if scope.cancelled_caught:
             raise ApiError("Request body timeout", status=408)
         try:
-            return json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            value = json.loads(data.decode("utf-8"))
+            # "\ud800" escapes decode to lone surrogates, which no UTF-8 consumer (the sidecar,
+            # the stores, our own responses) can encode: refuse them here, with the field.
+            if (b"\\ud" in data or b"\\uD" in data) and (where := _lone_surrogate(value, "body")):
+                raise ApiError(
+                    "Request validation failed",
+                    status=422,
+                    details=[{"field": where, "message": "Lone surrogate in string", "code": "string_unicode"}],
+                )
+            return value
+        except (ValueError, RecursionError) as exc:
+            # ValueError covers bad UTF-8, bad JSON and over-long integers; RecursionError deeply
+            # nested arrays. All are the client's input, so 422, never a 500.
+            if isinstance(exc, RecursionError):
+                exc = ValueError("nested too deeply")
             raise ApiError(
                 "Request validation failed",
                 status=422,
@@ -414,7 +491,8 @@ def create_app(svc: Services) -> QuartTrio:
 
     # -- download, delete --------------------------------------------------------------------
 
-    @app.get("/download/<session_id>/<file_id>")
+    # No automatic OPTIONS: the explicit route below answers the CORS preflight with 204.
+    @app.get("/download/<session_id>/<file_id>", provide_automatic_options=False)
     async def download(session_id: str, file_id: str) -> Response:
         record = await _record_or_404(session_id, file_id)
         rs = current(request.scope)
@@ -481,15 +559,28 @@ def create_app(svc: Services) -> QuartTrio:
     async def ready() -> Response:
         checks: dict[str, Any] = {}
         ok = True
+        timeout = settings.kcr_ready_timeout
 
         async def probe(name: str, fn: Any) -> None:
+            # Each dependency gets its own deadline and its own verdict: one slow or broken store
+            # makes the answer 503 with details, never a 500 and never a hang.
             nonlocal ok
+            started = time.perf_counter()
             try:
-                with trio.fail_after(3):
-                    checks[name] = {"ok": True, **(await fn())}
-            except (ApiError, trio.TooSlowError) as exc:
+                with trio.fail_after(timeout):
+                    result = await fn()
+                checks[name] = {"ok": True, **(result if isinstance(result, dict) else {})}
+            except ApiError as exc:
                 ok = False
-                checks[name] = {"ok": False, "error": getattr(exc, "message", "timed out")}
+                checks[name] = {"ok": False, "error": exc.message}
+            except trio.TooSlowError:
+                ok = False
+                checks[name] = {"ok": False, "error": f"no answer within {timeout:g} s"}
+            except Exception as exc:  # a backend bug: report it, keep serving
+                log.exception("readiness check %s failed", name)
+                ok = False
+                checks[name] = {"ok": False, "error": f"unexpected error: {type(exc).__name__}"}
+            checks[name]["latency_ms"] = round((time.perf_counter() - started) * 1000, 2)
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(probe, "sessions", svc.sessions.ping)
@@ -497,12 +588,64 @@ def create_app(svc: Services) -> QuartTrio:
             nursery.start_soon(probe, "executor", svc.executor.status)
         if checks.get("executor", {}).get("ready") is False:
             ok = False
+        current(request.scope).outcome = "ok"  # a 503 here is an answer, not a server failure
         body: dict[str, Any] = {"status": "ready" if ok else "not_ready", "checks": checks}
         if svc.warnings:
             body["warnings"] = svc.warnings
         return json_response(body, 200 if ok else 503)
 
+    # -- operations: metrics, OpenAPI, docs ---------------------------------------------------
+
+    if svc.metrics is not None and settings.kcr_metrics_port is None:
+
+        @app.get("/metrics")
+        async def metrics() -> Response:
+            return Response(await render_metrics(svc), status=200, content_type=METRICS_CONTENT_TYPE)
+
+    if settings.enable_docs:
+        cache: list[bytes] = []  # built on first use, when every route is registered
+
+        @app.get("/openapi.json")
+        async def openapi() -> Response:
+            if not cache:
+                cache.append(dumps(openapi_document(app, __version__)))
+            return Response(cache[0], status=200, content_type="application/json")
+
+        @app.get("/docs")
+        async def docs() -> Response:
+            return Response(docs_page("/openapi.json"), status=200, content_type="text/html; charset=utf-8")
+
     return app
+
+
+async def render_metrics(svc: Services) -> bytes:
+    """The exposition text, with pool gauges from the executor's status now (bounded wait)."""
+    assert svc.metrics is not None
+    status: dict[str, Any] | None = None
+    with trio.move_on_after(svc.settings.kcr_ready_timeout):
+        try:
+            status = await svc.executor.status()
+        except Exception:  # the executor's own problem shows in /ready; metrics still render
+            log.warning("executor status failed during a metrics scrape", exc_info=True)
+    return svc.metrics.render(status)
+
+
+def _lone_surrogate(value: Any, where: str) -> str | None:
+    """The location (``body -> files -> 0 -> id``) of the first string holding a lone surrogate."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        if isinstance(key, str) and _lone_surrogate(key, where) is not None:
+            return where
+        found = _lone_surrogate(item, f"{where} -> {key}")
+        if found is not None:
+            return found
+    return None
 
 
 def _iso_ms(stamp: dt.datetime) -> str:

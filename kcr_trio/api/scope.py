@@ -20,6 +20,7 @@ connection-level behaviour:
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import time
@@ -31,6 +32,14 @@ import trio
 from kcr_trio.core.ids import new_id
 
 access_log = logging.getLogger("kcr_trio.access")
+log = logging.getLogger("kcr_trio.api.scope")
+# The current request's id, for every other log line written while serving it (see ``logs.py``).
+# Trio copies the context into tasks started from the request, so its nurseries inherit it too.
+_REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("kcr_request_id", default=None)
+
+
+def current_request_id() -> str | None:
+    return _REQUEST_ID.get()
 
 # The LibreChat hang-up signature: the client's leaked 5 s idle timer (keepalive.md).
 HANGUP_SIGNATURE = (4.9, 5.1)
@@ -49,6 +58,10 @@ class RequestScope:
     bytes_out: int = 0
     heartbeat: bool = False
     phases: dict[str, float] | None = None
+    exec_phases: Any = None  # the live ``core.exec.Phases`` of an /exec request (its ``current``)
+    gone_in_phase: str | None = None  # the /exec phase running when the client left
+    route: str | None = None  # the matched route template (set by the app; None = no route)
+    finished: float | None = None  # seconds from start to the app returning (log duration)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def elapsed(self) -> float:
@@ -73,42 +86,53 @@ class RequestScopeMiddleware:
             return
         request_id = _header(scope, b"x-request-id") or new_id()
         final_started = False
-        async with trio.open_nursery() as nursery:
-            rs = RequestScope(nursery=nursery, request_id=request_id)
-            scope["kcr"] = rs
+        rs: RequestScope | None = None
+        token = _REQUEST_ID.set(request_id)  # other log lines of this request carry the id
+        try:
+            async with trio.open_nursery() as nursery:
+                rs = RequestScope(nursery=nursery, request_id=request_id)
+                scope["kcr"] = rs
 
-            async def wrapped_receive() -> dict[str, Any]:
-                message = await receive()
-                if message["type"] == "http.request":
-                    rs.bytes_in += len(message.get("body", b""))
-                elif message["type"] == "http.disconnect":
-                    if final_started:
-                        # The response is complete; let Hypercorn finish its bookkeeping.
-                        await trio.sleep_forever()
-                    if rs.client_gone_after is None:
-                        rs.client_gone_after = rs.elapsed()
+                async def wrapped_receive() -> dict[str, Any]:
+                    message = await receive()
+                    if message["type"] == "http.request":
+                        rs.bytes_in += len(message.get("body", b""))
+                    elif message["type"] == "http.disconnect":
+                        if final_started:
+                            # The response is complete; let Hypercorn finish its bookkeeping.
+                            await trio.sleep_forever()
+                        if rs.client_gone_after is None:
+                            rs.client_gone_after = rs.elapsed()
+                            if rs.exec_phases is not None:
+                                rs.gone_in_phase = rs.exec_phases.current
+                        nursery.cancel_scope.cancel()
+                    return message
+
+                async def wrapped_send(message: dict[str, Any]) -> None:
+                    nonlocal final_started
+                    if message["type"] == "http.response.start":
+                        rs.status = message["status"]
+                        message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
+                    elif message["type"] == "http.response.body":
+                        rs.bytes_out += len(message.get("body", b""))
+                        if not message.get("more_body", False):
+                            final_started = True
+                            await send(message)
+                            rs.response_complete = True
+                            return
+                    await send(message)
+
+                try:
+                    await self.app(scope, wrapped_receive, wrapped_send)
+                finally:
+                    rs.finished = rs.elapsed()
+                    # Work the request started must not outlive it.
                     nursery.cancel_scope.cancel()
-                return message
-
-            async def wrapped_send(message: dict[str, Any]) -> None:
-                nonlocal final_started
-                if message["type"] == "http.response.start":
-                    rs.status = message["status"]
-                    message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
-                elif message["type"] == "http.response.body":
-                    rs.bytes_out += len(message.get("body", b""))
-                    if not message.get("more_body", False):
-                        final_started = True
-                        await send(message)
-                        rs.response_complete = True
-                        return
-                await send(message)
-
-            try:
-                await self.app(scope, wrapped_receive, wrapped_send)
-            finally:
-                # Work the request started must not outlive it.
-                nursery.cancel_scope.cancel()
+        finally:
+            # After the nursery: the request's own work has finished its clean-up, so what it
+            # recorded (phases) is complete. Runs for every request, whatever ended it.
+            _REQUEST_ID.reset(token)
+            if rs is not None:
                 self._log(scope, rs)
 
     def _log(self, scope: dict[str, Any], rs: RequestScope) -> None:
@@ -124,7 +148,7 @@ class RequestScopeMiddleware:
             "path": scope.get("path"),
             "status": rs.status,
             "outcome": outcome,
-            "duration_ms": round(rs.elapsed() * 1000, 2),
+            "duration_ms": round((rs.finished if rs.finished is not None else rs.elapsed()) * 1000, 2),
             "bytes_in": rs.bytes_in,
             "bytes_out": rs.bytes_out,
             "client": (scope.get("client") or ("", 0))[0],
@@ -137,10 +161,17 @@ class RequestScopeMiddleware:
             record["heartbeat"] = True
         if rs.phases:
             record["phases_ms"] = rs.phases
+        if rs.route is not None:
+            record["route"] = rs.route
+        if rs.gone_in_phase is not None:
+            record["gone_in_phase"] = rs.gone_in_phase
         record.update(rs.extra)
-        access_log.info(json.dumps(record, separators=(",", ":")))
+        access_log.info(json.dumps(record, separators=(",", ":"), default=str))
         if self.on_finish is not None:
-            self.on_finish(rs, scope)
+            try:
+                self.on_finish(rs, scope)
+            except Exception:  # metrics must never cost a request its log line or its answer
+                log.exception("metrics hook failed")
 
 
 def _header(scope: dict[str, Any], name: bytes) -> str | None:

@@ -32,12 +32,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
-import trio
 import trio_asyncio
 
 T = TypeVar("T")
 
-__all__ = ["BridgeClosed", "BridgeMissing", "bridge_running", "open_bridge", "run_aio", "run_sync_aio"]
+__all__ = ["BridgeClosed", "BridgeMissing", "bridge_running", "open_bridge", "run_aio"]
 
 
 class BridgeMissing(RuntimeError):
@@ -88,27 +87,3 @@ async def run_aio(fn: Callable[..., Awaitable[T]], /, *args: Any, **kwargs: Any)
         # Only reached when Trio did not cancel us (trio-asyncio turns that case into
         # trio.Cancelled): the loop is going away. Keep asyncio's exception out of Trio code.
         raise BridgeClosed("asyncio loop cancelled the operation (shutting down?)") from exc
-
-
-async def run_sync_aio(fn: Callable[..., T], /, *args: Any) -> T:
-    """Call a plain function inside the asyncio context (for library calls that touch the loop,
-    such as closing an aiohttp response, which schedules transport callbacks)."""
-
-    async def call() -> T:
-        return fn(*args)
-
-    return await run_aio(call)
-
-
-async def checkpoint_shielded_close(fn: Callable[..., Awaitable[Any]], *args: Any, timeout: float) -> bool:
-    """Run a closing coroutine from a ``finally``: shielded from the caller's cancellation but
-    bounded by its own ``timeout``. Returns False if it did not finish in time or failed (closing
-    is best-effort; the caller is already on its way out)."""
-    with trio.CancelScope(shield=True):
-        with trio.move_on_after(timeout):
-            try:
-                await run_aio(fn, *args)
-                return True
-            except Exception:
-                return False
-    return False

@@ -240,7 +240,10 @@ def parse_node_selector(raw: str) -> tuple[tuple[str, str], ...]:
     if not raw:
         return ()
     if raw.startswith("{"):
-        data = json.loads(raw)
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
+            raise ValueError(f"K8S_POD_NODE_SELECTOR is not valid JSON: {exc}") from None
         if not isinstance(data, dict):
             raise ValueError("K8S_POD_NODE_SELECTOR must be a JSON object")
         return tuple((str(k), str(v)) for k, v in data.items())
@@ -258,7 +261,10 @@ def check_tolerations(raw: str) -> str:
     raw = raw.strip()
     if not raw:
         return ""
-    data = json.loads(raw)
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise ValueError(f"K8S_POD_TOLERATIONS is not valid JSON: {exc}") from None
     if not isinstance(data, list) or not all(isinstance(t, dict) for t in data):
         raise ValueError("K8S_POD_TOLERATIONS must be a JSON list of objects")
     return json.dumps(data)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import secrets
 import string
 import time
@@ -101,11 +102,13 @@ class KubernetesSettings(BaseSettings):
     kcr_pod_sweep_orphans: bool = True
 
     def lang_value(self, kind: str, language: str) -> str | None:
-        """``LANG_<KIND>_<L>`` (e.g. ``LANG_IMAGE_PY``), read from the environment/.env extras."""
-        suffix = LANGUAGES[language].env_suffix
-        key = f"lang_{kind}_{suffix}".lower()
-        extra = self.model_extra or {}
+        """``LANG_<KIND>_<L>`` (e.g. ``LANG_IMAGE_PY``): one setting per language, so they are not
+        declared fields; read from init arguments / ``.env`` extras, then the environment."""
+        key = f"LANG_{kind}_{LANGUAGES[language].env_suffix}".upper()
+        extra = {k.upper(): v for k, v in (self.model_extra or {}).items()}
         value = extra.get(key)
+        if value in (None, ""):
+            value = next((v for k, v in os.environ.items() if k.upper() == key), None)
         return str(value) if value not in (None, "") else None
 
     def image(self, language: str) -> str:
@@ -259,9 +262,11 @@ class PodSandbox:
             except Unavailable as exc:
                 error = exc
             nursery.cancel_scope.cancel()
-        if result is not None:
+        if result is not None and result.failure is None:
             return result
-        reason = await self._executor._failure_reason(self.pod, error)
+        # The pod died, or the sidecar could not be reached: say why, from the pod's status.
+        cause: BaseException | str | None = error or (result.failure if result else None)
+        reason = await self._executor._failure_reason(self.pod, cause)
         code_ = self.pod.view.exit_code if self.pod.view and self.pod.view.exit_code is not None else -1
         return RunResult(exit_code=code_, stdout="", stderr=reason, failure=reason)
 
@@ -324,12 +329,16 @@ class KubernetesExecutor:
 
     @asynccontextmanager
     async def sandbox(self, language: str, *, wait: float) -> AsyncIterator[Sandbox]:
+        """A ready pod of ``language`` for one run (see ``Executor.sandbox``). Leaving the context —
+        also by cancellation — deletes the pod at once (shielded, bounded); its replacement was
+        already started when the pod was taken."""
         pool = self.pools.get(language)
         if pool is None:
             raise Unavailable(f"Unsupported language for the Kubernetes executor: {language}")
         pod = await self._acquire(pool, wait)
         try:
-            inner = self.sandbox_factory(self.http, f"http://{_host(pod.view.ip if pod.view else None)}:{self.k.kcr_sidecar_port}")
+            host = _host(pod.view.ip if pod.view else None)
+            inner = self.sandbox_factory(self.http, f"http://{host}:{self.k.kcr_sidecar_port}")
             yield PodSandbox(self, pod, inner)
         finally:
             released = time.monotonic()
@@ -388,7 +397,9 @@ class KubernetesExecutor:
                 return await self._cold_pod(pool)
             suffix = LANGUAGES[pool.language].env_suffix
             if not self.k.supports(pool.language):
-                raise Unavailable(f"Language '{pool.language}' is not available with {self.k.kcr_pod_protocol} images")
+                raise Unavailable(
+                    f"Language '{pool.language}' is not available with {self.k.kcr_pod_protocol} images"
+                )
             raise Unavailable(
                 f"No execution pods are configured for '{pool.language}' (POD_POOL_{suffix}=0) "
                 "and cold pods are disabled (KCR_COLD_POD_FALLBACK)"
@@ -615,7 +626,7 @@ class KubernetesExecutor:
                 self._nursery.start_soon(self._delete, pod)
             self._replenish(pool)
 
-    async def _failure_reason(self, pod: _Pod, error: BaseException | None) -> str:
+    async def _failure_reason(self, pod: _Pod, error: BaseException | str | None) -> str:
         """Why a run on ``pod`` broke: the pod's own status if Kubernetes reports a failure within a
         moment (the watch usually lags a dropped connection by milliseconds), else the error."""
         with trio.move_on_after(3.0):

@@ -236,12 +236,25 @@ def _pairs_to_dict(flat: list[str]) -> dict[str, str]:
 class RedisSessionStore:
     """``SessionStore`` on Redis. Build it with :func:`open_redis_sessions`."""
 
-    def __init__(self, client: Any, *, prefix: str, ttl_hours: int, cluster: bool, op_timeout: float) -> None:
+    def __init__(
+        self,
+        client: Any,
+        *,
+        prefix: str,
+        ttl_hours: int,
+        cluster: bool,
+        op_timeout: float,
+        max_connections: int = 20,
+    ) -> None:
         self._r = client
         self.prefix = prefix
         self._ttl = int(ttl_hours) * 3600
         self._cluster = cluster
         self._op_timeout = op_timeout
+        # redis-py's cluster client fails at once ("Too many connections") when a node's pool is
+        # exhausted, where the standalone/sentinel pools wait. Queue cluster operations here
+        # instead (one operation holds at most one connection per node), within the deadline.
+        self._limiter = trio.CapacityLimiter(max_connections) if cluster else None
         self._touch_script = client.register_script(_GET_AND_TOUCH)
 
     # --- keys ------------------------------------------------------------------------------------
@@ -265,17 +278,31 @@ class RedisSessionStore:
         # MULTI where every key can live on one server; a plain pipeline in cluster mode.
         return self._r.pipeline(transaction=not self._cluster)
 
+    async def _flush_record_first(self, pipe: Any) -> Any:
+        """In cluster mode, write the record before its index entries: a cluster pipeline runs
+        per node, so without this an index could briefly list a record that does not exist yet
+        (and a concurrent cleanup would take it for an orphan). With MULTI, keep queueing."""
+        if not self._cluster:
+            return pipe
+        await pipe.execute()
+        return self._pipeline()
+
     # --- plumbing --------------------------------------------------------------------------------
     async def _run(self, fn: Callable[[], Awaitable[T]]) -> T:
         """Run one asyncio coroutine function against Redis with a deadline and error mapping."""
         try:
             with trio.fail_after(self._op_timeout):
-                return await run_aio(fn)
+                if self._limiter is None:
+                    return await run_aio(fn)
+                async with self._limiter:
+                    return await run_aio(fn)
         except trio.TooSlowError:
             raise Unavailable(
                 f"Session store unavailable: no answer from Redis within {self._op_timeout:g}s", retry_after=2
             ) from None
-        except (BridgeMissing, BridgeClosed):
+        except BridgeClosed:
+            raise Unavailable("Session store unavailable: shutting down", retry_after=2) from None
+        except BridgeMissing:
             raise
         except Exception as exc:  # redis.RedisError, OSError, asyncio.TimeoutError ...
             if _is_redis_failure(exc):
@@ -307,6 +334,7 @@ class RedisSessionStore:
             pipe.hset(self.session_key(sid), mapping=mapping)
             if self._ttl:
                 pipe.expire(self.session_key(sid), self._ttl)
+            pipe = await self._flush_record_first(pipe)
             pipe.sadd(self.index_key, sid)
             if entity_id:
                 pipe.sadd(self.entity_key(entity_id), sid)
@@ -376,9 +404,11 @@ class RedisSessionStore:
         async def op() -> None:
             pipe = self._pipeline()
             pipe.hset(fkey, mapping=mapping)
-            pipe.sadd(skey, record.file_id)
             if self._ttl:
                 pipe.expire(fkey, self._ttl)
+            pipe = await self._flush_record_first(pipe)
+            pipe.sadd(skey, record.file_id)
+            if self._ttl:
                 pipe.expire(skey, self._ttl)
             await pipe.execute()
 
@@ -507,8 +537,34 @@ def _is_redis_failure(exc: BaseException) -> bool:
 
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.split("\n", 1)[0][:200]
+    """A short, client-safe reason (no internal addresses); the full error goes to the log."""
+    from redis import exceptions as rex
+
+    _log_failure(exc)
+    if isinstance(exc, rex.AuthenticationError):
+        return "Redis rejected the credentials"
+    if isinstance(exc, rex.BusyLoadingError):
+        return "Redis is loading its data"
+    if isinstance(exc, (rex.TimeoutError, TimeoutError)):
+        return "Redis timed out"
+    if isinstance(exc, (rex.ConnectionError, OSError)):
+        return "cannot connect to Redis"
+    if isinstance(exc, rex.ResponseError):
+        code = (str(exc).split() or ["error"])[0]
+        return f"Redis answered {code[:40]}"
+    return type(exc).__name__
+
+
+_last_logged = 0.0
+
+
+def _log_failure(exc: BaseException) -> None:
+    """Log the underlying error, at most every 10 s: an outage fails every request."""
+    global _last_logged
+    now = time.monotonic()
+    if now - _last_logged >= 10:
+        _last_logged = now
+        log.warning("Redis operation failed: %s: %s", type(exc).__name__, exc)
 
 
 def _build_client(rs: RedisSettings) -> tuple[Any, bool]:
@@ -523,6 +579,9 @@ def _build_client(rs: RedisSettings) -> tuple[Any, bool]:
     # second instead of after redis-py's default jittered back-off.
     retry = Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=2)
     common = {
+        # RESP2, as KubeCodeRun's client speaks it: redis-py 8 defaults to RESP3 (HELLO 3), which
+        # servers older than Redis 6 reject.
+        "protocol": 2,
         "decode_responses": True,
         "socket_timeout": rs.redis_socket_timeout,
         "socket_connect_timeout": rs.redis_socket_connect_timeout,
@@ -544,7 +603,11 @@ def _build_client(rs: RedisSettings) -> tuple[Any, bool]:
         )
         return client, True
     if rs.redis_mode == "sentinel":
-        from redis.asyncio.sentinel import Sentinel
+        from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+
+        class BlockingSentinelPool(SentinelConnectionPool, aredis.BlockingConnectionPool):
+            """Sentinel-managed, and bounded like the standalone pool: callers wait (up to the
+            pool timeout) for a free connection instead of failing at once."""
 
         hosts = RedisSettings.parse_nodes(rs.redis_sentinel_nodes, 26379) or [(rs.redis_host, 26379)]
         sentinel = Sentinel(
@@ -558,6 +621,8 @@ def _build_client(rs: RedisSettings) -> tuple[Any, bool]:
         )
         client = sentinel.master_for(
             rs.redis_sentinel_master,
+            connection_pool_class=BlockingSentinelPool,
+            timeout=rs.kcr_redis_pool_timeout,
             password=rs.redis_password,
             db=rs.redis_sentinel_db,
             max_connections=rs.redis_max_connections,
@@ -592,7 +657,12 @@ async def open_redis_sessions(
     client, cluster = await run_aio(build)
     op_timeout = rs.kcr_redis_pool_timeout + rs.redis_socket_connect_timeout + rs.redis_socket_timeout
     store = RedisSessionStore(
-        client, prefix=rs.redis_key_prefix, ttl_hours=settings.session_ttl_hours, cluster=cluster, op_timeout=op_timeout
+        client,
+        prefix=rs.redis_key_prefix,
+        ttl_hours=settings.session_ttl_hours,
+        cluster=cluster,
+        op_timeout=op_timeout,
+        max_connections=rs.redis_max_connections,
     )
     async def close() -> None:
         await client.aclose()

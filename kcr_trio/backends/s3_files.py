@@ -20,8 +20,9 @@ Why a spool rather than streaming a multipart upload:
   multipart would need every part (at least 5 MiB) buffered in memory instead.
 * Memory stays flat: the body is streamed from the file by aiohttp (objects over 5 GiB, possible
   only without ``max_bytes``, fall back to a sequential multipart upload of bounded parts).
-The spool lives in ``KCR_SPOOL_DIR`` (default: the system temp dir) and is deleted when closed,
-also on cancellation or a crash (it is unlinked from the start).
+The spool lives in ``KCR_SPOOL_DIR`` (default ``<KCR_DATA_DIR>/spool``: on disk, unlike a /tmp that
+may be a tmpfs) and is deleted when closed, also on cancellation or a crash (it is unlinked from
+the start).
 
 Downloads (``open``) stream the response in 64 KiB reads, and ALWAYS close (or release, if fully
 read) the response in a shielded ``finally`` with its own timeout: an abandoned aiohttp response
@@ -84,7 +85,7 @@ class S3Settings(BaseSettings):
     kcr_s3_max_connections: int = Field(20, ge=1)
     kcr_s3_connect_timeout: float = Field(5.0, gt=0)  # includes waiting for a pooled connection
     kcr_s3_read_timeout: float = Field(30.0, gt=0)  # longest silence on an open connection
-    kcr_spool_dir: Path | None = None
+    kcr_spool_dir: Path | None = None  # default: <KCR_DATA_DIR>/spool
 
     @field_validator("minio_endpoint", mode="before")
     @classmethod
@@ -125,12 +126,12 @@ class _Body:
 class S3FileStore:
     """``FileStore`` on S3/MinIO. Build it with :func:`open_s3_files`."""
 
-    def __init__(self, client: Any, session: Any, s3: S3Settings) -> None:
+    def __init__(self, client: Any, session: Any, s3: S3Settings, *, spool_dir: Path | None = None) -> None:
         self._client = client
         self._session = session
         self.bucket = s3.minio_bucket
         self._create_bucket = s3.kcr_minio_create_bucket
-        self._spool_dir = str(s3.kcr_spool_dir) if s3.kcr_spool_dir else None
+        self._spool_dir = str(spool_dir) if spool_dir else None
         self.read_timeout = s3.kcr_s3_read_timeout
         # Short operations (HEAD/DELETE/small GETs): connect + one read window.
         self.op_timeout = s3.kcr_s3_connect_timeout + s3.kcr_s3_read_timeout
@@ -146,7 +147,9 @@ class S3FileStore:
                 return await run_aio(fn)
         except trio.TooSlowError:
             raise Unavailable(f"File store unavailable: no answer from S3 within {limit:g}s", retry_after=2) from None
-        except (BridgeMissing, BridgeClosed):
+        except BridgeClosed:
+            raise Unavailable("File store unavailable: shutting down", retry_after=2) from None
+        except BridgeMissing:
             raise
         except Exception as exc:
             raise self._map_error(exc) from exc
@@ -160,11 +163,15 @@ class S3FileStore:
             if exc.code == "NoSuchBucket":
                 self._bucket_ok = False
                 return Unavailable(f"File store unavailable: bucket {self.bucket} does not exist", retry_after=2)
-            return Unavailable(f"File store unavailable: {exc.code}: {exc.message}", retry_after=2)
+            _log_failure(exc)
+            return Unavailable(f"File store unavailable: S3 answered {exc.code}", retry_after=2)
         if isinstance(exc, (ServerError, InvalidResponseError)):
-            return Unavailable(f"File store unavailable: {_first_line(exc)}", retry_after=2)
+            _log_failure(exc)
+            status = getattr(exc, "_status_code", None) or getattr(exc, "_code", None)
+            return Unavailable(f"File store unavailable: S3 answered HTTP {status or 'error'}", retry_after=2)
         if _is_transport_error(exc):
-            return Unavailable(f"File store unavailable: {_first_line(exc)}", retry_after=2)
+            _log_failure(exc)
+            return Unavailable(f"File store unavailable: {_transport_reason(exc)}", retry_after=2)
         return exc
 
     async def _ensure_bucket(self) -> None:
@@ -209,8 +216,7 @@ class S3FileStore:
                 await self._upload(key, spool, size, content_type or "application/octet-stream")
             return size
         finally:
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(spool.close)
+            spool.close()  # an unlinked local file: closing frees its blocks, no await needed
 
     async def _upload(self, key: str, spool: IO[bytes], size: int, content_type: str) -> None:
         async def op() -> None:
@@ -348,9 +354,36 @@ def _is_transport_error(exc: BaseException) -> bool:
     return isinstance(exc, (aiohttp.ClientError, OSError, asyncio.TimeoutError, TimeoutError))
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.split("\n", 1)[0][:200]
+def _transport_reason(exc: BaseException) -> str:
+    """A short, client-safe reason (no internal addresses); the full error goes to the log."""
+    import asyncio
+    import ssl
+
+    import aiohttp
+
+    if isinstance(exc, (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError, ssl.SSLError)):
+        return "TLS handshake with S3 failed"
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return "the connection to S3 broke during the transfer"
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError, aiohttp.ServerTimeoutError)):
+        return "S3 timed out"
+    if isinstance(exc, (aiohttp.ClientConnectorError, ConnectionError)):
+        return "cannot connect to S3"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "S3 closed the connection"
+    return "cannot reach S3"
+
+
+_last_logged = 0.0
+
+
+def _log_failure(exc: BaseException) -> None:
+    """Log the underlying error, at most every 10 s: an outage fails every request."""
+    global _last_logged
+    now = time.monotonic()
+    if now - _last_logged >= 10:
+        _last_logged = now
+        log.warning("S3 operation failed: %s: %s", type(exc).__name__, exc)
 
 
 def _human(n: int) -> str:
@@ -411,15 +444,18 @@ async def open_s3_files(settings: Settings, s3_settings: S3Settings | None = Non
 
     Checks (and creates, when allowed) the bucket once, but does not fail when S3 is down: the
     server starts, ``ping()`` (readiness) fails and file operations answer 503 until S3 is back.
-    ``settings`` is accepted for symmetry with the other backends (limits are the caller's).
+    Upload spools go to ``KCR_SPOOL_DIR``, default ``<KCR_DATA_DIR>/spool``.
     """
     s3 = s3_settings or S3Settings()
 
     async def build() -> tuple[Any, Any]:
         return _build(s3)
 
+    # Spool on disk under the data directory by default, not in /tmp, which may be a tmpfs (RAM).
+    spool_dir = Path(s3.kcr_spool_dir or Path(settings.kcr_data_dir) / "spool")
+    await trio.to_thread.run_sync(lambda: spool_dir.mkdir(parents=True, exist_ok=True))
     client, session = await run_aio(build)
-    store = S3FileStore(client, session, s3)
+    store = S3FileStore(client, session, s3, spool_dir=spool_dir)
     try:
         with trio.move_on_after(s3.kcr_s3_connect_timeout):
             try:

@@ -44,7 +44,6 @@ import re
 import secrets
 import signal
 import socket
-import string
 import subprocess
 import sys
 import threading
@@ -173,7 +172,7 @@ class KubeEmulator:
         self._rv = 1000
         self._watchers: list[_Watcher] = []
         self._history: list[tuple[int, str, str, dict[str, Any]]] = []  # rv, ns, type, obj
-        self._history_floor = 0  # events at or below this rv were compacted away
+        self._history_floor = 0  # watches from a resourceVersion below this get 410 Gone
         self._server: http.server.ThreadingHTTPServer | None = None
         self._threads: list[threading.Thread] = []
         self._ip_block = (random.randint(10, 250), random.randint(0, 255))
@@ -300,6 +299,20 @@ class KubeEmulator:
         if proc and proc.poll() is None:
             proc.send_signal(signal.SIGUSR1)
 
+    def drop_watches(self, *, compact: bool = False) -> int:
+        """End every open watch stream (as an API server restart or a load balancer would). With
+        ``compact``, also forget the event history, so resuming from an old ``resourceVersion``
+        gets ``410 Gone`` and the client must list again. Returns how many watches were ended."""
+        with self._lock:
+            watchers = list(self._watchers)
+            if compact:
+                self._rv += 1
+                self._history_floor = self._rv  # any older resourceVersion is now "too old"
+                self._history.clear()
+        for w in watchers:
+            w.events.put(None)
+        return len(watchers)
+
     # ---------------------------------------------------------------- internals: state changes
 
     def _bump(self, ns: str, kind: str, pod: _Pod) -> None:
@@ -401,7 +414,16 @@ class KubeEmulator:
                 pod.obj["metadata"]["deletionTimestamp"] = _now()
                 pod.obj["metadata"]["deletionGracePeriodSeconds"] = int(grace)
                 self._bump(ns, "MODIFIED", pod)
-                pod.proc.send_signal(signal.SIGUSR1 if grace <= 0 else signal.SIGTERM)
+                proc = pod.proc
+                proc.send_signal(signal.SIGUSR1 if grace <= 0 else signal.SIGTERM)
+                if grace > 0:  # the kubelet's kill after the grace period of *this* request
+                    def force() -> None:
+                        if proc.poll() is None:
+                            proc.send_signal(signal.SIGUSR1)
+
+                    timer = threading.Timer(min(grace, self.max_grace), force)
+                    timer.daemon = True
+                    timer.start()
             return 200, copy.deepcopy(pod.obj)
 
     # ---------------------------------------------------------------- the emulated kubelet
@@ -528,8 +550,12 @@ def default_pod_command(pod: dict[str, Any], ip: str, port: int, workdir: Path) 
     container = pod["spec"]["containers"][0]
     env = {e.get("name"): e.get("value") for e in container.get("env") or []}
     lang = env.get("LANGUAGE") or (pod["metadata"].get("labels") or {}).get("kubecoderun.io/language", "py")
-    return [sys.executable, "-m", "sidecar", "--host", ip, "--port", str(port), "--language", lang,
+    argv = [sys.executable, "-m", "sidecar", "--host", ip, "--port", str(port), "--language", lang,
             "--working-dir", str(workdir)]
+    node_modules = Path(__file__).resolve().parents[1] / "node" / "node_modules"
+    if lang == "ts" and node_modules.is_dir():  # where the test suite keeps `typescript`
+        argv += ["--node-path", str(node_modules)]
+    return argv
 
 
 def _container_port(container: dict[str, Any]) -> int:

@@ -4,6 +4,7 @@ API (synchronous; use it from fixtures)::
 
     from tests.support.s3_server import S3Server, running_s3
 
+    unique_bucket()                         # a fresh bucket name, to share one server safely
     with running_s3() as s3:                # starts on a free 127.0.0.1 port, waits until it answers
         s3.endpoint                         # "127.0.0.1:<port>" (MinIO style: no scheme)
         s3.url                              # "http://127.0.0.1:<port>"
@@ -41,10 +42,18 @@ REGION = "us-east-1"
 START_TIMEOUT = 30.0  # moto imports a lot on start-up; on 2 busy cores it can take a few seconds
 
 
+def unique_bucket() -> str:
+    """A fresh, valid bucket name so tests sharing one server never see each other's objects."""
+    import secrets
+
+    return f"kcr-test-{secrets.token_hex(8)}"
+
+
 class S3Server:
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, tls: Any = None) -> None:
         self.host = "127.0.0.1"
         self.port = port or free_port()
+        self.tls = tls  # tests.support.tls.TlsFiles: serve HTTPS with that certificate
         self._dir = Path(tempfile.mkdtemp(prefix="kcr-moto-"))
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -54,7 +63,7 @@ class S3Server:
 
     @property
     def url(self) -> str:
-        return f"http://{self.endpoint}"
+        return f"{'https' if self.tls else 'http'}://{self.endpoint}"
 
     @property
     def running(self) -> bool:
@@ -66,7 +75,8 @@ class S3Server:
             "MINIO_ENDPOINT": self.endpoint,
             "MINIO_ACCESS_KEY": ACCESS_KEY,
             "MINIO_SECRET_KEY": SECRET_KEY,
-            "MINIO_SECURE": "false",
+            "MINIO_SECURE": "true" if self.tls else "false",
+            **({"MINIO_CA_CERTS": str(self.tls.ca)} if self.tls else {}),
             "MINIO_BUCKET": bucket,
             "MINIO_REGION": REGION,
             "KCR_FILE_STORE": "s3",
@@ -80,7 +90,8 @@ class S3Server:
             "minio_endpoint": self.endpoint,
             "minio_access_key": ACCESS_KEY,
             "minio_secret_key": SECRET_KEY,
-            "minio_secure": False,
+            "minio_secure": bool(self.tls),
+            "minio_ca_certs": str(self.tls.ca) if self.tls else None,
             "minio_bucket": bucket,
             "minio_region": REGION,
         }
@@ -92,7 +103,7 @@ class S3Server:
             return
         log = open(self._dir / "moto.log", "ab")  # noqa: SIM115 - owned by the process
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", self.host, "-p", str(self.port)],
+            [sys.executable, "-m", "moto.server", "-H", self.host, "-p", str(self.port), *self._tls_args()],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -101,6 +112,9 @@ class S3Server:
         log.close()
         self._wait_ready()
 
+    def _tls_args(self) -> list[str]:
+        return ["-c", str(self.tls.cert), "-k", str(self.tls.key)] if self.tls else []
+
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT
         last: Exception | None = None
@@ -108,7 +122,8 @@ class S3Server:
             if self._proc is not None and self._proc.poll() is not None:
                 raise RuntimeError(f"moto server exited with {self._proc.returncode}: {self.log_tail()}")
             try:
-                with urllib.request.urlopen(f"{self.url}/moto-api/", timeout=2) as resp:
+                ctx = self.tls.client_context() if self.tls else None
+                with urllib.request.urlopen(f"{self.url}/moto-api/", timeout=2, context=ctx) as resp:
                     resp.read()
                 return
             except urllib.error.HTTPError:
@@ -129,6 +144,7 @@ class S3Server:
             aws_access_key_id=ACCESS_KEY,
             aws_secret_access_key=SECRET_KEY,
             region_name=REGION,
+            verify=str(self.tls.ca) if self.tls else None,
         )
 
     def list_keys(self, bucket: str, prefix: str = "") -> list[str]:

@@ -42,7 +42,7 @@ which keeps our Deployment's selector distinct from KubeCodeRun's.
 {{- if .Values.abMode.enabled -}}
 app.kubernetes.io/name: {{ .Values.abMode.kcrChartName }}
 app.kubernetes.io/instance: {{ .Values.abMode.kcrRelease }}
-{{- else }}
+{{- else -}}
 app.kubernetes.io/name: {{ include "kcr-trio.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}

@@ -44,14 +44,8 @@ def make_settings(kubeconfig: Path, pools: dict[str, int] | None = None, **k8s: 
     sizes = dict(POOLS)
     sizes.update({f"pod_pool_{lang}": n for lang, n in (pools or {}).items()})
     settings = Settings(_env_file=None, **sizes, kcr_busy_retry_after=3)
-    ks = KubernetesSettings(
-        _env_file=None,
-        kubeconfig=str(kubeconfig),
-        k8s_namespace=NS,
-        k8s_image_registry="registry.test/kcr-trio",
-        k8s_image_tag="test",
-        **k8s,
-    )
+    options = {"k8s_image_registry": "registry.test/kcr-trio", "k8s_image_tag": "test", **k8s}
+    ks = KubernetesSettings(_env_file=None, kubeconfig=str(kubeconfig), k8s_namespace=NS, **options)
     return settings, ks
 
 

@@ -6,6 +6,7 @@ import os
 import signal
 import time
 
+import pytest
 import trio
 
 from kcr_trio.backends.kube_adapter import KubeApi
@@ -162,3 +163,48 @@ async def test_executor_shutdown_is_prompt_and_deletes_its_pods(emulator, kubeco
         left_at = time.monotonic()
     assert time.monotonic() - left_at < 5  # the watch thread did not hold shutdown up
     await until(lambda: not emulator.pods(NS, "kubecoderun.io/variant=trio"), 10, "pods deleted")
+
+
+async def test_watch_resumes_after_drop_and_relists_after_410(emulator, kubeconfig):
+    async with executor_for(kubeconfig, {"py": 1}) as ex:
+        assert await ex.wait_warm(30)
+        lists_before = emulator.requests["LIST", "pods"]
+        watches_before = emulator.requests["WATCH", "pods"]
+        assert emulator.drop_watches() >= 1
+        await until(lambda: emulator.requests["WATCH", "pods"] > watches_before, 10, "watch resumed")
+        assert emulator.requests["LIST", "pods"] == lists_before  # resumed from its resourceVersion
+        emulator.drop_watches(compact=True)
+        await until(lambda: emulator.requests["LIST", "pods"] > lists_before, 10, "re-listed after 410")
+        await until(lambda: ex.snapshot()["watch"] == "connected", 10, "watch connected again")
+        # Still sees what happens: an idle pod that dies is replaced.
+        (pod,) = ready_pods(emulator, "py")
+        os.kill(emulator.main_pid(NS, pod["metadata"]["name"]), signal.SIGKILL)
+        await until(lambda: emulator.pod(NS, pod["metadata"]["name"]) is None, 10, "dead pod deleted")
+        await until(lambda: len(ready_pods(emulator, "py")) == 1, 30, "replaced")
+
+
+async def test_unreachable_api_is_reported_not_fatal(tmp_path):
+    """No API server at the configured address: the executor still opens (the watch keeps
+    retrying), reports why it is not ready, answers Busy, and shuts down promptly."""
+    import socket
+
+    from kcr_trio.core.errors import Busy
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        '{"apiVersion": "v1", "kind": "Config", "current-context": "c",'
+        f' "clusters": [{{"name": "k", "cluster": {{"server": "http://127.0.0.1:{port}"}}}}],'
+        ' "users": [{"name": "u", "user": {"token": "t"}}],'
+        ' "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u"}}]}'
+    )
+    async with executor_for(kubeconfig, {"py": 1}) as ex:
+        status = await until(lambda: (lambda s: s if s["watch_error"] else None)(ex.snapshot()), 15, "error reported")
+        assert "unreachable" in status["watch_error"] and status["ready"] is False
+        with pytest.raises(Busy):
+            async with ex.sandbox("py", wait=0.2):
+                pass
+        left = time.monotonic()
+    assert time.monotonic() - left < 5

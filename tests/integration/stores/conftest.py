@@ -5,8 +5,10 @@
   with the test, so the test's own calls can use the bridge).
 * ``redis_store`` / ``s3_store``: production backends isolated per test by a random key prefix and
   a fresh bucket.
-* ``session_store`` / ``file_store``: parametrised over the in-process twin and the real backend,
-  for the conformance suite.
+* ``redis_cluster`` / ``redis_sentinel``: a 3-master cluster and a master + sentinel, started on
+  first use (the conformance suite runs on them too).
+* ``session_store`` / ``file_store``: parametrised over the in-process twin and the real backends
+  (Redis standalone, cluster and sentinel; S3), for the conformance suite.
 """
 
 from __future__ import annotations
@@ -21,15 +23,34 @@ from kcr_trio.backends.aio_bridge import open_bridge
 from kcr_trio.backends.redis_sessions import RedisSessionStore, open_redis_sessions
 from kcr_trio.backends.s3_files import S3FileStore, open_s3_files
 from kcr_trio.config import Settings
-from kcr_trio.core.ids import new_id
-from tests.support.redis_server import RedisServer, running_redis
-from tests.support.s3_server import S3Server, running_s3
+from tests.support.redis_server import (
+    RedisClusterServers,
+    RedisSentinelServers,
+    RedisServer,
+    running_redis,
+    running_redis_cluster,
+    running_redis_sentinel,
+    unique_prefix,
+)
+from tests.support.s3_server import S3Server, running_s3, unique_bucket
 
 
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
     with running_redis() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterServers]:
+    with running_redis_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel() -> Iterator[RedisSentinelServers]:
+    with running_redis_sentinel() as servers:
+        yield servers
 
 
 @pytest.fixture(scope="session")
@@ -44,12 +65,11 @@ async def bridge() -> AsyncIterator[None]:
         yield
 
 
-def unique_prefix() -> str:
-    return f"t{new_id()}:"
-
-
-def unique_bucket() -> str:
-    return f"kcr-test-{new_id().lower().replace('_', '-')}"[:40].rstrip("-")
+@pytest.fixture(autouse=True)
+def _data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every ``Settings()`` in these tests keeps its data (upload spools) in the test's tmp dir."""
+    monkeypatch.setenv("KCR_DATA_DIR", str(tmp_path / "data"))
+    return tmp_path / "data"
 
 
 @pytest.fixture
@@ -69,16 +89,25 @@ async def s3_store(bridge: None, s3_server: S3Server, store_settings: Settings) 
         yield store
 
 
-@pytest.fixture(params=["memory", "redis"])
-async def session_store(
-    request: Any, bridge: None, redis_server: RedisServer, store_settings: Settings
-) -> AsyncIterator[Any]:
+@pytest.fixture(params=["memory", "redis", "redis-cluster", "redis-sentinel"])
+def session_store_target(request: Any) -> Any:
+    """What ``session_store`` runs on; servers are started only when a test needs them."""
     if request.param == "memory":
+        return None
+    server = request.getfixturevalue(
+        {"redis": "redis_server", "redis-cluster": "redis_cluster", "redis-sentinel": "redis_sentinel"}[request.param]
+    )
+    return server.settings(unique_prefix())
+
+
+@pytest.fixture
+async def session_store(session_store_target: Any, bridge: None, store_settings: Settings) -> AsyncIterator[Any]:
+    if session_store_target is None:
         from kcr_trio.backends.memory_sessions import MemorySessionStore
 
         yield MemorySessionStore(ttl_hours=0)
         return
-    async with open_redis_sessions(store_settings, redis_server.settings(unique_prefix())) as store:  # type: ignore[arg-type]
+    async with open_redis_sessions(store_settings, session_store_target) as store:
         yield store
 
 

@@ -84,6 +84,7 @@ async def test_redis_restart_under_load(fragile_redis: RedisSessionStore, own_re
                 outcomes["ok"] += 1
             except Unavailable as exc:
                 assert exc.status == 503 and exc.message.startswith("Session store unavailable: "), exc.message
+                assert "127.0.0.1" not in exc.message and str(own_redis.port) not in exc.message  # no internals
                 outcomes["unavailable"] += 1
                 slowest_failure = max(slowest_failure, time.perf_counter() - t0)
                 await trio.sleep(0.005)  # a client backing off a little
@@ -133,7 +134,7 @@ async def test_redis_down_at_start_up_then_up(bridge) -> None:
     try:
         rs = server.settings("s:", redis_socket_connect_timeout=1.0, kcr_redis_pool_timeout=1.0)
         async with open_redis_sessions(Settings(), rs) as store:  # type: ignore[arg-type]
-            with pytest.raises(Unavailable, match="Session store unavailable"):
+            with pytest.raises(Unavailable, match="^Session store unavailable: cannot connect to Redis$"):
                 await store.ping()
             with pytest.raises(Unavailable):
                 await store.create_session(entity_id=None, user_id=None)
@@ -161,6 +162,9 @@ async def test_s3_down_and_back(fragile_s3: S3FileStore, own_s3: S3Server, bridg
         kept = await upload(b"before the outage")
         await trio.to_thread.run_sync(own_s3.stop)
 
+        with pytest.raises(Unavailable) as info:
+            await files.ping()
+        assert info.value.message == "File store unavailable: cannot connect to S3", info.value.message
         t0 = time.perf_counter()
         for attempt in range(5):
             with pytest.raises(Unavailable, match="File store unavailable"):

@@ -22,9 +22,8 @@ from kcr_trio.backends.s3_files import open_s3_files
 from kcr_trio.config import Settings
 from kcr_trio.core.ids import new_id
 from kcr_trio.core.model import FileRecord, utcnow
-from tests.integration.stores.conftest import unique_bucket, unique_prefix
-from tests.support.redis_server import RedisServer
-from tests.support.s3_server import S3Server
+from tests.support.redis_server import RedisServer, unique_prefix
+from tests.support.s3_server import S3Server, unique_bucket
 
 SESSION_FIELDS = {
     "session_id", "status", "created_at", "last_activity", "expires_at", "pod_name", "pod_status",
@@ -308,3 +307,33 @@ async def _chunks(*parts: bytes):
     for part in parts:
         await trio.lowlevel.checkpoint()
         yield part
+
+
+@pytest.mark.parametrize("mode", ["cluster", "sentinel"])
+async def test_cluster_and_sentinel_modes_write_the_same_layout(bridge, request, mode: str) -> None:
+    """REDIS_MODE=cluster (keys spread over slots, no MULTI) and sentinel write the same records."""
+    servers = request.getfixturevalue("redis_cluster" if mode == "cluster" else "redis_sentinel")
+    prefix = unique_prefix()
+    async with open_redis_sessions(Settings(session_ttl_hours=1), servers.settings(prefix)) as store:
+        s = await store.create_session(entity_id="ent-mode", user_id="u")
+        await store.add_file(_record(s.session_id, "f-mode", "output", name="o.txt"))
+        assert (await store.ping())["mode"] == ("cluster" if mode == "cluster" else "standalone/sentinel")
+    if mode == "cluster":
+        host, port = servers.nodes.split(",")[0].split(":")
+        client = redis.RedisCluster(host=host, port=int(port), decode_responses=True)
+    else:
+        client = redis.Redis(host="127.0.0.1", port=servers.master.port, decode_responses=True)
+    try:
+        assert set(client.hgetall(f"{prefix}sessions:{s.session_id}")) == SESSION_FIELDS
+        assert 3590 <= client.ttl(f"{prefix}sessions:{s.session_id}") <= 3600
+        assert client.sismember(f"{prefix}sessions:index", s.session_id)
+        assert client.smembers(f"{prefix}entity_sessions:ent-mode") == {s.session_id}
+        h = client.hgetall(f"{prefix}files:{s.session_id}:f-mode")
+        assert set(h) == FILE_FIELDS and h["path"] == "/outputs/o.txt"
+        assert client.smembers(f"{prefix}session_files:{s.session_id}") == {"f-mode"}
+        if mode == "cluster":  # the keys really live on different nodes
+            slots = {client.keyslot(k) for k in (f"{prefix}sessions:{s.session_id}", f"{prefix}sessions:index",
+                                                   f"{prefix}entity_sessions:ent-mode")}
+            assert len(slots) == 3
+    finally:
+        client.close()

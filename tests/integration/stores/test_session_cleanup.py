@@ -130,3 +130,28 @@ async def test_cleanup_loop_runs_in_a_nursery(redis_store, s3_store, s3_server, 
     with trio.fail_after(5):  # the first pass may still have been finishing the orphan
         await cleanup_expired_sessions(redis_store, s3_store)
     assert_cleaned(w, redis_store, s3_server, s3_store.bucket, raw)
+
+
+async def test_cleanup_on_the_in_process_twins(tmp_path) -> None:
+    """The same pass on MemorySessionStore + LocalFileStore (the embedded default)."""
+    import datetime as dt
+
+    from kcr_trio.backends.local_files import LocalFileStore
+    from kcr_trio.backends.memory_sessions import MemorySessionStore
+
+    if not hasattr(LocalFileStore, "delete_prefix"):
+        pytest.skip("LocalFileStore.delete_prefix not there yet: expired sessions' bytes would stay on disk")
+    sessions, files = MemorySessionStore(ttl_hours=0), LocalFileStore(tmp_path / "files")
+    keep = await sessions.create_session(entity_id=None, user_id=None)
+    gone = await sessions.create_session(entity_id=None, user_id=None)
+    for s in (keep, gone):
+        rec = FileRecord(s.session_id, new_id(), "x.txt", "text/plain", 3, utcnow(), "upload")
+        await files.put(rec.object_key, _one(b"abc"), content_type="text/plain")
+        await sessions.add_file(rec)
+    gone.expires_at = utcnow() - dt.timedelta(seconds=1)
+    assert await cleanup_expired_sessions(sessions, files) == 1
+    assert await sessions.get_session(gone.session_id) is None
+    assert not (tmp_path / "files" / "sessions" / gone.session_id).exists() or not any(
+        p.is_file() for p in (tmp_path / "files" / "sessions" / gone.session_id).rglob("*")
+    )
+    assert len(await sessions.list_files(keep.session_id)) == 1

@@ -1,0 +1,395 @@
+"""``LocalExecutor``: warm pools of local sidecar processes, one execution each.
+
+The embedded default executor. Each sandbox is a ``python -m sidecar`` process with its own working
+directory under ``<KCR_DATA_DIR>/sandboxes/`` and (when we run as root) its own uid, so concurrent
+sandboxes cannot signal or read each other and ``RLIMIT_NPROC`` counts only their own processes.
+
+Start-up cannot race: the executor binds the listening socket itself and passes the fd to the child
+(``--fd``); a request sent before the child runs simply waits in the kernel's accept backlog. The
+child prints one JSON line once it serves and its interpreter is pre-warmed.
+
+Lifecycle and cancellation:
+
+* ``open_local_executor(settings)`` owns a nursery with one replenisher task per language whose
+  pool target (``POD_POOL_<LANG>``) is above zero. Leaving it (also by cancellation) stops the
+  replenishers and then, shielded and bounded, kills every sidecar it ever started.
+* ``sandbox(lang, wait=…)`` waits at most ``wait`` seconds for one of
+  ``MAX_CONCURRENT_EXECUTIONS`` slots (else ``errors.Busy``), takes a warm sidecar or starts one
+  cold, and on exit (also by cancellation) destroys it under a shielded scope with its own timeout:
+  SIGSTOP the sidecar, kill its whole process tree, SIGKILL it, sweep its uid, remove its directory.
+  The replenisher then starts a replacement in the background.
+"""
+
+from __future__ import annotations
+
+import collections
+import fcntl
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from kcr_trio.config import Settings
+from kcr_trio.core.errors import Busy, Unavailable, unsupported_language
+from kcr_trio.core.languages import LANGUAGES
+from sidecar import proctree
+from sidecar.limits import reachable_by
+
+from .sidecar_client import SidecarSandbox
+
+log = logging.getLogger("kcr_trio.local_executor")
+
+
+class LocalExecutorSettings(BaseSettings):
+    """Settings only the local executor reads (``KCR_LOCAL_*``)."""
+
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", case_sensitive=False,
+                                      extra="ignore")
+
+    # Root only: sandbox i runs user code as uid/gid base+i (unused ids; nothing else may use them).
+    kcr_local_run_uid_base: int = 2_000_000_000
+    kcr_local_start_timeout: float = 30.0
+    kcr_local_node_path: str | None = None  # where the `typescript` package lives (NODE_PATH)
+    kcr_local_python: str | None = None  # interpreter for user Python code (default: python3 on PATH)
+    kcr_local_disk_quota_mb: int = 512  # bytes one run may add to its directories
+    kcr_local_max_output_bytes: int = 1024 * 1024  # per stream, kept by the sidecar (before the API cap)
+
+
+def _sandbox_root(settings: Settings, uid_probe: int | None) -> tuple[Path, str | None]:
+    """``<KCR_DATA_DIR>/sandboxes``, unless the run uids cannot reach it (e.g. below ``/root``)."""
+    root = Path(settings.kcr_data_dir) / "sandboxes"
+    root.mkdir(parents=True, exist_ok=True)
+    if uid_probe is None:
+        return root, None
+    os.chmod(root, 0o711)
+    if reachable_by(str(root), uid_probe, uid_probe):
+        return root, None
+    fallback = Path(tempfile.gettempdir()) / f"kcr-trio-sandboxes-{os.getuid()}"
+    fallback.mkdir(mode=0o711, exist_ok=True)
+    os.chmod(fallback, 0o711)
+    warning = (f"{root} is not reachable by the sandbox uids (a parent directory is private); "
+               f"local sandboxes use {fallback} instead")
+    return fallback, warning
+
+
+def _node_path(local: LocalExecutorSettings) -> str | None:
+    if local.kcr_local_node_path:
+        return local.kcr_local_node_path
+    if os.environ.get("NODE_PATH"):
+        return os.environ["NODE_PATH"]
+    paths = ["/usr/local/lib/node_modules", "/usr/lib/node_modules"]
+    checkout = Path(__file__).resolve().parents[2] / "tests" / "node" / "node_modules"
+    if (checkout / "typescript").is_dir():  # a source checkout with the test clients installed
+        paths.append(str(checkout))
+    return ":".join(paths)
+
+
+@dataclass(eq=False)
+class _Sidecar:
+    language: str
+    process: trio.Process
+    port: int
+    directory: Path
+    uid: int | None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+class LocalExecutor:
+    def __init__(self, settings: Settings, local: LocalExecutorSettings, nursery: trio.Nursery,
+                 http: httpx.AsyncClient) -> None:
+        self.settings = settings
+        self.local = local
+        self._nursery = nursery
+        self._http = http
+        self.capacity = settings.max_concurrent_executions
+        self._slots = trio.Semaphore(self.capacity)
+        self.in_use = 0
+        self._root_mode = os.geteuid() == 0
+        self.sandboxes_dir, warning = _sandbox_root(
+            settings, local.kcr_local_run_uid_base if self._root_mode else None)
+        self.warnings: list[str] = [warning] if warning else []
+        self._targets = {code: settings.pool_size(code) for code in LANGUAGES}
+        self._pools: dict[str, collections.deque[_Sidecar]] = {c: collections.deque() for c in LANGUAGES}
+        self._wake: dict[str, trio.Event] = {c: trio.Event() for c in LANGUAGES}
+        self._filled: set[str] = set()
+        self._live: set[_Sidecar] = set()
+        self._free_uids: list[int] = []
+        self._uid_locks: dict[int, int] = {}
+        self._next_uid = 0
+        self._closing = False
+        self._node_path = _node_path(local)
+        self._package_parent = str(Path(proctree.__file__).resolve().parents[1])
+
+    # --- Executor protocol ----------------------------------------------------------------
+    @asynccontextmanager
+    async def sandbox(self, language: str, *, wait: float) -> AsyncIterator[SidecarSandbox]:
+        lang = language.strip().lower()
+        if lang not in LANGUAGES:
+            raise unsupported_language(language)
+        if self._closing:
+            raise Unavailable("The executor is shutting down")
+        with trio.move_on_after(wait) as waited:
+            await self._slots.acquire()
+        if waited.cancelled_caught:
+            raise Busy(f"All {self.capacity} execution slots are busy; try again shortly",
+                       retry_after=self.settings.kcr_busy_retry_after)
+        sidecar: _Sidecar | None = None
+        self.in_use += 1
+        try:
+            pool = self._pools[lang]
+            while pool and sidecar is None:
+                candidate = pool.popleft()
+                if candidate.process.returncode is None:
+                    sidecar = candidate
+                else:
+                    await self._destroy(candidate)
+            self._wake[lang].set()
+            if sidecar is None:
+                sidecar = await self._start(lang)
+            # The sidecar refuses timeouts above MAX_EXECUTION_TIME (422); callers never ask for more,
+            # but a clamp keeps a rounding slip from becoming an error.
+            yield SidecarSandbox(sidecar.url, client=self._http,
+                                 timeout_cap=float(self.settings.max_execution_time))
+        finally:
+            with trio.CancelScope(shield=True):
+                if sidecar is not None:
+                    await self._destroy(sidecar)
+                self.in_use -= 1
+                self._slots.release()
+
+    async def status(self) -> dict[str, Any]:
+        await trio.lowlevel.checkpoint()
+        pools = {code: {"warm": len(self._pools[code]), "target": self._targets[code]}
+                 for code in LANGUAGES}
+        wanted = {c for c, t in self._targets.items() if t > 0}
+        return {
+            "ready": not self._closing and wanted <= self._filled,
+            "pools": pools,
+            "in_use": self.in_use,
+            "capacity": self.capacity,
+        }
+
+    # --- pools ----------------------------------------------------------------------------
+    def start_replenishers(self) -> None:
+        for code, target in self._targets.items():
+            if target > 0:
+                self._nursery.start_soon(self._replenish, code, target)
+
+    async def _replenish(self, lang: str, target: int) -> None:
+        """Keep ``target`` warm sidecars of ``lang``; never raises (it lives in the owner's nursery)."""
+        pool = self._pools[lang]
+        failures = 0
+        while True:
+            while len(pool) < target and not self._closing:
+                try:
+                    sidecar = await self._start(lang)
+                except Unavailable as exc:
+                    failures += 1
+                    self._filled.add(lang)  # readiness must not hang on a broken toolchain
+                    log.warning("could not start a %s sidecar: %s", lang, exc.message)
+                    await trio.sleep(min(30.0, 0.5 * 2 ** min(failures, 6)))
+                    continue
+                failures = 0
+                pool.append(sidecar)
+            self._filled.add(lang)
+            self._wake[lang] = trio.Event()
+            await self._wake[lang].wait()
+
+    # --- one sidecar ----------------------------------------------------------------------
+    def _alloc_uid(self) -> int | None:
+        """A uid no other sandbox uses, in this process or any other on the host (root only).
+
+        Each uid in use is held by an exclusive ``flock`` on ``<tmp>/kcr-trio-uids/<uid>``; the
+        kernel drops the lock if this process dies, so ids never leak. Two executors on one host
+        (parallel test runs, two API replicas) therefore never share a uid, which matters because
+        destroying a sandbox sweeps its uid with ``kill(-1)``.
+        """
+        if not self._root_mode:
+            return None
+        if self._free_uids:
+            return self._free_uids.pop()
+        lock_dir = Path(tempfile.gettempdir()) / "kcr-trio-uids"
+        lock_dir.mkdir(mode=0o700, exist_ok=True)
+        while True:
+            uid = self.local.kcr_local_run_uid_base + self._next_uid
+            self._next_uid += 1
+            fd = os.open(lock_dir / str(uid), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            if proctree.count_tasks_of_uid(uid):  # someone not using our locks: stay clear
+                os.close(fd)
+                continue
+            self._uid_locks[uid] = fd
+            return uid
+
+    def _argv(self, lang: str, fd: int, directory: Path, uid: int | None) -> list[str]:
+        s = self.settings
+        argv = [
+            sys.executable, "-m", "sidecar", "--fd", str(fd), "--language", lang,
+            "--working-dir", str(directory / "wd"), "--tmp-root", str(directory / "tmp"), "--announce",
+            "--max-execution-time", str(s.max_execution_time),
+            "--max-output-size", str(max(self.local.kcr_local_max_output_bytes, 4 * s.kcr_max_output_chars)),
+            "--max-memory-mb", str(s.max_memory_mb), "--max-pids", str(s.max_pids),
+            "--max-open-files", str(s.max_open_files), "--max-file-size-mb", str(s.max_file_size_mb),
+            "--disk-quota-mb", str(max(self.local.kcr_local_disk_quota_mb, 2 * s.max_file_size_mb)),
+            "--prewarm", "true" if s.kcr_sidecar_prewarm else "false",
+            "--python-preimports", s.kcr_python_preimports,
+        ]
+        if uid is not None:
+            argv += ["--run-uid", str(uid), "--run-gid", str(uid), "--run-uid-exclusive", "true"]
+        if self._node_path:
+            argv += ["--node-path", self._node_path]
+        if self.local.kcr_local_python:
+            argv += ["--python", self.local.kcr_local_python]
+        return argv
+
+    async def _start(self, lang: str) -> _Sidecar:
+        """Start one sidecar and wait until it announces itself; raises ``Unavailable``."""
+        uid = self._alloc_uid()
+        directory = self.sandboxes_dir / f"{lang}-{secrets.token_hex(8)}"
+        directory.mkdir(mode=0o711)
+        (directory / "tmp").mkdir(mode=0o711)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sidecar: _Sidecar | None = None
+        try:
+            sock.bind(("127.0.0.1", 0))
+            sock.listen(64)
+            port = sock.getsockname()[1]
+            # The sidecar gets a fixed, minimal environment: nothing from the server's.
+            env = {"PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"), "LANG": "C.UTF-8",
+                   "PYTHONPATH": self._package_parent, "PYTHONDONTWRITEBYTECODE": "1"}
+            process = await trio.lowlevel.open_process(
+                self._argv(lang, sock.fileno(), directory, uid), stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=None, pass_fds=(sock.fileno(),), env=env,
+                start_new_session=True,
+            )
+            sidecar = _Sidecar(lang, process, port, directory, uid)
+            self._live.add(sidecar)
+            sock.close()
+            line = b""
+            with trio.move_on_after(self.local.kcr_local_start_timeout):
+                assert process.stdout is not None
+                while not line.endswith(b"\n"):
+                    chunk = await process.stdout.receive_some(4096)
+                    if not chunk:
+                        break
+                    line += chunk
+            try:
+                announced = json.loads(line)["port"] == port
+            except (ValueError, KeyError, TypeError):
+                announced = False
+            if not announced:
+                raise Unavailable(f"The {lang} sidecar did not start (exit code {process.returncode})")
+            result, sidecar = sidecar, None
+            return result
+        except OSError as exc:
+            raise Unavailable(f"Cannot start a {lang} sidecar: {exc}") from exc
+        finally:
+            sock.close()
+            if sidecar is not None:  # failed or cancelled half-way: leave nothing behind
+                with trio.CancelScope(shield=True):
+                    await self._destroy(sidecar)
+            elif not any(s.directory == directory for s in self._live):
+                shutil.rmtree(directory, ignore_errors=True)
+                if uid is not None:
+                    self._free_uids.append(uid)
+
+    async def _destroy(self, sidecar: _Sidecar) -> None:
+        """Kill the sidecar and everything below it, then remove its directory. Shielded, bounded."""
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(10):
+                await trio.to_thread.run_sync(self._kill_sync, sidecar)
+                with trio.move_on_after(5):
+                    await sidecar.process.wait()
+                await trio.to_thread.run_sync(_remove_tree, sidecar.directory)
+            self._live.discard(sidecar)
+            if sidecar.uid is not None and sidecar.process.returncode is not None:
+                self._free_uids.append(sidecar.uid)
+
+    @staticmethod
+    def _kill_sync(sidecar: _Sidecar) -> None:
+        pid = sidecar.process.pid
+        if sidecar.process.returncode is None:
+            try:
+                os.kill(pid, signal.SIGSTOP)  # frozen: it cannot start anything new meanwhile
+            except OSError:
+                pass
+            # The sidecar is a subreaper, so every process its runs started is still below it.
+            proctree.kill_tree(pid, grace=0.0)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        if sidecar.uid is not None:
+            proctree.kill_uid(sidecar.uid, sidecar.uid)  # anything that escaped the tree
+
+    async def aclose(self) -> None:
+        self._closing = True
+        for pool in self._pools.values():
+            pool.clear()
+        live = list(self._live)
+        async with trio.open_nursery() as nursery:
+            for sidecar in live:
+                nursery.start_soon(self._destroy, sidecar)
+        for fd in self._uid_locks.values():
+            os.close(fd)
+        self._uid_locks.clear()
+        self._free_uids.clear()
+
+
+def _remove_tree(path: Path) -> None:
+    def fix(func, p, _exc):  # type: ignore[no-untyped-def]
+        try:
+            os.chmod(os.path.dirname(p), 0o700)
+            os.chmod(p, 0o700)
+            func(p)
+        except OSError:
+            pass
+
+    if path.exists():
+        shutil.rmtree(path, onerror=fix)
+
+
+@asynccontextmanager
+async def open_local_executor(settings: Settings) -> AsyncIterator[LocalExecutor]:
+    """The local executor with its replenishers; on exit every sidecar it started is killed."""
+    local = LocalExecutorSettings()
+    limits = httpx.Limits(max_connections=max(64, 4 * settings.max_concurrent_executions),
+                          max_keepalive_connections=32, keepalive_expiry=5.0)
+    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(30.0, connect=5.0),
+                                 follow_redirects=False, trust_env=False) as http:
+        executor: LocalExecutor | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                executor = LocalExecutor(settings, local, nursery, http)
+                executor.start_replenishers()
+                try:
+                    yield executor
+                finally:
+                    executor._closing = True
+                    nursery.cancel_scope.cancel()
+        finally:
+            if executor is not None:
+                with trio.CancelScope(shield=True), trio.move_on_after(20):
+                    await executor.aclose()

@@ -1,0 +1,47 @@
+"""The real API server composed with the Kubernetes executor on the emulated cluster: an /exec runs
+in a pod, /ready reflects the warm pools, and a client that hangs up gets its pod deleted."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import trio
+
+from tests.support.server import TEST_KEY, running_server
+from tests.support.server import make_settings as server_settings
+
+from .conftest import NS, executor_for, ready_pods, until
+
+HEADERS = {"x-api-key": TEST_KEY}
+
+
+async def test_exec_runs_in_a_pod_and_disconnect_reclaims_it(emulator, kubeconfig, tmp_path):
+    async with executor_for(kubeconfig, {"py": 1}) as ex:
+        settings = server_settings(tmp_path / "data", kcr_executor="kubernetes", pod_pool_py=1)
+        async with running_server(settings, executor=ex) as url:
+            async with httpx.AsyncClient(base_url=url, headers=HEADERS, timeout=60) as client:
+                await until(lambda: ex.snapshot()["ready"], 30, "pools warm")
+                ready = await client.get("/ready")
+                assert ready.status_code == 200, ready.text
+
+                first = ready_pods(emulator, "py")[0]["metadata"]["name"]
+                r = await client.post("/exec", json={"code": "print(1 + 1)", "lang": "py"})
+                assert r.status_code == 200, r.text
+                assert r.json()["stdout"] == "2\n"
+                await until(lambda: emulator.pod(NS, first) is None, 15, "used pod deleted")
+
+                # A client that hangs up mid-run: its pod goes at once, the pool refills.
+                await until(lambda: len(ready_pods(emulator, "py")) == 1, 30, "pool refilled")
+                name = ready_pods(emulator, "py")[0]["metadata"]["name"]
+                code = "import time\nopen('started.txt', 'w').close()\ntime.sleep(60)\n"
+                with trio.CancelScope() as scope:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(lambda: client.post("/exec", json={"code": code, "lang": "py"}))
+                        await until(lambda: (emulator.workdir(NS, name) or tmp_path / "none").joinpath("started.txt").exists(),
+                                    15, "program running")
+                        hung_up = time.monotonic()
+                        scope.cancel()  # closes the client's connection
+                await until(lambda: emulator.pod(NS, name) is None, 10, "pod deleted after hang-up")
+                assert time.monotonic() - hung_up < 10
+                await until(lambda: len(ready_pods(emulator, "py")) == 1, 30, "pool refilled again")

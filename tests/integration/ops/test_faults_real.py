@@ -1,0 +1,133 @@
+"""Bad input and faults with real sidecars: a real ``kcr-trio serve`` process running real programs.
+
+* a million tiny output lines: a clean, truncated 200 (and the server's memory is not the limit);
+* 1 MB of code through the whole pipeline;
+* the sidecar killed (SIGKILL) in the middle of a run: a clean answer, a metric, a log line, and
+  the next run works on a fresh sandbox.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support.ops import H, scrape, total
+from tests.support.server import ServerProcess, server_process, wait_until
+
+pytest.importorskip("kcr_trio.backends.local_executor")
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ENV = {"MAX_EXECUTION_TIME": "20", "POD_POOL_PY": "1", "POD_POOL_JS": "0", "POD_POOL_BASH": "0",
+       "KCR_HEARTBEAT_GRACE": "0.5"}
+
+
+@pytest.fixture(scope="module")
+def server() -> ServerProcess:
+    with server_process(ENV) as proc:
+        yield proc
+
+
+def access_lines(server: ServerProcess) -> list[dict]:
+    out = []
+    for line in server.log_lines():
+        if line.startswith("{") and '"event":"access"' in line:
+            out.append(json.loads(line))
+    return out
+
+
+def metrics(server: ServerProcess) -> dict:
+    return scrape(httpx.get(server.url + "/metrics", headers=H, timeout=10).text)
+
+
+def test_a_million_output_lines(server: ServerProcess) -> None:
+    code = "import sys\nsys.stdout.write('x\\n' * 1_000_000)\nprint('tail')"
+    r = httpx.post(server.url + "/exec", headers=H, json={"code": code, "lang": "py"}, timeout=60)
+    assert r.status_code == 200
+    stdout = r.json()["stdout"]
+    assert stdout.startswith("x\nx\n") and "[Output truncated - size limit exceeded]" in stdout
+    assert len(stdout) < 70_000
+    assert httpx.get(server.url + "/health", timeout=5).status_code == 200
+
+
+def test_a_megabyte_of_code(server: ServerProcess) -> None:
+    code = "#" + "-" * 999_000 + "\nprint('big ok')"
+    r = httpx.post(server.url + "/exec", headers=H, json={"code": code, "lang": "py"}, timeout=60)
+    assert r.status_code == 200 and r.json()["stdout"] == "big ok\n"
+
+
+def _ancestors(pid: int) -> list[int]:
+    chain = []
+    while pid > 1:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            break
+        pid = int(stat.rsplit(")", 1)[1].split()[1])
+        chain.append(pid)
+    return chain
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _find(marker: str) -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit() and marker in _cmdline(int(p))]
+
+
+def test_sidecar_killed_mid_run(server: ServerProcess) -> None:
+    import threading
+
+    marker = f"kcrfault{os.getpid()}x{time.monotonic_ns()}"
+    code = (
+        "import subprocess, time\n"
+        f"subprocess.Popen(['bash', '-c', 'exec -a {marker} sleep 300'])\n"
+        "time.sleep(300)\n"
+    )
+    result: dict = {}
+
+    def call() -> None:
+        try:
+            result["response"] = httpx.post(server.url + "/exec", headers=H, json={"code": code, "lang": "py"},
+                                            timeout=60)
+        except httpx.HTTPError as exc:  # pragma: no cover - reported by the assertion below
+            result["error"] = exc
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    try:
+        program = wait_until(lambda: _find(marker), 30, message="program running")[0]
+        sidecars = [p for p in _ancestors(program) if "sidecar" in _cmdline(p) and "kcr_trio" not in _cmdline(p)]
+        assert sidecars, f"no sidecar among the ancestors of {program}"
+        os.kill(sidecars[-1], signal.SIGKILL)  # the outermost sidecar process
+    finally:
+        caller.join(timeout=60)
+    response = result.get("response")
+    assert response is not None, result
+    # Committed before the kill (heartbeat): a complete JSON document explaining it in stderr.
+    # Not committed: a 503. Never a 500, never a dropped connection.
+    if response.status_code == 200:
+        body = json.loads(response.content)
+        assert body["stdout"] == "" and body["stderr"] and body["files"] == []
+    else:
+        assert response.status_code == 503, response.text
+    wait_until(lambda: not _find(marker), 15, message="the program died with its sidecar")
+    # The server keeps serving, on a fresh sandbox.
+    r = httpx.post(server.url + "/exec", headers=H, json={"code": "print('after')", "lang": "py"}, timeout=60)
+    assert r.status_code == 200 and r.json()["stdout"] == "after\n"
+    lines = [a for a in access_lines(server) if a["path"] == "/exec"]
+    assert any(a["status"] in (200, 503) and a["outcome"] in ("error", "busy") for a in lines), lines[-3:]
+    m = metrics(server)
+    assert total(m, "kcr_http_requests_total", route="/exec", outcome="error") + total(
+        m, "kcr_http_requests_total", route="/exec", status="503"
+    ) >= 1
+    assert total(m, "kcr_pool_target", language="py") == 1
