@@ -77,6 +77,7 @@ def test_upload_exec_reports_sizes_and_rejections(target_args, tmp_path) -> None
         assert figure(r, "upload-exec", "errors", t, "2MB") == 0
 
 
+@pytest.mark.slow
 def test_keepalive_tells_the_servers_apart(target_args, tmp_path) -> None:
     r = run_cli(target_args, tmp_path, "--scenario", "keepalive", "--keepalive-seconds", "5.5", "--keepalive-clients", "2")
     assert figure(r, "keepalive", "ok", "A") == 2 and figure(r, "keepalive", "hang-ups", "A") == 0
@@ -86,6 +87,7 @@ def test_keepalive_tells_the_servers_apart(target_args, tmp_path) -> None:
     assert r["plots"]["keepalive"] == ["keepalive-hangups.png"]
 
 
+@pytest.mark.slow
 def test_disconnect_storm_measures_kills_and_recovery(target_args, tmp_path) -> None:
     r = run_cli(target_args, tmp_path, "--scenario", "disconnect-storm", "--storm-clients", "3",
                 "--storm-run-seconds", "4", "--storm-leave", "0.8-1.5")
