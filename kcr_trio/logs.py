@@ -24,6 +24,8 @@ from typing import Any
 
 import structlog
 
+from kcr_trio.api.scope import current_request_id
+
 ACCESS_LOGGER = "kcr_trio.access"
 _STANDARD = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 # Field names never written with their value (compared lower-cased, '-' as '_').
@@ -49,8 +51,6 @@ REDACTED = "[redacted]"
 
 def _request_id(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
     if "request_id" not in event:
-        from kcr_trio.api.scope import current_request_id  # late: api imports logs' siblings
-
         rid = current_request_id()
         if rid is not None:
             event["request_id"] = rid
@@ -130,3 +130,8 @@ def setup_logging(level: str = "INFO", fmt: str = "json") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # httpx logs every sidecar call at INFO: two or three lines per /exec that the access line
+    # already accounts for. Keep them for DEBUG.
+    if root.level > logging.DEBUG:
+        for name in ("httpx", "httpcore"):
+            logging.getLogger(name).setLevel(logging.WARNING)

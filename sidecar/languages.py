@@ -55,8 +55,12 @@ def _kcr_boot():
                 pass
     if sys.argv[3] != "-":
         fd = int(sys.argv[3])
+        # Pay first-use costs now: the first compile() initialises the compiler (~0.7 ms).
+        compile(b"pass\n", "<warm-up>", "exec")
+        import atexit
         os.write(fd, b"R")
-        os.read(fd, 1)
+        if os.read(fd, 1) != b"G":  # the sidecar went away: never run a stale file
+            os._exit(1)
         os.close(fd)
     path = sys.argv[1]
     cwd = os.getcwd()
@@ -90,8 +94,10 @@ def _kcr_boot():
         sys.excepthook(type(exc), exc.with_traceback(tb.tb_next if tb else None), tb.tb_next if tb else None)
         status = 1
     # The interpreter's own finalisation, minus module teardown (which costs more than the run):
-    # join non-daemon threads, run atexit handlers, drop the program's globals (closing and
-    # flushing files it left open), flush the standard streams.
+    # join non-daemon threads, run atexit handlers, drop the program's globals (files left open
+    # are flushed and closed by refcounting), then, only if files are still open, flush every
+    # buffered writer (those reachable only through cycles or other modules' globals, which module
+    # teardown would have flushed), and finally the standard streams.
     threading = sys.modules.get("threading")  # only if the program used it: importing costs ms
     if threading is not None:
         try:
@@ -105,6 +111,16 @@ def _kcr_boot():
         pass
     try:
         g.clear()
+        # One fd is the listing's own; anything beyond stdio and it may hold unflushed data.
+        if sum(1 for f in os.listdir("/proc/self/fd") if int(f) > 2) > 1:
+            import gc, io
+            kinds = (io.TextIOWrapper, io.BufferedWriter, io.BufferedRandom)
+            for obj in gc.get_objects():
+                if type(obj) in kinds:
+                    try:
+                        obj.flush()
+                    except BaseException:
+                        pass
     except BaseException:
         pass
     for stream in (sys.stdout, sys.stderr):
@@ -150,7 +166,10 @@ if (fdArg !== '-') {
   if (mode === 'ts') Module._extensions['.ts'].warm = require('typescript').transpileModule(
     'const a: number = 1; export default a;', { compilerOptions: { module: 1 } });  // JIT warm-up
   fs.writeSync(fd, 'R');
-  try { fs.readSync(fd, Buffer.alloc(1), 0, 1, null); } catch (e) {}
+  const go = Buffer.alloc(1);
+  let n = 0;
+  try { n = fs.readSync(fd, go, 0, 1, null); } catch (e) {}
+  if (n !== 1 || go[0] !== 0x47) process.exit(1);  // not "G": the sidecar went away
   fs.closeSync(fd);
 }
 const full = path.resolve(file);
@@ -159,7 +178,7 @@ Module._load(full, null, true);  // as `node file` does for CommonJS, minus the 
 """
 
 # argv after `bash -c BASH_BOOT bash`: <handshake fd> <file>
-BASH_BOOT = r"""printf R >&"$1"; IFS= read -r -n1 -u "$1" _kcr; eval "exec $1<&-"; unset _kcr; BASH_ARGV0="$2"; shift 2; . "./$BASH_ARGV0"
+BASH_BOOT = r"""printf R >&"$1"; IFS= read -r -n1 -u "$1" _kcr && [ "$_kcr" = G ] || exit 1; eval "exec $1<&-"; unset _kcr; BASH_ARGV0="$2"; shift 2; . "./$BASH_ARGV0"
 """
 
 

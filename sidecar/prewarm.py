@@ -57,11 +57,12 @@ class Warm:
         self.ready = trio.Event()
         self.failed = False
         self.used = False
-        # The idle watcher (handshake, then "did it die while idle?") runs in this scope; whoever
-        # takes or discards the process cancels it and waits for ``idle_done`` first, because only
-        # one task at a time may wait for a process.
+        # The watcher (handshake, then the process's exit) runs in this scope and is the process's
+        # only waiter (Trio allows one): a run waits for ``exited``; discarding an unused process
+        # cancels the watcher and waits for ``idle_done`` before waiting for the process itself.
         self.idle_scope = trio.CancelScope()
         self.idle_done = trio.Event()
+        self.exited = trio.Event()  # set by the watcher, the only task that waits for the process
 
     async def stop_watching(self) -> None:
         self.idle_scope.cancel()

@@ -3,8 +3,12 @@
 Cancellation semantics: ``Runner.execute`` may be cancelled at any await (the HTTP layer cancels it
 when the caller's connection goes away). Whatever happens, its ``finally`` kills every process the
 run started (``proctree.kill_tree``: SIGTERM, a 20 ms grace, then SIGKILL sweeps over ``/proc``),
-reaps them, removes the run's private temp dir and logs one JSON line if the run did not finish
-normally. That cleanup runs shielded, in a worker thread, bounded by ``proctree``'s own deadline.
+reaps them, queues the run's private temp dir for removal (done by ``replenish`` once the answer is
+sent) and logs one JSON line if the run did not finish normally. The kill runs shielded, in a
+worker thread when there is anything to kill, bounded by ``proctree``'s own deadline.
+
+Pre-warmed interpreters have exactly one waiter, their watcher task (Trio allows one per process):
+a run waits for ``Warm.exited`` instead of the process.
 
 Output: each stream keeps at most ``max_output_size`` bytes and discards (but keeps draining) the
 rest, so memory stays flat; a program whose stream exceeds ``output_kill_factor`` times the cap is
@@ -121,6 +125,8 @@ class Runner:
         self._nursery: trio.Nursery | None = None
         self.runs = 0
         self._killed: set[int] = set()  # pids killed during the current execution (for the log)
+        self._tree_clean = False  # the last sweep found nothing left of the run
+        self._trash: list[str] = []  # private temp dirs of finished runs, removed in the background
         self.warm_broken = False
 
     # --- pre-warm --------------------------------------------------------------------------
@@ -153,6 +159,8 @@ class Runner:
             with trio.CancelScope(shield=True):
                 await self._discard_warm()
                 await trio.to_thread.run_sync(self._kill_all)
+                for path in self._trash:
+                    await trio.to_thread.run_sync(remove_tree, path)
 
     def _context(self, tmp: str) -> Context:
         return Context(tmp=tmp, memory_mb=self.cfg.max_memory_mb, tools=self.tools)
@@ -220,8 +228,9 @@ class Runner:
                         await self._discard_warm(watcher=True)
                     return
                 self.warm_broken = False
-                await warm.process.wait()
-                if self.warm is warm:  # killed while idle (OOM killer, an operator): replace it
+                await warm.process.wait()  # the only task that waits for this process
+                warm.exited.set()
+                if self.warm is warm and not warm.used:  # killed while idle: replace it
                     log("prewarm_died", language=self.spec.code, returncode=warm.process.returncode)
                     await self._discard_warm(watcher=True)
                     self.replenish()
@@ -246,18 +255,32 @@ class Runner:
             await trio.to_thread.run_sync(remove_tree, warm.tmp)
 
     def replenish(self) -> None:
-        """Start the next pre-warmed interpreter in the background (call after answering: the
-        fork and interpreter start-up would otherwise compete with sending the response)."""
-        if self.prewarm_enabled and self.warm is None and not self.busy and self._nursery is not None:
+        """Start the next pre-warmed interpreter and remove finished runs' temp dirs, in the
+        background. Call it after answering: the fork, the interpreter start-up and the deletion
+        (a thread holding the GIL) would otherwise compete with sending the response."""
+        if self._nursery is None or self.busy:
+            return
+        if self._trash:
+            trash, self._trash = self._trash, []
+            self._nursery.start_soon(self._remove_trash, trash)
+        if self.prewarm_enabled and self.warm is None:
             self._nursery.start_soon(self._spawn_warm)
+
+    async def _remove_trash(self, paths: list[str]) -> None:
+        for path in paths:
+            await trio.to_thread.run_sync(remove_tree, path)
 
     async def _take_warm(self) -> Warm | None:
         async with self._warm_lock:
             warm, self.warm = self.warm, None
         if warm is None:
             return None
-        await warm.stop_watching()
-        if warm.failed or warm.process.returncode is not None:
+        # Wait for the handshake: before it the pid may still be a wrapper (setpriv/prlimit) that
+        # has not applied its limits yet, so tightening RLIMIT_CPU now would make it fail.
+        if not warm.ready.is_set():
+            with trio.move_on_after(30):
+                await warm.ready.wait()
+        if not warm.ready.is_set() or warm.failed or warm.exited.is_set():
             self.warm = warm
             await self._discard_warm()
             return None
@@ -271,6 +294,7 @@ class Runner:
         self.busy = True
         self.runs += 1
         self._killed = set()
+        self._tree_clean = False
         cap = self.cfg.max_output_size
         wd = self.cfg.working_dir
         warm: Warm | None = None
@@ -289,8 +313,7 @@ class Runner:
             steps = self.spec.steps(self._context(tmp))
             deadline = trio.current_time() + timeout
             async with trio.open_nursery() as watchers:
-                base = files.usage([wd, tmp])
-                watchers.start_soon(self._watch_disk, state, base)
+                watchers.start_soon(self._watch_disk, state)
                 for i, step in enumerate(steps):
                     use_warm = warm if (warm is not None and i == len(steps) - 1) else None
                     exit_code = await self._run_step(step, use_warm, state, deadline, timeout)
@@ -303,17 +326,15 @@ class Runner:
         finally:
             cleanup_started = time.perf_counter()
             with trio.CancelScope(shield=True):
-                await self._kill_leftovers(final=True)
+                if not (finished and self._tree_clean):
+                    await self._kill_leftovers(final=True)
                 if warm is not None:
                     warm.close()
                     if not warm.used:  # taken but never started: it still waits; stop it
                         self.warm = warm
                         await self._discard_warm()
                 if tmp is not None and (warm is None or warm.used):
-                    if self._nursery is not None:
-                        self._nursery.start_soon(trio.to_thread.run_sync, remove_tree, tmp)
-                    else:
-                        await trio.to_thread.run_sync(remove_tree, tmp)
+                    self._trash.append(tmp)  # removed after the response (see replenish)
                 if not finished:
                     log("execution_cancelled", request_id=request_id, language=self.spec.code,
                         reason="client_disconnected_or_cancelled",
@@ -381,27 +402,22 @@ class Runner:
         }
 
     def _write_source(self, code: str) -> None:
-        """Write the program file; never through a symlink a previous run may have planted."""
-        name = self.spec.source_file
-        dfd = os.open(self.cfg.working_dir, os.O_RDONLY | os.O_DIRECTORY)
+        """Write the program file; never through a symlink a previous run may have planted
+        (unlink first, then create exclusively without following links)."""
+        path = os.path.join(self.cfg.working_dir, self.spec.source_file)
         try:
-            try:
-                os.unlink(name, dir_fd=dfd)
-            except FileNotFoundError:
-                pass
-            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         0o644, dir_fd=dfd)
-            try:
-                data = code.encode("utf-8", "surrogatepass")
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                if self.identity.switching:
-                    os.fchown(fd, self.identity.uid, self.identity.gid)  # type: ignore[arg-type]
-            finally:
-                os.close(fd)
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            view = memoryview(code.encode("utf-8", "surrogatepass"))
+            while view:
+                view = view[os.write(fd, view):]
+            if self.identity.switching:
+                os.fchown(fd, self.identity.uid, self.identity.gid)  # type: ignore[arg-type]
         finally:
-            os.close(dfd)
+            os.close(fd)
 
     async def _run_step(self, step: Step, warm: Warm | None, state: RunState, deadline: float,
                         timeout: float) -> int:
@@ -426,21 +442,24 @@ class Runner:
                 pumps.start_soon(self._pump, proc.stdout, state.out, state)
                 pumps.start_soon(self._pump, proc.stderr, state.err, state)
                 with scope:
-                    await proc.wait()
+                    if warm is not None:
+                        await warm.exited.wait()  # the idle watcher is the process's one waiter
+                    else:
+                        await proc.wait()
                 if scope.cancelled_caught and state.reason is None:
                     state.reason = "timeout"
                 # The program is done (or stopped): kill what it left behind so the pipes reach EOF,
                 # then give the pumps a moment to drain what is already buffered.
                 await self._kill_leftovers()
                 pumps.cancel_scope.deadline = trio.current_time() + 2
-            cleaned = proc.returncode is not None
+            cleaned = (warm.exited.is_set() if warm is not None else proc.returncode is not None)
         finally:
             state.step_scope = None
             with trio.CancelScope(shield=True):
                 if not cleaned:
                     await self._kill_leftovers()
                     with trio.move_on_after(2):
-                        await proc.wait()
+                        await (warm.exited.wait() if warm is not None else proc.wait())
                 self.tracked.discard(proc.pid)
         return proc.returncode if proc.returncode is not None else -signal.SIGKILL
 
@@ -458,12 +477,17 @@ class Runner:
                 if cap.add(data):
                     state.stop("output")
 
-    async def _watch_disk(self, state: RunState, base: tuple[int, int]) -> None:
+    async def _watch_disk(self, state: RunState) -> None:
+        """Stop the program once it has added more than the quota. The baseline is taken in a
+        worker thread while the program starts (off the latency path); what it writes in that
+        first moment is counted as baseline, a slack of at most a few MB."""
         quota = self.cfg.disk_quota_mb * MB
         paths = [self.cfg.working_dir, state.tmp]
+        # abandon_on_cancel: the run must not wait for a directory walk to notice it is over.
+        base = await trio.to_thread.run_sync(files.usage, paths, abandon_on_cancel=True)
         while True:
             await trio.sleep(0.1)
-            used, entries = await trio.to_thread.run_sync(files.usage, paths)
+            used, entries = await trio.to_thread.run_sync(files.usage, paths, abandon_on_cancel=True)
             if used - base[0] > quota or entries - base[1] > self.cfg.max_files:
                 state.stop("disk")
                 return
@@ -490,7 +514,9 @@ class Runner:
         keep = {self.warm.process.pid} if self.warm is not None else set()
         if not any(proctree.alive(p) for p in proctree.descendants(os.getpid()) - keep):
             proctree.reap_orphans(self.tracked)
+            self._tree_clean = True
             return set()
+        self._tree_clean = False
         return await trio.to_thread.run_sync(self._kill_all, final)
 
 

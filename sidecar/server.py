@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import sys
+import tempfile
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -23,6 +25,7 @@ from .app import App
 from .config import Config
 from .languages import lookup
 from .limits import reachable_by, resolve_identity
+from .prewarm import remove_tree
 from .runner import Runner, log
 
 
@@ -31,7 +34,23 @@ def prepare_working_dir(cfg: Config, uid: int | None, gid: int | None) -> None:
     if uid is not None:
         os.chown(cfg.working_dir, uid, gid)  # type: ignore[arg-type]
         os.chmod(cfg.working_dir, 0o700)  # the run uid's alone (we are root and need no bits)
-    os.makedirs(cfg.tmp_root, exist_ok=True)
+
+
+def own_tmp_root(base: str) -> str:
+    """A directory of this sidecar's own below ``base`` for per-run temp dirs.
+
+    A sidecar killed with SIGKILL cannot clean up; the next one started on the same ``base``
+    removes directories whose sidecar (the pid in the name) is gone. In a pod ``/tmp`` is an
+    emptyDir and dies with it anyway.
+    """
+    os.makedirs(base, exist_ok=True)
+    for name in os.listdir(base):
+        m = re.fullmatch(r"kcr-sidecar-(\d+)-\w+", name)
+        if m and not os.path.exists(f"/proc/{m.group(1)}"):
+            remove_tree(os.path.join(base, name))
+    path = tempfile.mkdtemp(prefix=f"kcr-sidecar-{os.getpid()}-", dir=base)
+    os.chmod(path, 0o711)  # run uids reach their own 0700 dirs inside, but cannot list
+    return path
 
 
 def listening_socket(cfg: Config) -> socket.socket:
@@ -53,6 +72,7 @@ async def run(cfg: Config) -> None:
         raise SystemExit(f"sidecar: unsupported language {cfg.language!r}")
     identity = resolve_identity(cfg.run_uid, cfg.run_gid, cfg.run_uid_exclusive)
     prepare_working_dir(cfg, identity.uid, identity.gid)
+    cfg.tmp_root = own_tmp_root(cfg.tmp_root)
     cfg.working_dir = os.path.abspath(cfg.working_dir)
     if identity.switching and not reachable_by(cfg.working_dir, identity.uid, identity.gid):  # type: ignore[arg-type]
         log("working_dir_unreachable", working_dir=cfg.working_dir, uid=identity.uid,
@@ -102,6 +122,7 @@ async def run(cfg: Config) -> None:
             sys.stdout.flush()
         await server_done.wait()  # SIGTERM/SIGINT -> graceful HTTP shutdown -> stop everything
         nursery.cancel_scope.cancel()
+    remove_tree(cfg.tmp_root)
 
 
 def main(cfg: Config) -> int:

@@ -15,7 +15,14 @@ connection-level behaviour:
   idle connections never timed out and ``Connection: close`` did not close the socket. A disconnect
   that arrives once the final chunk is on its way is no longer news to anyone, so we hold it back.
 * **One access-log line per request**, written in ``finally``: completed, failed, cancelled and
-  dropped requests alike, with the outcome and, for a client that left, how long after the start.
+  dropped requests alike, with the outcome and, for a client that left, how long after the start
+  (and in which ``/exec`` phase). It is written after the request's nursery has closed, so the
+  work's own clean-up has run and what it recorded is final; ``duration_ms`` still ends when the
+  app returned. The same finished scope then feeds the metrics (``on_finish``), so logs and
+  counters can never disagree.
+* **The request id** (the client's ``X-Request-ID`` if it is plain and short, else a new one) is
+  echoed in the response and held in a context variable for the request's lifetime: every log line
+  written while serving it carries it (``logs.py``), and the exec lifecycle hands it to the sidecar.
 """
 
 from __future__ import annotations
@@ -128,6 +135,12 @@ class RequestScopeMiddleware:
                     rs.finished = rs.elapsed()
                     # Work the request started must not outlive it.
                     nursery.cancel_scope.cancel()
+        except BaseException:
+            # Cancelled from outside (graceful shutdown ran out, the server stopped) or the app
+            # crashed: say so in the line, since no client left and no response completed.
+            if rs is not None and not rs.response_complete and rs.client_gone_after is None:
+                rs.extra["aborted_by_server"] = True
+            raise
         finally:
             # After the nursery: the request's own work has finished its clean-up, so what it
             # recorded (phases) is complete. Runs for every request, whatever ended it.

@@ -84,7 +84,8 @@ async def running_sidecar(language: str = "py", *args: str, root: str | None = N
     wd = os.path.join(root, "wd")
     stderr_path = os.path.join(root, "sidecar.log")
     argv = [sys.executable, "-m", "sidecar", "--host", "127.0.0.1", "--port", "0", "--language", language,
-            "--working-dir", wd, "--announce", "--node-path", NODE_PATH, *args]
+            "--working-dir", wd, "--tmp-root", os.path.join(root, "tmp"), "--announce",
+            "--node-path", NODE_PATH, *args]
     err = open(stderr_path, "wb")
     proc = await trio.lowlevel.open_process(argv, stdout=subprocess.PIPE, stderr=err, cwd=str(REPO))
     try:

@@ -130,3 +130,20 @@ async def test_request_id_reaches_every_log_line_of_the_request(
     store_lines = [line for line in logs.lines() if line.get("event") == "listing files"]
     assert [line["request_id"] for line in store_lines] == ["rid-from-client", generated]
     assert len(generated) == 21
+
+
+async def test_requests_cut_by_shutdown_still_get_their_line(tmp_path: Path, logs: LogCapture) -> None:
+    """SIGTERM drain: a run still going when graceful_timeout ends is cancelled, and logged."""
+    async with ops_server(tmp_path, kcr_graceful_timeout=0.5, kcr_heartbeat_grace=5.0) as (url, program, executor):
+        body = json.dumps({"code": "forever", "lang": "py"}).encode()
+        stream = await raw(
+            port_of(url),
+            f"POST /exec HTTP/1.1\r\nHost: t\r\nX-API-Key: {TEST_KEY}\r\nX-Request-ID: t-shutdown\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body,
+        )
+        await await_until(lambda: program.running == 1, 5, message="run started")
+    # Leaving the block shut the server down; the run was cancelled and its sandbox released.
+    assert program.cancelled == 1 and executor.released == 1
+    [line] = lines_for(logs, "t-shutdown")
+    assert line["outcome"] == "error" and line["status"] is None and line["aborted_by_server"] is True
+    await stream.aclose()

@@ -107,3 +107,26 @@ async def test_disconnect_kills_cold_started_program() -> None:
     async with running_sidecar("py", "--prewarm", "false") as sc:
         pids = await execute_then_hang_up(sc, PY_TREE, ["main.pid", "grandchild.pid"], "rq-cold")
         await assert_tree_killed(sc, pids, "rq-cold")
+
+
+@pytest.mark.parametrize("lang,code", [
+    ("py", "open('ran', 'a').write('x')"),
+    ("js", "require('fs').appendFileSync('ran', 'x')"),
+    ("bash", "printf x >> ran"),
+])
+async def test_warm_interpreter_of_a_killed_sidecar_exits_without_running(lang: str, code: str) -> None:
+    import signal
+
+    import httpx
+
+    from sidecar import proctree
+
+    async with running_sidecar(lang) as sc, httpx.AsyncClient(base_url=sc.url, timeout=30) as client:
+        assert (await client.post("/execute", json={"code": code, "timeout": 10})).status_code == 200
+        assert await wait_until(lambda: len(sc.user_processes()) == 1, timeout=20)  # the next warm one
+        (warm,) = sc.user_processes()
+        sc.process.send_signal(signal.SIGKILL)
+        await sc.process.wait()
+        # its handshake socket hits EOF instead of "G": it must exit, not run the old code.* again
+        assert await wait_until(lambda: not proctree.alive(warm), timeout=10)
+        assert open(os.path.join(sc.working_dir, "ran")).read() == "x"

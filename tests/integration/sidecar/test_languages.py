@@ -68,7 +68,8 @@ async def test_language_runs_real_code(lang: str) -> None:
 PROBES = {
     "py": ("import sys, os\nprint(__name__, sys.argv, os.path.basename(__file__), sys.path[0] == os.getcwd())\n"
            "import atexit\natexit.register(lambda: print('atexit ran'))\n"
-           "f = open('left_open.txt', 'w')\nf.write('flushed at exit')\n"),
+           "f = open('left_open.txt', 'w')\nf.write('flushed at exit')\n"
+           "class Holder:\n    g = open('in_a_cycle.txt', 'w')\nHolder.g.write('collected at exit')\n"),
     "js": "console.log(require.main === module, process.argv.length, require('path').basename(__filename))",
     "ts": "const m: boolean = require.main === module;\nconsole.log(m, require('path').basename(__filename))",
     "bash": 'echo "$0" "$#"; exit 3',
@@ -85,6 +86,7 @@ async def test_prewarmed_run_behaves_like_a_cold_run(lang: str) -> None:
             outputs.append((res["exit_code"], res["stdout"], res["stderr"], res["generated"]))
             if lang == "py":
                 assert open(f"{sc.working_dir}/left_open.txt").read() == "flushed at exit"
+                assert open(f"{sc.working_dir}/in_a_cycle.txt").read() == "collected at exit"
     assert outputs[0] == outputs[1]
     if lang == "py":
         assert outputs[0][1] == "__main__ ['code.py'] code.py True\natexit ran\n"

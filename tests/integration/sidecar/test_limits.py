@@ -19,7 +19,7 @@ async def assert_still_serving(sc: Sidecar, client: httpx.AsyncClient) -> None:
     the sidecar runs the next program normally."""
     assert await wait_until(lambda: len(sc.user_processes()) <= 1, timeout=5), sc.user_processes()
     ok = await run(client, "print('still serving')")
-    assert ok["exit_code"] == 0 and ok["stdout"] == "still serving\n"
+    assert ok["exit_code"] == 0 and ok["stdout"] == "still serving\n", (ok["stdout"], ok["stderr"])
 
 
 async def test_timeout_keeps_partial_output_and_says_so() -> None:
@@ -56,7 +56,7 @@ async def test_infinite_loop_is_contained() -> None:
 async def assert_still_serving_bash(sc: Sidecar, client: httpx.AsyncClient) -> None:
     assert await wait_until(lambda: len(sc.user_processes()) <= 1, timeout=5), sc.user_processes()
     ok = await run(client, "echo still serving")
-    assert ok["exit_code"] == 0 and ok["stdout"] == "still serving\n"
+    assert ok["exit_code"] == 0 and ok["stdout"] == "still serving\n", (ok["stdout"], ok["stderr"])
 
 
 async def test_fork_bomb_is_contained() -> None:

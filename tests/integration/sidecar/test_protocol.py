@@ -75,3 +75,27 @@ async def test_concurrent_execute_is_409() -> None:
         # and it serves again afterwards
         again = await client.post("/execute", json={"code": "print(2)", "timeout": 5})
         assert again.json()["stdout"] == "2\n"
+
+
+async def test_graceful_stop_leaves_no_temp_dirs_and_sigkill_leftovers_are_swept() -> None:
+    import os
+    import shutil
+    import signal
+
+    from tests.support.sidecar import public_tmpdir
+
+    root = public_tmpdir()
+    try:
+        async with running_sidecar("py", root=root) as sc, httpx.AsyncClient(base_url=sc.url) as client:
+            assert (await client.post("/execute", json={"code": "print(1)", "timeout": 5})).status_code == 200
+            assert len(os.listdir(os.path.join(root, "tmp"))) == 1  # this sidecar's own dir
+        assert os.listdir(os.path.join(root, "tmp")) == []  # SIGTERM: removed on the way out
+        async with running_sidecar("py", root=root) as sc:
+            sc.process.send_signal(signal.SIGKILL)  # no chance to clean up
+            await sc.process.wait()
+        assert len(os.listdir(os.path.join(root, "tmp"))) == 1
+        async with running_sidecar("py", root=root) as sc:  # the next one sweeps the dead one's dir
+            assert len(os.listdir(os.path.join(root, "tmp"))) == 1
+            assert os.path.basename(os.listdir(os.path.join(root, "tmp"))[0]).startswith(f"kcr-sidecar-{sc.pid}-")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
