@@ -106,6 +106,14 @@ async def open_services(settings: Settings, *, executor: Any = None) -> AsyncIte
                 executor = await stack.enter_async_context(open_local_executor(settings))
         warnings.extend(getattr(executor, "warnings", []))
 
+        # Background work the server's lifetime owns: expired sessions are purged (bytes, then
+        # metadata, then the record), idempotently, so KubeCodeRun may clean the same stores.
+        from kcr_trio.backends.session_cleanup import run_session_cleanup
+
+        background = await stack.enter_async_context(trio.open_nursery())
+        stack.callback(background.cancel_scope.cancel)  # runs first on exit: stop the loop, then close
+        await background.start(run_session_cleanup, sessions, files, settings)
+
         yield Services(
             settings=settings,
             sessions=sessions,
@@ -248,12 +256,7 @@ def _settings_from(args: argparse.Namespace) -> Settings:
 def serve_main(argv: list[str]) -> int:
     settings = _settings_from(_parse(argv))
     setup_logging(settings.log_level, settings.log_format)
-    if settings.kcr_session_store == "redis" or settings.kcr_file_store == "s3":
-        import trio_asyncio  # the asyncio-only clients need the bridge loop around the whole server
-
-        trio_asyncio.run(serve, settings)
-    else:
-        trio.run(serve, settings)
+    trio.run(serve, settings)  # open_services enters the asyncio bridge when a backend needs it
     return 0
 
 
@@ -274,13 +277,7 @@ def check_main(argv: list[str]) -> int:
                     report[name] = {"error": str(exc)}
         return report
 
-    needs_bridge = settings.kcr_session_store == "redis" or settings.kcr_file_store == "s3"
-    if needs_bridge:
-        import trio_asyncio
-
-        report = trio_asyncio.run(probe)
-    else:
-        report = trio.run(probe)
+    report = trio.run(probe)
     json.dump(report, sys.stdout, indent=2, default=str)
     print()
     return 0 if report["ok"] else 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from collections.abc import AsyncIterable, AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -85,6 +86,15 @@ class LocalFileStore:
         except NotFound:
             return
         await trio.to_thread.run_sync(_unlink_quiet, path)
+
+    async def delete_prefix(self, prefix: str) -> None:
+        """Remove every object under ``prefix`` (a folder such as ``sessions/<sid>/uploads/``)."""
+        folder = prefix.rstrip("/")
+        try:
+            path = self._path(folder)
+        except NotFound:
+            return
+        await trio.to_thread.run_sync(shutil.rmtree, path, True)
 
     async def ping(self) -> dict[str, Any]:
         ok = await trio.to_thread.run_sync(os.access, self.root, os.W_OK)

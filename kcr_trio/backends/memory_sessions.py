@@ -49,15 +49,12 @@ class MemorySessionStore:
         return session
 
     def _live(self, session_id: str) -> Session | None:
+        """The session unless it expired. Expired ones stay (invisible) until the clean-up loop
+        has removed their bytes and calls ``forget_session``, as with Redis."""
         session = self._sessions.get(session_id)
         if session is not None and session.expires_at <= utcnow():
-            self._expire(session_id)
             return None
         return session
-
-    def _expire(self, session_id: str) -> None:
-        self._sessions.pop(session_id, None)
-        self._files.pop(session_id, None)
 
     async def get_session(self, session_id: str) -> Session | None:
         await trio.lowlevel.checkpoint()
@@ -113,6 +110,15 @@ class MemorySessionStore:
         await trio.lowlevel.checkpoint()
         now = utcnow()
         return [sid for sid, s in self._sessions.items() if s.expires_at <= now]
+
+    async def forget_session(self, session_id: str) -> None:
+        """Drop the session record and its file metadata (the clean-up loop's last step)."""
+        await trio.lowlevel.checkpoint()
+        session = self._sessions.pop(session_id, None)
+        self._files.pop(session_id, None)
+        entity = session.metadata.get("entity_id") if session is not None else None
+        if entity and entity in self._entities:
+            self._entities[entity] = [sid for sid in self._entities[entity] if sid != session_id]
 
     async def ping(self) -> dict[str, Any]:
         await trio.lowlevel.checkpoint()
