@@ -53,6 +53,10 @@ class Config:
     announce: bool = False  # print one JSON line with port/pid to stdout once ready
     kill_grace_ms: int = 20
     max_body_mb: int = 16  # /execute request body
+    sandbox: str = "none"  # none | bwrap | auto: wrap user processes in bubblewrap (sandbox.py)
+    sandbox_allow_network: bool = False  # keep the host network inside the sandbox
+    sandbox_ro_paths: str = ""  # extra host paths, read-only inside the sandbox (colon-separated)
+    sandbox_bwrap: str = ""  # the bwrap executable (default: bwrap on the fixed PATH)
 
     def __post_init__(self) -> None:
         if not self.tmp_root:
@@ -94,6 +98,12 @@ _HELP = {
     "announce": "print one JSON line with port and pid on stdout once ready",
     "kill_grace_ms": "SIGTERM-to-SIGKILL grace when killing a run",
     "max_body_mb": "largest /execute request body",
+    "sandbox": "none: no sandbox (pods: the pod is the sandbox); bwrap: every user process in a "
+               "bubblewrap sandbox with the working dir at /mnt/data, refuse to start if bwrap "
+               "does not work; auto: bwrap when it works, else none with a warning",
+    "sandbox_allow_network": "keep network access inside the sandbox",
+    "sandbox_ro_paths": "extra host paths visible read-only inside the sandbox (colon-separated)",
+    "sandbox_bwrap": "the bwrap executable (default: bwrap on the fixed PATH)",
 }
 
 

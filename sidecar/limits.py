@@ -3,8 +3,8 @@
 Every user process (compile step, run step, pre-warmed interpreter) is created by ``spawn_user``:
 new session (``setsid``), fixed minimal environment, an unprivileged uid/gid when the sidecar is
 root, and rlimits set in the child between ``fork`` and ``exec``. ``user_command`` is the single
-place where the final argv is decided, so a sandbox wrapper (bubblewrap, issue 7) can be added there
-without touching the runner.
+place where the final argv is decided: it wraps the command in the sidecar's bubblewrap sandbox
+(``sandbox.py``) when one is configured, so the runner never builds sandbox argv itself.
 
 Memory is enforced with ``RLIMIT_AS`` (address space), because it needs no cgroup and works in an
 unprivileged pod. Runtimes that reserve far more address space than they use get a larger AS and a
@@ -20,8 +20,12 @@ import resource
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import trio
+
+if TYPE_CHECKING:
+    from .sandbox import Sandbox
 
 SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 MB = 1024 * 1024
@@ -116,9 +120,13 @@ def base_env(home: str, tmp: str, extra: Mapping[str, str] = ()) -> dict[str, st
     return env
 
 
-def user_command(argv: Sequence[str]) -> list[str]:
-    """The argv actually executed for a user process (hook for a sandbox wrapper such as bwrap)."""
-    return list(argv)
+def user_command(spec: "SpawnSpec") -> tuple[list[str], dict[str, str]]:
+    """The command and environment actually executed for a user process, before the uid switch
+    and rlimits are prefixed: the spec's own, or wrapped in the sidecar's bubblewrap sandbox
+    (``sandbox.Sandbox.wrap``: bwrap in front, host temp-dir paths translated)."""
+    if spec.sandbox is None:
+        return list(spec.argv), spec.env
+    return spec.sandbox.wrap(spec.argv, spec.env, spec.tmp)
 
 
 def cpu_limit_for(timeout: float) -> int:
@@ -135,6 +143,8 @@ class SpawnSpec:
     identity: Identity
     stdin: int | None = None  # an fd, or None for /dev/null
     pass_fd: int | None = None  # an fd the child inherits under the same number (pre-warm socket)
+    sandbox: "Sandbox | None" = None  # bubblewrap view (sidecar.sandbox), or None: unsandboxed
+    tmp: str | None = None  # the run's private temp dir (mounted at /run/kcr when sandboxed)
 
 
 async def spawn_user(spec: SpawnSpec) -> trio.Process:
@@ -152,18 +162,19 @@ async def spawn_user(spec: SpawnSpec) -> trio.Process:
                       "--clear-groups", "--no-new-privs", "--"]
         else:
             kwargs.update(user=spec.identity.uid, group=spec.identity.gid, extra_groups=[])
+    command, env = user_command(spec)
     if PRLIMIT:
-        argv = prefix + _prlimit_argv(spec.limits) + list(spec.argv)
+        argv = prefix + _prlimit_argv(spec.limits) + command
     else:
-        argv = list(spec.argv)
+        argv = command
         kwargs["preexec_fn"] = _preexec(spec.limits)
     return await trio.lowlevel.open_process(
-        user_command(argv),
+        argv,
         stdin=spec.stdin if spec.stdin is not None else subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         cwd=spec.cwd,
-        env=spec.env,
+        env=env,
         start_new_session=True,
         pass_fds=(spec.pass_fd,) if spec.pass_fd is not None else (),
         close_fds=True,

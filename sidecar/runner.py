@@ -36,6 +36,7 @@ from .config import Config
 from .languages import Context, LanguageSpec, SOURCE_FILES, Step, Toolchain, prewarm_step
 from .limits import MB, Identity, Limits, SpawnSpec, base_env, cpu_limit_for, spawn_user
 from .prewarm import Warm, make_private_tmp, remove_tree
+from .sandbox import EXTRA_PROCESSES, Sandbox, exit_signal, not_exiting, payload_pid
 
 TRUNCATED = "\n[Output truncated - size limit exceeded]"
 _MEMORY_PATTERNS = re.compile(
@@ -128,6 +129,7 @@ class Runner:
         self._tree_clean = False  # the last sweep found nothing left of the run
         self._trash: list[str] = []  # private temp dirs of finished runs, removed in the background
         self.warm_broken = False
+        self.sandbox: Sandbox | None = None  # set by the server when user code runs in bubblewrap
 
     # --- pre-warm --------------------------------------------------------------------------
     @property
@@ -169,6 +171,8 @@ class Runner:
         nproc = self.cfg.max_pids
         if step.compile:
             nproc = max(nproc, 1024)
+        if self.sandbox is not None:  # bwrap's monitor and PID-namespace reaper count too
+            nproc += EXTRA_PROCESSES
         if not (self.identity.switching and self.identity.exclusive):
             # RLIMIT_NPROC counts every task of the real uid: leave room for what already runs.
             uid = self.identity.uid if self.identity.switching else os.getuid()
@@ -185,7 +189,7 @@ class Runner:
     def _spec_for(self, step: Step, tmp: str, timeout: float, **extra: Any) -> SpawnSpec:
         env = base_env(f"{tmp}/home", f"{tmp}/tmp", step.env)
         return SpawnSpec(step.argv, self.cfg.working_dir, env, self._limits(timeout, step),
-                         self.identity, **extra)
+                         self.identity, sandbox=self.sandbox, tmp=tmp, **extra)
 
     async def _spawn_warm(self) -> None:
         async with self._warm_lock:
@@ -348,6 +352,8 @@ class Runner:
     def _result(self, exit_code: int, state: RunState, timeout: float, elapsed_ms: float,
                 before: files.Snapshot, after: files.Snapshot, request_id: str) -> dict[str, Any]:
         notes: list[str] = []
+        if self.sandbox is not None and exit_signal(exit_code):  # bwrap reports 128 + signal
+            exit_code = -exit_signal(exit_code)  # type: ignore[operator]
         if exit_code < 0:  # killed by a signal: shell convention
             sig = -exit_code
             if state.reason is None and sig == signal.SIGXCPU:
@@ -424,9 +430,11 @@ class Runner:
         if warm is not None:
             proc = warm.process
             try:  # the warm process was limited for MAX_EXECUTION_TIME; tighten CPU to this run
-                used = _cpu_seconds(proc.pid)
+                # (rlimits are per process: in a sandbox, the interpreter below bwrap's two)
+                target = payload_pid(proc.pid) if self.sandbox is not None else proc.pid
+                used = _cpu_seconds(target)
                 limit = cpu_limit_for(timeout) + used
-                resource.prlimit(proc.pid, resource.RLIMIT_CPU, (limit, limit + 1))
+                resource.prlimit(target, resource.RLIMIT_CPU, (limit, limit + 1))
             except (OSError, ValueError):
                 pass
             await warm.go()
@@ -450,7 +458,7 @@ class Runner:
                     state.reason = "timeout"
                 # The program is done (or stopped): kill what it left behind so the pipes reach EOF,
                 # then give the pumps a moment to drain what is already buffered.
-                await self._kill_leftovers()
+                await self._kill_leftovers(settle=not scope.cancelled_caught)
                 pumps.cancel_scope.deadline = trio.current_time() + 2
             cleaned = (warm.exited.is_set() if warm is not None else proc.returncode is not None)
         finally:
@@ -495,8 +503,9 @@ class Runner:
     def _kill_all(self, final: bool = True) -> set[int]:
         """Kill every descendant of the sidecar except the idle pre-warmed interpreter (blocking)."""
         keep: set[int] = set()
-        if self.warm is not None:
+        if self.warm is not None:  # in a sandbox: bwrap, its reaper and the interpreter
             keep.add(self.warm.process.pid)
+            keep |= proctree.descendants(self.warm.process.pid)
         uid = None
         if final and self.identity.switching and self.identity.exclusive and self.warm is None:
             uid = (self.identity.uid, self.identity.gid)
@@ -506,13 +515,30 @@ class Runner:
         self._killed.update(killed)
         return set(killed)
 
-    async def _kill_leftovers(self, final: bool = False) -> set[int]:
+    async def _kill_leftovers(self, final: bool = False, settle: bool = False) -> set[int]:
         """``_kill_all`` in a worker thread, skipped when a cheap inline check finds nothing.
 
         Thanks to the subreaper, nothing the run started can leave the sidecar's subtree, so an
-        empty subtree means there is nothing to kill (the uid sweep is then skipped too)."""
+        empty subtree means there is nothing to kill (the uid sweep is then skipped too).
+
+        ``settle`` (the program exited by itself): in a sandbox, bwrap's monitor exits as soon as
+        the program's status is known, while its PID-namespace reaper is still exiting (tearing
+        down the namespaces takes 1-2 ms); the kernel kills whatever is left in the namespace with
+        it. A task that is already exiting can never run user code again, so it counts as gone;
+        anything else gets up to 20 ms to start exiting before the kill sweep in a thread."""
         keep = {self.warm.process.pid} if self.warm is not None else set()
-        if not any(proctree.alive(p) for p in proctree.descendants(os.getpid()) - keep):
+        if self.warm is not None:
+            keep |= proctree.descendants(self.warm.process.pid)
+
+        def leftovers() -> bool:
+            alive = proctree.alive if not (settle and self.sandbox is not None) else not_exiting
+            return any(alive(p) for p in proctree.descendants(os.getpid()) - keep)
+
+        if settle and self.sandbox is not None:
+            with trio.move_on_after(0.02):
+                while leftovers():
+                    await trio.sleep(0.0005)
+        if not leftovers():
             proctree.reap_orphans(self.tracked)
             self._tree_clean = True
             return set()

@@ -15,6 +15,7 @@ import signal
 import socket
 import sys
 import tempfile
+from functools import partial
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -23,10 +24,11 @@ from hypercorn.trio import serve as hypercorn_serve
 from . import proctree
 from .app import App
 from .config import Config
-from .languages import lookup
+from .languages import Toolchain, lookup
 from .limits import reachable_by, resolve_identity
 from .prewarm import remove_tree
 from .runner import Runner, log
+from .sandbox import SandboxError, for_sidecar
 
 
 def prepare_working_dir(cfg: Config, uid: int | None, gid: int | None) -> None:
@@ -79,9 +81,22 @@ async def run(cfg: Config) -> None:
             hint="a parent directory is not traversable by the run uid; interpreters that open "
                  "their script by absolute path (python, php) will fail")
     subreaper = proctree.become_subreaper()
+    try:  # probe bubblewrap once, as the run uid, before anything is served
+        sandbox, warning = await trio.to_thread.run_sync(partial(
+            for_sidecar, cfg.sandbox, cfg.working_dir, allow_network=cfg.sandbox_allow_network,
+            ro_paths=cfg.sandbox_ro_paths, language=spec.code, python=Toolchain(cfg.python).python,
+            node_path=cfg.node_path, uid=identity.uid, gid=identity.gid, tmp_root=cfg.tmp_root,
+            bwrap=cfg.sandbox_bwrap or None))
+    except SandboxError as exc:
+        log("sandbox_unavailable", error=str(exc))
+        remove_tree(cfg.tmp_root)
+        raise SystemExit(f"sidecar: {exc}") from None
+    if warning:
+        log("sandbox_unavailable", warning=warning)
     sock = listening_socket(cfg)
     port = sock.getsockname()[1]
     runner = Runner(cfg, spec, identity)
+    runner.sandbox = sandbox
     hc = HypercornConfig()
     hc.bind = [f"fd://{sock.fileno()}"]
     hc.accesslog = None
@@ -116,7 +131,8 @@ async def run(cfg: Config) -> None:
             with trio.move_on_after(30):
                 await runner.warm.ready.wait()
         log("sidecar_started", language=spec.code, port=port, pid=os.getpid(), working_dir=cfg.working_dir,
-            uid=identity.uid, prewarm=runner.prewarm_enabled, subreaper=subreaper)
+            uid=identity.uid, prewarm=runner.prewarm_enabled, subreaper=subreaper,
+            sandbox="bwrap" if sandbox is not None else "none")
         if cfg.announce:
             sys.stdout.write(json.dumps({"event": "ready", "port": port, "pid": os.getpid()}) + "\n")
             sys.stdout.flush()

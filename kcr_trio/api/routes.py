@@ -81,6 +81,11 @@ def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = 
     return Response(dumps(obj), status=status, content_type="application/json", headers=headers)
 
 
+# Routes that need no handler deadline: /exec has its own; /health touches nothing that can hang
+# (and is the liveness probe, so it stays as cheap as it can be).
+_OWN_DEADLINE = frozenset({"/exec", "/health"})
+
+
 class KcrQuart(QuartTrio):
     """Quart-Trio with one deadline per handler (``KCR_REQUEST_TIMEOUT``), answered as 504.
 
@@ -95,7 +100,7 @@ class KcrQuart(QuartTrio):
 
     async def dispatch_request(self, request_context: Any = None) -> Any:
         path = request.path
-        if path == "/exec":
+        if path in _OWN_DEADLINE:
             return await super().dispatch_request(request_context)
         timeout = self.request_timeout + (self.body_timeout if path.startswith("/upload") else 0.0)
         with trio.move_on_after(timeout):

@@ -68,6 +68,51 @@ class LocalExecutorSettings(BaseSettings):
     kcr_local_python: str | None = None  # interpreter for user Python code (default: python3 on PATH)
     kcr_local_disk_quota_mb: int = 512  # bytes one run may add to its directories
     kcr_local_max_output_bytes: int = 1024 * 1024  # per stream, kept by the sidecar (before the API cap)
+    # Extra host paths user code may read inside the bubblewrap sandbox (colon-separated), e.g. a
+    # toolchain installed under /opt. /usr, a curated /etc, the Python prefix and NODE_PATH are
+    # always visible.
+    kcr_local_sandbox_ro_paths: str = ""
+    kcr_local_bwrap: str = ""  # the bwrap executable (default: bwrap on the standard PATH)
+
+
+class SandboxUnavailable(RuntimeError):
+    """The local executor refuses to start: no working sandbox and unsandboxed use not allowed."""
+
+
+_UNSANDBOXED = ("UNSANDBOXED: the local executor runs user code WITHOUT a sandbox ({why}); programs "
+                "can read the server's files and environment and reach the network. Only for trusted "
+                "code (KCR_UNSANDBOXED_TRUSTED=true).")
+
+
+def decide_sandbox(settings: Settings, local: LocalExecutorSettings) -> tuple[bool, str | None]:
+    """``(sandboxed, warning)`` for ``KCR_SANDBOX``; raises ``SandboxUnavailable`` to refuse.
+
+    ``auto``: bubblewrap when a probe run works, else unsandboxed only with
+    ``KCR_UNSANDBOXED_TRUSTED``; ``bwrap``: bubblewrap or refuse; ``none``: unsandboxed, and only
+    with ``KCR_UNSANDBOXED_TRUSTED``. Blocking (runs one sandboxed ``sh``): call it in a thread.
+    """
+    from sidecar.sandbox import probe, split_paths
+
+    mode = settings.kcr_sandbox
+    trusted = settings.kcr_unsandboxed_trusted
+    if mode == "none":
+        if not trusted:
+            raise SandboxUnavailable("KCR_SANDBOX=none runs user code without a sandbox; set "
+                                     "KCR_UNSANDBOXED_TRUSTED=true to allow that (trusted code only)")
+        return False, _UNSANDBOXED.format(why="KCR_SANDBOX=none")
+    # As root, probe as an unprivileged uid, as the sandboxes will run (nobody: it runs only `sh`).
+    uid = 65534 if os.geteuid() == 0 else None
+    error = probe(allow_network=settings.kcr_sandbox_allow_network,
+                  ro_paths=split_paths(local.kcr_local_sandbox_ro_paths), uid=uid, gid=uid,
+                  bwrap=local.kcr_local_bwrap or None)
+    if error is None:
+        return True, None
+    if mode == "bwrap" or not trusted:
+        hint = "" if mode == "bwrap" else (" Install bubblewrap and enable unprivileged user namespaces, "
+                                           "or set KCR_UNSANDBOXED_TRUSTED=true for trusted code only.")
+        raise SandboxUnavailable(f"the bubblewrap sandbox does not work here ({error}); refusing to "
+                                 f"start the local executor (KCR_SANDBOX={mode}).{hint}")
+    return False, _UNSANDBOXED.format(why=error)
 
 
 def _sandbox_root(settings: Settings, uid_probe: int | None) -> tuple[Path, str | None]:
@@ -137,6 +182,7 @@ class LocalExecutor:
         self._closing = False
         self._node_path = _node_path(local)
         self._package_parent = str(Path(proctree.__file__).resolve().parents[1])
+        self.sandboxed = True  # set from decide_sandbox() before the replenishers start
 
     # --- Executor protocol ----------------------------------------------------------------
     @asynccontextmanager
@@ -185,6 +231,7 @@ class LocalExecutor:
             "pools": pools,
             "in_use": self.in_use,
             "capacity": self.capacity,
+            "sandbox": "bwrap" if self.sandboxed else "none",
         }
 
     # --- pools ----------------------------------------------------------------------------
@@ -260,6 +307,13 @@ class LocalExecutor:
             argv += ["--run-uid", str(uid), "--run-gid", str(uid), "--run-uid-exclusive", "true"]
         if self._node_path:
             argv += ["--node-path", self._node_path]
+        if self.sandboxed:  # the sidecar probes again and refuses to start if bwrap fails
+            argv += ["--sandbox", "bwrap", "--sandbox-allow-network",
+                     "true" if s.kcr_sandbox_allow_network else "false",
+                     "--sandbox-ro-paths", self.local.kcr_local_sandbox_ro_paths,
+                     "--sandbox-bwrap", self.local.kcr_local_bwrap]
+        else:
+            argv += ["--sandbox", "none"]
         if self.local.kcr_local_python:
             argv += ["--python", self.local.kcr_local_python]
         return argv
@@ -375,6 +429,13 @@ def _remove_tree(path: Path) -> None:
 async def open_local_executor(settings: Settings) -> AsyncIterator[LocalExecutor]:
     """The local executor with its replenishers; on exit every sidecar it started is killed."""
     local = LocalExecutorSettings()
+    try:
+        sandboxed, sandbox_warning = await trio.to_thread.run_sync(decide_sandbox, settings, local)
+    except SandboxUnavailable as exc:
+        log.critical("%s", exc)
+        raise
+    if sandbox_warning:
+        log.warning("%s", sandbox_warning)
     limits = httpx.Limits(max_connections=max(64, 4 * settings.max_concurrent_executions),
                           max_keepalive_connections=32, keepalive_expiry=5.0)
     async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(30.0, connect=5.0),
@@ -383,6 +444,9 @@ async def open_local_executor(settings: Settings) -> AsyncIterator[LocalExecutor
         try:
             async with trio.open_nursery() as nursery:
                 executor = LocalExecutor(settings, local, nursery, http)
+                executor.sandboxed = sandboxed
+                if sandbox_warning:
+                    executor.warnings.append(sandbox_warning)
                 executor.start_replenishers()
                 try:
                     yield executor

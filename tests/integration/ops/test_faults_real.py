@@ -146,9 +146,6 @@ def test_sidecar_killed_mid_run(server: ServerProcess) -> None:
     assert total(m, "kcr_pool_target", language="py") == 1
 
 
-@pytest.mark.xfail(reason="local executor: a program outlives its SIGKILLed sidecar (reported to the "
-                          "execution helper); remove this mark once the executor kills the sandbox's processes",
-                   strict=False)
 def test_programs_die_with_their_sidecar(server: ServerProcess) -> None:
     marker = f"kcrorphan{os.getpid()}x{time.monotonic_ns()}"
     try:
@@ -156,3 +153,32 @@ def test_programs_die_with_their_sidecar(server: ServerProcess) -> None:
         wait_until(lambda: not _find(marker), 15, message="the program died with its sidecar")
     finally:
         _reap(marker)
+
+
+def test_client_leaving_a_real_run(server: ServerProcess) -> None:
+    """A client that leaves mid-run: its program is killed; one line, under its own X-Request-ID."""
+    import socket
+
+    rid = f"rid-sidecar-{time.monotonic_ns()}"
+    marker = f"kcrrid{os.getpid()}x{time.monotonic_ns()}"
+    body = json.dumps({"code": f"import subprocess\nsubprocess.run(['bash', '-c', 'exec -a {marker} sleep 300'])",
+                       "lang": "py"}).encode()
+    host, port = server.url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    try:
+        sock.sendall(
+            f"POST /exec HTTP/1.1\r\nHost: t\r\nX-API-Key: {H['X-API-Key']}\r\nX-Request-ID: {rid}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+        )
+        wait_until(lambda: _find(marker), 30, message="program running")
+    finally:
+        sock.close()
+    try:
+        wait_until(lambda: not _find(marker), 15, message="program killed after the client left")
+    finally:
+        _reap(marker)
+    [access] = wait_until(lambda: [a for a in access_lines(server) if a["request_id"] == rid], 10)
+    assert access["outcome"] == "client_gone" and access["gone_in_phase"] == "execute"
+    assert access["status"] in (None, 200) and access["client_gone_after_s"] > 0  # 200: heartbeat began
+    m = metrics(server)
+    assert total(m, "kcr_exec_killed_on_cancel_total") >= 1

@@ -279,3 +279,44 @@ async def test_http_level_garbage(tmp_path: Path, logs: LogCapture) -> None:
         async with httpx.AsyncClient(timeout=10) as client:
             await still_serving(client, url)
     no_server_errors(logs)
+
+
+async def test_dripped_or_missing_headers_are_cut_at_the_idle_timeout(tmp_path: Path) -> None:
+    """Slowloris on the request line and headers: Hypercorn's idle timer closes those connections."""
+    async with ops_server(tmp_path, kcr_keep_alive_timeout=6.0) as (url, _, _):
+        port = port_of(url)
+        closed_after: dict[str, float] = {}
+
+        async def client(mode: str) -> None:
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            start = trio.current_time()
+            async with trio.open_nursery() as nursery:
+
+                async def dripper() -> None:
+                    if mode != "drip":
+                        return
+                    try:  # a valid request line, then one header line a second: the headers never end
+                        await stream.send_all(b"GET /health HTTP/1.1\r\n")
+                        while True:
+                            await trio.sleep(1.0)  # the scenario itself, not synchronisation
+                            await stream.send_all(b"X-Slow: yes\r\n")
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass
+
+                nursery.start_soon(dripper)
+                with trio.fail_after(15):
+                    try:
+                        while await stream.receive_some():
+                            pass
+                    except trio.BrokenResourceError:
+                        pass
+                closed_after[mode] = trio.current_time() - start
+                nursery.cancel_scope.cancel()
+            await stream.aclose()
+
+        async with trio.open_nursery() as nursery:
+            for mode in ("silent", "drip"):
+                nursery.start_soon(client, mode)
+        assert all(5.0 < after < 9.0 for after in closed_after.values()), closed_after
+        async with httpx.AsyncClient(timeout=10) as c:
+            await still_serving(c, url)

@@ -12,6 +12,7 @@ import trio
 from kcr_trio.backends.local_executor import LocalExecutor, open_local_executor
 from kcr_trio.config import Settings
 from kcr_trio.core.errors import Busy, NotFound, Unavailable
+from sidecar import proctree
 from tests.support.sidecar import pid_gone, public_tmpdir, wait_until
 
 
@@ -111,9 +112,13 @@ async def test_cancelling_run_kills_the_program_and_frees_the_slot(data_dir: str
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(run_it)
                     assert await wait_until(pid_written, timeout=15)
+                    # Host pids of the run (in the bubblewrap sandbox the program's own getpid()
+                    # is a PID-namespace pid): bwrap, its reaper and the program.
+                    victims = proctree.descendants(sidecar.process.pid)
+                    assert victims
                     scope.cancel()
             # the sandbox is still held: only the dropped connection can have killed the program
-            assert await wait_until(lambda: pid_gone(program_pid[0]), timeout=5)
+            assert await wait_until(lambda: all(pid_gone(p) for p in victims), timeout=5)
             assert sidecar.process.returncode is None
         assert (await ex.status())["in_use"] == 0
         async with ex.sandbox("py", wait=1) as sb:
