@@ -87,7 +87,11 @@ class Settings(BaseSettings):
     kcr_file_store: Literal["local", "s3"] = "local"
     kcr_executor: Literal["local", "kubernetes"] = "local"
     # How long /exec waits for a free sandbox before answering 503 + Retry-After.
-    kcr_acquire_timeout: float = Field(10.0, ge=0.0)
+    # It defaults below KCR_COMMIT_HOLD_MAX so that "busy" is still a real 503 (nothing committed).
+    kcr_acquire_timeout: float = Field(3.0, ge=0.0)
+    # While a sandbox is being acquired, /exec holds its heartbeat commit up to this long (from the
+    # request start), so a busy answer can still be a 503. Must stay below the 5 s client timer.
+    kcr_commit_hold_max: float = Field(4.0, ge=0.0, le=4.5)
     kcr_busy_retry_after: float = Field(2.0, ge=1.0)
     # Time allowed, on top of MAX_EXECUTION_TIME, for store, upload and collection phases.
     kcr_exec_overhead: float = Field(30.0, ge=1.0)

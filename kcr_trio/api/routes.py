@@ -252,6 +252,23 @@ def create_app(svc: Services) -> QuartTrio:
         if settings.kcr_heartbeat:
             with trio.move_on_after(settings.kcr_heartbeat_grace):
                 await done.wait()
+            # Still waiting for a sandbox? Then a Busy answer may yet come: keep the status open
+            # (no byte sent) until acquisition is decided, but never past the hold cap, which stays
+            # below the 5 s client idle timer so the socket is never killed for silence.
+            hold = settings.kcr_commit_hold_max - settings.kcr_heartbeat_grace
+            if not done.is_set() and not phases.acquired.is_set() and hold > 0:
+                with trio.move_on_after(hold):
+                    async with trio.open_nursery() as waiters:
+                        async def first(event: trio.Event) -> None:
+                            await event.wait()
+                            waiters.cancel_scope.cancel()
+
+                        waiters.start_soon(first, done)
+                        waiters.start_soon(first, phases.acquired)
+            if not done.is_set() and "error" not in box and phases.acquired.is_set():
+                # Acquisition just failed: the error lands in ``box`` at once; wait for it.
+                with trio.move_on_after(0.05):
+                    await done.wait()
         else:
             await done.wait()
 

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -95,6 +95,9 @@ class Phases:
 
     durations: dict[str, float] = field(default_factory=dict)
     current: str | None = None
+    # Set once acquisition is decided (a sandbox is held, or it failed): until then the edge may
+    # still answer a real 503, so it holds the heartbeat commit (bounded) while this is unset.
+    acquired: trio.Event = field(default_factory=trio.Event)
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -178,7 +181,12 @@ class ExecService:
             phases.current = "acquire"
             # Leaving this block (normally, by error or by cancellation) releases the sandbox;
             # the executor shields that release and bounds it with its own timeout.
-            async with self.executor.sandbox(language.code, wait=wait) as sandbox:
+            try:
+                sandbox_cm = self.executor.sandbox(language.code, wait=wait)
+                sandbox = await sandbox_cm.__aenter__()
+            finally:
+                phases.acquired.set()
+            async with _entered(sandbox_cm, sandbox):
                 phases.durations["acquire"] = round((time.perf_counter() - acquire_started) * 1000, 2)
                 await resolved.wait()
 
@@ -360,6 +368,18 @@ class ExecService:
             }
             for _, record in sorted(stored, key=lambda pair: pair[0])
         ]
+
+
+@asynccontextmanager
+async def _entered(cm: Any, value: Any) -> AsyncIterator[Any]:
+    """Exit an already-entered async context manager when this block ends (also on error)."""
+    try:
+        yield value
+    except BaseException as exc:
+        if not await cm.__aexit__(type(exc), exc, exc.__traceback__):
+            raise
+    else:
+        await cm.__aexit__(None, None, None)
 
 
 @dataclass(slots=True)

@@ -40,7 +40,8 @@ def shape_output(result: RunResult, *, limit: int, timeout: float) -> tuple[str,
     if stdout:
         stdout += "\n"
     if result.failure:
-        stderr = f"{stderr}\n{result.failure}".strip()
+        if result.failure not in stderr:  # a sandbox may already have put its reason in stderr
+            stderr = f"{stderr}\n{result.failure}".strip()
     elif result.timed_out and "timed out" not in stderr:
         stderr = f"{stderr}\n{timeout_message(timeout)}".strip()
     elif result.exit_code != 0 and not stderr:

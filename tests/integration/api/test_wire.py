@@ -197,3 +197,52 @@ async def test_disconnect_cancels_the_run_and_frees_the_slot(server, caplog: pyt
                       message="client_gone access log line")
     line = next(json.loads(r.getMessage()) for r in caplog.records if '"outcome":"client_gone"' in r.getMessage())
     assert line["path"] == "/exec" and line["client_gone_after_s"] > 0
+
+
+@pytest.fixture
+async def busy_server(tmp_path: Path):
+    """Capacity 1, grace 0.5 s; acquisition waits 1.5 s, the commit may be held up to 3 s."""
+    program = Program()
+    executor = MemoryExecutor(program, capacity=1, retry_after=4)
+    settings = make_settings(tmp_path, kcr_heartbeat_grace=0.5, kcr_heartbeat_interval=1.0,
+                             kcr_acquire_timeout=1.5, kcr_commit_hold_max=3.0)
+    async with running_server(settings, executor=executor) as url:
+        yield port_of(url), program
+
+
+async def test_busy_is_a_real_503_even_after_the_grace(busy_server) -> None:
+    port, program = busy_server
+    holder = await raw_request(port, "POST", "/exec", json.dumps({"code": "forever", "lang": "py"}).encode())
+    await await_until(lambda: program.running == 1, 5, message="first run holding the only slot")
+    stream = await raw_request(port, "POST", "/exec", json.dumps({"code": "sleep:0", "lang": "py"}).encode(),
+                               "Connection: close\r\n")
+    chunks = await read_timed(stream, 6)
+    status, headers, body = split_response(b"".join(c for _, c in chunks))
+    # Nothing was sent during the grace or the acquisition wait; then a real status, not a 200.
+    assert status.startswith("HTTP/1.1 503"), status
+    assert headers["retry-after"] == "4"
+    assert json.loads(body)["error_type"] == "service_unavailable"
+    assert 1.4 < chunks[0][0] < 3.0
+    await holder.aclose()
+
+
+async def test_acquisition_longer_than_the_hold_commits_and_reports_busy_in_stderr(tmp_path: Path) -> None:
+    program = Program()
+    executor = MemoryExecutor(program, capacity=1)
+    settings = make_settings(tmp_path, kcr_heartbeat_grace=0.5, kcr_heartbeat_interval=1.0,
+                             kcr_acquire_timeout=4.5, kcr_commit_hold_max=2.0)
+    async with running_server(settings, executor=executor) as url:
+        port = port_of(url)
+        holder = await raw_request(port, "POST", "/exec", json.dumps({"code": "forever", "lang": "py"}).encode())
+        await await_until(lambda: program.running == 1, 5, message="first run holding the only slot")
+        stream = await raw_request(port, "POST", "/exec", json.dumps({"code": "sleep:0", "lang": "py"}).encode(),
+                                   "Connection: close\r\n")
+        chunks = await read_timed(stream, 10)
+        status, _, body = split_response(b"".join(c for _, c in chunks))
+        # Silence is never allowed to reach the client's 5 s timer: the 200 is committed at the hold
+        # cap, and the busy answer arrives inside the complete JSON body.
+        assert status.startswith("HTTP/1.1 200")
+        assert chunks[0][0] < 2.0 + 0.75
+        payload = json.loads(dechunk(body))
+        assert "busy" in payload["stderr"].lower() or "capacity" in payload["stderr"].lower()
+        await holder.aclose()
