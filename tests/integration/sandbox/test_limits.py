@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from tests.support.sandbox import run, sandboxed
+from tests.support.sandbox import run, sandboxed, split_token
 
 pytestmark = pytest.mark.integration
 
@@ -60,12 +60,17 @@ async def test_disk_quota_covers_mnt_data_and_private_dirs(lang: str, where: str
 
 
 async def test_dev_shm_is_small_and_private() -> None:
-    code = ("n = 0\ntry:\n    while n < 1000:\n        open(f'/dev/shm/f{n}', 'wb').write(b'x' * (1 << 20))\n"
+    tag = "kcr-shm-" + split_token()[0]
+    code = (f"TAG = {tag!r}\nn = 0\ntry:\n    while n < 1000:\n"
+            "        open(f'/dev/shm/{TAG}-{n}', 'wb').write(b'x' * (1 << 20))\n"
             "        n += 1\nexcept OSError as e:\n    print('stopped', n, e.errno)")
-    async with sandboxed("py", *LIMITS) as (_sc, client):
-        res = await run(client, code)
-        stopped = res["stdout"].split()
-        assert stopped[0] == "stopped" and int(stopped[1]) <= 64 and stopped[2] in ("27", "28"), res
-        assert not any(name.startswith("f") and os.path.getsize(f"/dev/shm/{name}") == 1 << 20
-                       for name in os.listdir("/dev/shm") if os.path.isfile(f"/dev/shm/{name}")
-                       and name[1:].isdigit())
+    try:
+        async with sandboxed("py", *LIMITS) as (_sc, client):
+            res = await run(client, code)
+            stopped = res["stdout"].split()
+            assert stopped[:1] == ["stopped"] and int(stopped[1]) <= 64 and stopped[2] in ("27", "28"), res
+            assert not [n for n in os.listdir("/dev/shm") if n.startswith(tag)]  # private to the run
+    finally:
+        for name in os.listdir("/dev/shm"):
+            if name.startswith(tag):
+                os.unlink(os.path.join("/dev/shm", name))
