@@ -256,8 +256,30 @@ def _settings_from(args: argparse.Namespace) -> Settings:
 def serve_main(argv: list[str]) -> int:
     settings = _settings_from(_parse(argv))
     setup_logging(settings.log_level, settings.log_format)
-    trio.run(serve, settings)  # open_services enters the asyncio bridge when a backend needs it
+    try:
+        trio.run(serve, settings)  # open_services enters the asyncio bridge when a backend needs it
+    except BaseException as exc:  # a refusal to start arrives wrapped in nursery exception groups
+        refusal = _startup_refusal(exc)
+        if refusal is None:
+            raise
+        print(f"kcr-trio: refusing to start: {refusal}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _startup_refusal(exc: BaseException) -> str | None:
+    """The message of a deliberate start-up refusal (e.g. no working sandbox), if that is what
+    ``exc`` is or holds; such a refusal deserves one clear line, not a traceback."""
+    from kcr_trio.backends.local_executor import SandboxUnavailable
+
+    if isinstance(exc, SandboxUnavailable):
+        return str(exc)
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _startup_refusal(inner)
+            if found is not None:
+                return found
+    return None
 
 
 def check_main(argv: list[str]) -> int:

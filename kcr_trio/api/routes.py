@@ -394,11 +394,7 @@ def create_app(svc: Services) -> QuartTrio:
         form = await _parse_upload(batch=False)
         try:
             if not form.files:
-                raise ApiError(
-                    "No files provided",
-                    status=422,
-                    details=[{"field": "body -> file", "message": "Field required", "code": "missing"}],
-                )
+                raise _no_files()
             session_id, stored = await _store_uploads(form)
         finally:
             form.cleanup()
@@ -419,11 +415,7 @@ def create_app(svc: Services) -> QuartTrio:
         form = await _parse_upload(batch=True)
         try:
             if not form.files and not form.refused:
-                raise ApiError(
-                    "No files provided",
-                    status=422,
-                    details=[{"field": "body -> file", "message": "Field required", "code": "missing"}],
-                )
+                raise _no_files()
             session_id, stored = await _store_uploads(form)
         finally:
             form.cleanup()
@@ -668,6 +660,14 @@ def _lone_surrogate(value: Any, where: str) -> str | None:
         if found is not None:
             return found
     return None
+
+
+def _no_files() -> ApiError:
+    return ApiError(
+        "No files provided",
+        status=422,
+        details=[{"field": "body -> file", "message": "Field required", "code": "missing"}],
+    )
 
 
 def _iso_ms(stamp: dt.datetime) -> str:

@@ -45,6 +45,8 @@ import trio
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from kcr_trio.config import Settings
+from sidecar.prewarm import remove_tree
+
 from kcr_trio.core.errors import Busy, Unavailable, unsupported_language
 from kcr_trio.core.languages import LANGUAGES
 from sidecar import proctree
@@ -413,16 +415,8 @@ class LocalExecutor:
 
 
 def _remove_tree(path: Path) -> None:
-    def fix(func, p, _exc):  # type: ignore[no-untyped-def]
-        try:
-            os.chmod(os.path.dirname(p), 0o700)
-            os.chmod(p, 0o700)
-            func(p)
-        except OSError:
-            pass
-
     if path.exists():
-        shutil.rmtree(path, onerror=fix)
+        remove_tree(str(path))
 
 
 @asynccontextmanager

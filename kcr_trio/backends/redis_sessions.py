@@ -52,6 +52,8 @@ from typing import Any, Literal, TypeVar
 from urllib.parse import urlparse, urlunparse
 
 import trio
+
+from kcr_trio.core.throttle import Throttle
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -555,15 +557,12 @@ def _describe(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-_last_logged = 0.0
+_failures = Throttle(10.0)
 
 
 def _log_failure(exc: BaseException) -> None:
     """Log the underlying error, at most every 10 s: an outage fails every request."""
-    global _last_logged
-    now = time.monotonic()
-    if now - _last_logged >= 10:
-        _last_logged = now
+    if _failures.ready():
         log.warning("Redis operation failed: %s: %s", type(exc).__name__, exc)
 
 

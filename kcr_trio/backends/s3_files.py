@@ -45,6 +45,8 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 
 import trio
+
+from kcr_trio.core.throttle import Throttle
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -374,15 +376,12 @@ def _transport_reason(exc: BaseException) -> str:
     return "cannot reach S3"
 
 
-_last_logged = 0.0
+_failures = Throttle(10.0)
 
 
 def _log_failure(exc: BaseException) -> None:
     """Log the underlying error, at most every 10 s: an outage fails every request."""
-    global _last_logged
-    now = time.monotonic()
-    if now - _last_logged >= 10:
-        _last_logged = now
+    if _failures.ready():
         log.warning("S3 operation failed: %s: %s", type(exc).__name__, exc)
 
 

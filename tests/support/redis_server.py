@@ -38,6 +38,8 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
+from tests.support.process import ManagedServer
 from typing import Any
 
 START_TIMEOUT = 10.0
@@ -85,7 +87,9 @@ def _command(
         return buf
 
 
-class RedisServer:
+class RedisServer(ManagedServer):
+    LOG_NAME = "redis.log"
+
     def __init__(
         self,
         port: int | None = None,
@@ -177,33 +181,6 @@ class RedisServer:
         """Send one command and return the first reply line (``+PONG``, ``:1``, ``$-1`` …)."""
         ctx = self.tls.client_context() if self.tls else None
         return _command(self.host, self.port, *args, timeout=timeout, ssl_context=ctx).split(b"\r\n", 1)[0]
-
-    def stop(self, timeout: float = 10.0) -> None:
-        proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout)
-
-    def kill(self) -> None:
-        proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join((self._dir / "redis.log").read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def close(self) -> None:
-        self.stop()
-        shutil.rmtree(self._dir, ignore_errors=True)
 
 
 @contextlib.contextmanager

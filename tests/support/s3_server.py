@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,8 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+
+from tests.support.process import ManagedServer
 from typing import Any
 
 from tests.support.redis_server import free_port
@@ -49,7 +50,9 @@ def unique_bucket() -> str:
     return f"kcr-test-{secrets.token_hex(8)}"
 
 
-class S3Server:
+class S3Server(ManagedServer):
+    LOG_NAME = "moto.log"
+
     def __init__(self, port: int | None = None, tls: Any = None) -> None:
         self.host = "127.0.0.1"
         self.port = port or free_port()
@@ -153,33 +156,6 @@ class S3Server:
         for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
             keys += [item["Key"] for item in page.get("Contents", [])]
         return sorted(keys)
-
-    def stop(self, timeout: float = 10.0) -> None:
-        proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout)
-
-    def kill(self) -> None:
-        proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join((self._dir / "moto.log").read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def close(self) -> None:
-        self.stop()
-        shutil.rmtree(self._dir, ignore_errors=True)
 
 
 @contextlib.contextmanager
