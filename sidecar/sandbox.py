@@ -168,7 +168,8 @@ class Sandbox:
         for path in self.etc:
             a += ["--ro-bind-try", path, path]
         for path in self.ro_paths:
-            a += ["--ro-bind-try", path, path]
+            if not _under_tmp(path):  # those are bound after the private /tmp (see args)
+                a += ["--ro-bind-try", path, path]
         a += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--size", str(self.shm_mb * 1024 * 1024),
               "--tmpfs", "/dev/shm", "--remount-ro", "/dev"]  # /dev: no memory-backed files
         return a
@@ -184,6 +185,11 @@ class Sandbox:
                 a += ["--perms", "1777", "--tmpfs", "/tmp"]
         else:
             a += ["--perms", "1777", "--tmpfs", "/tmp"]
+        # Toolchain paths below /tmp (a checkout or venv there, as in a CI clone) would be hidden
+        # by the private /tmp mounted above, so they are bound on top of it, read-only.
+        for path in self.ro_paths:
+            if _under_tmp(path):
+                a += ["--ro-bind-try", path, path]
         a += ["--bind", self.working_dir, MOUNT_POINT, "--chdir", MOUNT_POINT, "--remount-ro", "/", "--"]
         return a
 
@@ -240,6 +246,10 @@ def not_exiting(pid: int) -> bool:
         return rest[0] not in (b"Z", b"X") and not int(rest[6]) & PF_EXITING
     except (OSError, IndexError, ValueError):
         return False
+
+
+def _under_tmp(path: str) -> bool:
+    return os.path.abspath(path).startswith("/tmp/")
 
 
 def probe(*, allow_network: bool = False, ro_paths: Iterable[str] = (), uid: int | None = None,

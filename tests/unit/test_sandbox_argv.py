@@ -117,3 +117,14 @@ def test_exit_signal(code: int, sig: int | None) -> None:
 def test_split_paths() -> None:
     assert split_paths("/a:/b/::") == ["/a", "/b"]
     assert split_paths("") == [] and split_paths(None) == []
+
+
+def test_toolchain_paths_below_tmp_are_bound_over_the_private_tmp() -> None:
+    """A checkout under /tmp (CI clones there) must stay visible: bind it after /tmp is mounted."""
+    sb = Sandbox.create("/x/wd", ro_paths=["/tmp/clone/tests/node/node_modules", "/opt/tool"])
+    argv = sb.args(None)
+    tmp_mount = argv.index("/tmp", argv.index("--tmpfs"))
+    late = argv.index("/tmp/clone/tests/node/node_modules")
+    early = argv.index("/opt/tool")
+    assert early < tmp_mount < late
+    assert argv[late - 1] == "--ro-bind-try"
