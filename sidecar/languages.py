@@ -61,7 +61,9 @@ def _kcr_boot():
         os.write(fd, b"R")
         if os.read(fd, 1) != b"G":  # the sidecar went away: never run a stale file
             os._exit(1)
-        os.close(fd)
+        os.set_inheritable(fd, False)  # kept for the "done" report; the program's children never see it
+    else:
+        fd = None
     path = sys.argv[1]
     cwd = os.getcwd()
     full = os.path.join(cwd, path)
@@ -111,8 +113,9 @@ def _kcr_boot():
         pass
     try:
         g.clear()
-        # One fd is the listing's own; anything beyond stdio and it may hold unflushed data.
-        if sum(1 for f in os.listdir("/proc/self/fd") if int(f) > 2) > 1:
+        # One fd is the listing's own (and the handshake socket ours); any other beyond stdio
+        # may hold unflushed data.
+        if sum(1 for f in os.listdir("/proc/self/fd") if int(f) > 2 and int(f) != fd) > 1:
             import gc, io
             kinds = (io.TextIOWrapper, io.BufferedWriter, io.BufferedRandom)
             for obj in gc.get_objects():
@@ -127,6 +130,15 @@ def _kcr_boot():
         try:
             stream.flush()
         except BaseException:
+            pass
+    if fd is not None:
+        # Report "done" before the kernel tears the process down (~1 ms for an interpreter): the
+        # output is complete once stdout/stderr are closed, so the sidecar can answer at once.
+        try:
+            os.close(1)
+            os.close(2)
+            os.write(fd, b"D" + bytes([status & 0xFF]))
+        except OSError:
             pass
     os._exit(status)
 _kcr_boot()

@@ -92,5 +92,21 @@ class Warm:
         except OSError:
             self.failed = True
 
+    async def wait_done(self) -> int | None:
+        """The program's exit status as the interpreter reports it just before exiting (pre-warmed
+        Python sends ``D`` + status once its output streams are closed), or ``None`` when the
+        socket closes without a report (other languages, ``os._exit`` in user code, a signal):
+        then only the process's exit tells."""
+        data = b""
+        while len(data) < 2:
+            try:
+                chunk = await self.sock.recv(2 - len(data))
+            except OSError:
+                return None
+            if not chunk:
+                return None
+            data += chunk
+        return data[1] if data[:1] == b"D" else None
+
     def close(self) -> None:
         self.sock.close()

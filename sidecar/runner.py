@@ -442,6 +442,7 @@ class Runner:
             proc = await spawn_user(self._spec_for(step, state.tmp, timeout))
             self.tracked.add(proc.pid)
         state.pids.add(proc.pid)
+        reported: int | None = None
         scope = trio.CancelScope(deadline=deadline)
         state.step_scope = scope
         cleaned = False
@@ -451,7 +452,7 @@ class Runner:
                 pumps.start_soon(self._pump, proc.stderr, state.err, state)
                 with scope:
                     if warm is not None:
-                        await warm.exited.wait()  # the idle watcher is the process's one waiter
+                        reported = await _first_of(warm.wait_done, warm.exited.wait)
                     else:
                         await proc.wait()
                 if scope.cancelled_caught and state.reason is None:
@@ -460,7 +461,10 @@ class Runner:
                 # then give the pumps a moment to drain what is already buffered.
                 await self._kill_leftovers(settle=not scope.cancelled_caught)
                 pumps.cancel_scope.deadline = trio.current_time() + 2
-            cleaned = (warm.exited.is_set() if warm is not None else proc.returncode is not None)
+            # An interpreter that reported its status is already on its way out (the watcher reaps
+            # it); there is no need to wait for its teardown before answering.
+            cleaned = (warm.exited.is_set() or reported is not None) if warm is not None else (
+                proc.returncode is not None)
         finally:
             state.step_scope = None
             with trio.CancelScope(shield=True):
@@ -469,7 +473,9 @@ class Runner:
                     with trio.move_on_after(2):
                         await (warm.exited.wait() if warm is not None else proc.wait())
                 self.tracked.discard(proc.pid)
-        return proc.returncode if proc.returncode is not None else -signal.SIGKILL
+        if proc.returncode is not None:
+            return proc.returncode
+        return reported if reported is not None else -signal.SIGKILL
 
     async def _pump(self, stream: trio.abc.ReceiveStream | None, cap: Capture, state: RunState) -> None:
         if stream is None:
@@ -531,10 +537,10 @@ class Runner:
             keep |= proctree.descendants(self.warm.process.pid)
 
         def leftovers() -> bool:
-            alive = proctree.alive if not (settle and self.sandbox is not None) else not_exiting
+            alive = not_exiting if settle else proctree.alive
             return any(alive(p) for p in proctree.descendants(os.getpid()) - keep)
 
-        if settle and self.sandbox is not None:
+        if settle:
             with trio.move_on_after(0.02):
                 while leftovers():
                     await trio.sleep(0.0005)
@@ -551,3 +557,27 @@ def _cpu_seconds(pid: int) -> int:
         fields_ = fh.read().rsplit(b")", 1)[1].split()
     ticks = os.sysconf("SC_CLK_TCK")
     return math.ceil((int(fields_[11]) + int(fields_[12])) / ticks)
+
+
+async def _first_of(report: Any, exited: Any) -> int | None:
+    """Run both waits; return the first's value (``report``'s status, or ``None`` on exit).
+
+    A ``report`` that ends with ``None`` (no status sent) does not count: then the exit decides.
+    """
+    result: list[int | None] = []
+    async with trio.open_nursery() as nursery:
+
+        async def take_report() -> None:
+            status = await report()
+            if status is None:
+                await trio.sleep_forever()
+            result.append(status)
+            nursery.cancel_scope.cancel()
+
+        async def take_exit() -> None:
+            await exited()
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(take_report)
+        nursery.start_soon(take_exit)
+    return result[0] if result else None
