@@ -34,17 +34,26 @@ def make_private_tmp(root: str, identity: Identity) -> str:
 
 
 def remove_tree(path: str) -> None:
-    """``rm -rf`` that also copes with read-only dirs (Go's module cache makes them)."""
+    """``rm -rf`` that also copes with read-only dirs (Go's module cache makes them).
+
+    On a permission error it makes the entry's directory writable and retries, but only for
+    directories *inside* ``path``: the tree's own parent (``/tmp``, the data directory) is never
+    touched, whatever fails.
+    """
+    root = os.path.abspath(path)
 
     def fix(func, p, _exc):  # type: ignore[no-untyped-def]
         try:
-            os.chmod(os.path.dirname(p), 0o700)
-            os.chmod(p, 0o700)
+            parent = os.path.dirname(os.path.abspath(p))
+            if parent == root or parent.startswith(root + os.sep):
+                os.chmod(parent, 0o700)
+            if os.path.abspath(p) != root:
+                os.chmod(p, 0o700)
             func(p)
         except OSError:
             pass
 
-    shutil.rmtree(path, onerror=fix)
+    shutil.rmtree(root, onerror=fix)
 
 
 class Warm:
