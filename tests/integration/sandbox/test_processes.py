@@ -182,11 +182,25 @@ def _start_ticks(pid: int) -> str:
 async def test_prewarmed_interpreter_runs_inside_the_sandbox(lang: str) -> None:
     async with sandboxed(lang) as (sc, client):
         for _ in range(2):  # the first warm process and its replacement
-            assert await wait_until(lambda: len(sc.user_processes()) == 3, 30)  # bwrap, reaper, interpreter
-            (outer,) = [p for p in sc.user_processes() if os.readlink(f"/proc/{p}/exe").endswith("bwrap")
-                        and proctree._stat(p)[1] == sc.pid]  # type: ignore[index]
-            warm = payload_pid(outer)
-            assert warm != outer and not os.readlink(f"/proc/{warm}/exe").endswith("bwrap")
+            chain: list[tuple[int, int]] = []
+
+            def warm_chain_complete() -> bool:
+                # bwrap (a child of the sidecar) → its reaper → the waiting interpreter. The previous
+                # run's interpreter may still be tearing down, so count the chain, not processes.
+                chain.clear()
+                for p in sc.user_processes():
+                    try:
+                        if os.readlink(f"/proc/{p}/exe").endswith("bwrap") and proctree._stat(p)[1] == sc.pid:  # type: ignore[index]
+                            w = payload_pid(p)
+                            if w != p and not os.readlink(f"/proc/{w}/exe").endswith("bwrap"):
+                                chain.append((p, w))
+                    except OSError:
+                        continue
+                return len(chain) == 1
+
+            assert await wait_until(warm_chain_complete, 30)
+            ((outer, warm),) = chain
+            assert warm != outer
             warm_started = _start_ticks(warm)
             res = await run(client, PREWARM_CODE[lang], timeout=5)
             assert res["exit_code"] == 0, res["stderr"]
