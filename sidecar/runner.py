@@ -497,6 +497,9 @@ class Runner:
         first moment is counted as baseline, a slack of at most a few MB."""
         quota = self.cfg.disk_quota_mb * MB
         paths = [self.cfg.working_dir, state.tmp]
+        # Most runs are over within a few ms: they never pay for a worker thread competing with
+        # the answer. What a program writes in this first moment is part of the baseline.
+        await trio.sleep(0.005)
         # abandon_on_cancel: the run must not wait for a directory walk to notice it is over.
         base = await trio.to_thread.run_sync(files.usage, paths, abandon_on_cancel=True)
         while True:
@@ -542,8 +545,9 @@ class Runner:
 
         if settle:
             with trio.move_on_after(0.02):
+                # A program that reported "done" is a few microseconds from exiting: poll finely.
                 while leftovers():
-                    await trio.sleep(0.0005)
+                    await trio.sleep(0.0001)
         if not leftovers():
             proctree.reap_orphans(self.tracked)
             self._tree_clean = True

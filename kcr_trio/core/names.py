@@ -48,7 +48,7 @@ def sanitize_filename(name: str) -> str:
 
 
 def is_plain_filename(name: str) -> bool:
-    """True if ``name`` is a single, visible path component (what generated files must be)."""
+    """True if ``name`` is a single path component: no separators, NULs, ``.`` or ``..``."""
     return (
         bool(name)
         and name not in (".", "..")
