@@ -229,6 +229,11 @@ async def test_nothing_survives_runs_timeouts_disconnects_or_the_sidecar() -> No
                 assert await wait_until(lambda: len(processes_mentioning("sleep\x00307")) == 2, 20)
                 nursery.cancel_scope.cancel()
         assert await wait_until(lambda: not processes_mentioning("sleep\x00307"), 5)
+        # The processes die first; the sidecar then finishes its clean-up of the cancelled run
+        # (only then would it take another run, which in production it never gets).
+        with trio.fail_after(10):
+            while (await client.get("/health")).json()["busy"]:
+                await trio.sleep(0.01)
         assert (await run(client, "echo ok"))["stdout"] == "ok\n"
         # Only the idle pre-warmed interpreter's sandbox is left, and it goes with the sidecar.
         assert await wait_until(lambda: len(sandbox_processes(sc)) == 2, 10)  # bwrap and its reaper
