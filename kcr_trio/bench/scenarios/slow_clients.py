@@ -33,11 +33,17 @@ class SlowClients:
         window_open = trio.Event()
         window_over = trio.Event()
 
-        async def idle() -> None:
+        async def connect() -> trio.abc.Stream | None:
+            """A connection to the target, or None (counted as a load error)."""
             try:
-                stream = await open_stream(target)
+                return await open_stream(target)
             except (OSError, trio.TooSlowError):
                 counts["load errors"] += 1
+                return None
+
+        async def idle() -> None:
+            stream = await connect()
+            if stream is None:
                 return
             async with stream:
                 try:
@@ -61,10 +67,8 @@ class SlowClients:
 
         async def slow() -> None:
             body = b'{"code": "print(1)", "lang": "py"}'
-            try:
-                stream = await open_stream(target)
-            except (OSError, trio.TooSlowError):
-                counts["load errors"] += 1
+            stream = await connect()
+            if stream is None:
                 return
             async with stream:
                 try:
