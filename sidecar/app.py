@@ -1,10 +1,10 @@
-"""The sidecar's HTTP surface: a plain ASGI app (no framework) served by Hypercorn's Trio worker.
+"""The sidecar's HTTP surface: a plain ASGI app (no framework) served by ``httpd.py``.
 
 Routes are KubeCodeRun's pod protocol (``POST /execute``, ``POST|GET /files``,
 ``GET|DELETE /files/{name}``, ``GET /health``, ``GET /ready``); our additions are extra JSON fields
 that older clients ignore.
 
-Cancellation: while ``/execute`` runs, a watcher task keeps calling ``receive()``; Hypercorn delivers
+Cancellation: while ``/execute`` runs, a watcher task keeps calling ``receive()``; the server delivers
 ``http.disconnect`` as soon as the caller's connection closes, and the watcher cancels the run, whose
 ``finally`` kills the whole process tree (see ``runner.py``). Nothing is sent after a disconnect.
 """
@@ -75,14 +75,6 @@ class App:
         self.runner = runner
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                msg = await receive()
-                if msg["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif msg["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
         if scope["type"] != "http":
             return
         try:
@@ -163,8 +155,8 @@ class App:
 
     async def _execute(self, code: str, timeout: float, request_id: str, receive: Receive,
                        send: Send) -> None:
-        result: dict[str, Any] | None = None
         disconnected = False
+        error: HTTPError | None = None  # raised after the nursery (inside, it would be grouped)
         async with trio.open_nursery() as nursery:
 
             async def watch() -> None:
@@ -181,14 +173,19 @@ class App:
             try:
                 result = await self.runner.execute(code, timeout, request_id)
             except Conflict as exc:
-                raise HTTPError(409, str(exc)) from None
+                error = HTTPError(409, str(exc))
             except OSError as exc:  # cannot write the source file, fork, ... : the sandbox is broken
                 log("execution_setup_failed", request_id=request_id, error=str(exc))
-                raise HTTPError(503, f"Cannot start the program: {exc.strerror or exc}") from None
+                error = HTTPError(503, f"Cannot start the program: {exc.strerror or exc}")
+            else:
+                # Answer while the watcher still listens (reading and writing a connection are
+                # independent), and only then stop it: its teardown is not on the caller's clock.
+                if not disconnected:
+                    await send_json(send, 200, result,
+                                    [(b"x-request-id", request_id.encode("latin-1", "replace"))])
             nursery.cancel_scope.cancel()
-        if result is None or disconnected:
-            return
-        await send_json(send, 200, result, [(b"x-request-id", request_id.encode("latin-1", "replace"))])
+        if error is not None and not disconnected:
+            raise error
 
     # --- files ------------------------------------------------------------------------------
     async def upload(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:

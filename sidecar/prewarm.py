@@ -72,6 +72,15 @@ class Warm:
         self.idle_scope = trio.CancelScope()
         self.idle_done = trio.Event()
         self.exited = trio.Event()  # set by the watcher, the only task that waits for the process
+        # The run waits for ``finished``: the program's reported status (``status``) or the
+        # process's exit, whichever comes first. Both waits are started by the watcher while the
+        # interpreter is idle, so a run pays for no task of its own.
+        self.finished = trio.Event()
+        self.status: int | None = None
+        # Measured while idle (``Runner._measure_idle``): the pid whose rlimits bind the program
+        # (None: unknown, leave them) and the CPU seconds its start-up used.
+        self.limit_pid: int | None = None
+        self.cpu_used = 0
 
     async def stop_watching(self) -> None:
         self.idle_scope.cancel()
@@ -100,6 +109,14 @@ class Warm:
             await self.sock.send(b"G")
         except OSError:
             self.failed = True
+
+    async def take_report(self) -> None:
+        """Wait for the program's "done" report; a socket that closes without one changes
+        nothing (then the process's exit sets ``finished``)."""
+        status = await self.wait_done()
+        if status is not None:
+            self.status = status
+            self.finished.set()
 
     async def wait_done(self) -> int | None:
         """The program's exit status as the interpreter reports it just before exiting (pre-warmed

@@ -1,4 +1,4 @@
-"""Start-up: working directory, listening socket, Hypercorn (Trio worker), pre-warm, shutdown.
+"""Start-up: working directory, listening socket, HTTP server (``httpd.py``), pre-warm, shutdown.
 
 The listening socket is either inherited (``--fd N``: the parent bound it, so a client may connect
 before we even start; connections wait in the kernel's backlog, which is what makes a local pool
@@ -18,12 +18,11 @@ import tempfile
 from functools import partial
 
 import trio
-from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve as hypercorn_serve
 
 from . import proctree
 from .app import App
 from .config import Config
+from .httpd import Server
 from .languages import Toolchain, lookup
 from .limits import reachable_by, resolve_identity
 from .prewarm import remove_tree
@@ -97,15 +96,8 @@ async def run(cfg: Config) -> None:
     port = sock.getsockname()[1]
     runner = Runner(cfg, spec, identity)
     runner.sandbox = sandbox
-    hc = HypercornConfig()
-    hc.bind = [f"fd://{sock.fileno()}"]
-    hc.accesslog = None
-    hc.errorlog = "-"
-    hc.loglevel = "WARNING"
-    hc.keep_alive_timeout = 75
-    hc.graceful_timeout = 1
-    hc.h11_max_incomplete_size = 64 * 1024
-    hc.include_server_header = False
+    http = Server(App(cfg, runner), keep_alive_timeout=75, graceful_timeout=1, max_head_size=64 * 1024,
+                  log=log)
     stop = trio.Event()
 
     async def on_signals() -> None:
@@ -121,8 +113,7 @@ async def run(cfg: Config) -> None:
 
         async def http_server(task_status: trio.TaskStatus[None]) -> None:
             try:
-                await hypercorn_serve(App(cfg, runner), hc, shutdown_trigger=stop.wait,
-                                      task_status=task_status)
+                await http.serve(sock, stop, task_status=task_status)
             finally:
                 server_done.set()
 

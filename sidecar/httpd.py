@@ -1,0 +1,295 @@
+"""A small HTTP/1.1 server for the sidecar's ASGI app: h11 on Trio streams, one task per connection.
+
+Why not Hypercorn (which the API server uses): a sidecar serves one caller at a time, and its hot path
+is a pre-warmed ``print('hi')`` that finishes in well under a millisecond. Hypercorn's per-request
+machinery (an app task, channels between it and the protocol, timers) cost about 0.8 ms per request
+here, as much as the run itself. This server calls the app inline in the connection's own task and
+writes each response with as few ``send`` calls as possible; it implements exactly what the sidecar
+needs, no more:
+
+* HTTP/1.1 keep-alive (idle connections close after ``keep_alive_timeout``), ``Expect:
+  100-continue`` (answered when the app first reads the body), chunked or sized request bodies, HEAD;
+* malformed requests answered 400 (431 for oversized heads) without reaching the app;
+* **disconnect detection**: once the request body has been read, ``receive()`` waits for the
+  connection to close and then returns ``http.disconnect``. That is what lets ``/execute`` cancel a
+  run the moment its caller goes away (``app.py``);
+* graceful shutdown: on ``shutdown`` the listener closes, idle connections close at once, and
+  requests in flight get ``graceful_timeout`` seconds before they are cancelled.
+
+Only the parts of ASGI's ``http`` scope the app uses are filled in (``method``, ``path``,
+``raw_path``, ``query_string``, ``headers``); there is no lifespan protocol.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Awaitable, Callable
+from email.utils import formatdate
+from typing import Any
+from urllib.parse import unquote
+
+import h11
+import trio
+
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+App = Callable[[dict[str, Any], Receive, Send], Awaitable[None]]
+
+READ_SIZE = 65536
+
+
+class _Closed(Exception):
+    """The peer closed the connection, or it broke."""
+
+
+class _Date:
+    """The ``Date`` header, formatted at most once per second."""
+
+    second = -1
+    value = b""
+
+    @classmethod
+    def now(cls) -> bytes:
+        t = int(time.time())
+        if t != cls.second:
+            cls.second, cls.value = t, formatdate(t, usegmt=True).encode()
+        return cls.value
+
+
+class Server:
+    def __init__(self, app: App, *, keep_alive_timeout: float = 75.0, graceful_timeout: float = 1.0,
+                 max_head_size: int = 64 * 1024, log: Callable[..., None] | None = None) -> None:
+        self.app = app
+        self.keep_alive_timeout = keep_alive_timeout
+        self.graceful_timeout = graceful_timeout
+        self.max_head_size = max_head_size
+        self.log = log
+        self.stopping = False
+        self._idle: dict[object, trio.CancelScope] = {}  # connections waiting for their next request
+
+    async def serve(self, sock: socket.socket, shutdown: trio.Event,
+                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Accept on ``sock`` (already listening) until ``shutdown`` is set, then drain."""
+        listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+        async with trio.open_nursery() as connections:
+            async with trio.open_nursery() as acceptor:
+                acceptor.start_soon(self._accept, listener, connections)
+                task_status.started()
+                await shutdown.wait()
+                acceptor.cancel_scope.cancel()
+            await listener.aclose()
+            self.stopping = True
+            for scope in list(self._idle.values()):
+                scope.cancel()
+            connections.cancel_scope.deadline = trio.current_time() + self.graceful_timeout
+
+    async def _accept(self, listener: trio.SocketListener, connections: trio.Nursery) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:  # EMFILE and friends: back off instead of spinning
+                if self.log:
+                    self.log("accept_failed", error=str(exc))
+                await trio.sleep(0.1)
+                continue
+            connections.start_soon(self._connection, stream)
+
+    async def _connection(self, stream: trio.SocketStream) -> None:
+        conn = _Connection(self, stream)
+        try:
+            await conn.run()
+        except _Closed:
+            pass
+        finally:
+            self._idle.pop(conn, None)
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await stream.aclose()
+
+
+class _Connection:
+    def __init__(self, server: Server, stream: trio.SocketStream) -> None:
+        self.server = server
+        self.stream = stream
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=server.max_head_size)
+        self.eof = False
+
+    # --- reading --------------------------------------------------------------------------------
+    async def _fill(self) -> None:
+        """Read more bytes into h11 (an empty read tells it the peer closed)."""
+        try:
+            data = await self.stream.receive_some(READ_SIZE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            data = b""
+        if not data:
+            self.eof = True
+        self.h11.receive_data(data)
+
+    async def _next_event(self, idle_timeout: float) -> Any:
+        """The next h11 event, reading as needed; raises ``_Closed`` on EOF or a long silence."""
+        while True:
+            event = self.h11.next_event()
+            if event is h11.NEED_DATA:
+                if self.eof:
+                    raise _Closed
+                with trio.move_on_after(idle_timeout) as idle:
+                    await self._fill()
+                if idle.cancelled_caught:
+                    raise _Closed
+                continue
+            if isinstance(event, h11.ConnectionClosed):
+                raise _Closed
+            return event
+
+    # --- the request/response cycle ---------------------------------------------------------------
+    async def run(self) -> None:
+        srv = self.server
+        while True:
+            if srv.stopping:
+                return
+            scope = trio.CancelScope()
+            srv._idle[self] = scope
+            try:
+                with scope:
+                    request = await self._next_event(srv.keep_alive_timeout)
+            except h11.RemoteProtocolError as exc:
+                await self._reject(exc)
+                return
+            finally:
+                srv._idle.pop(self, None)
+            if scope.cancelled_caught:
+                return
+            assert isinstance(request, h11.Request)
+            await self._handle(request)
+            while self.h11.their_state is h11.SEND_BODY:  # a body the app did not read (often
+                event = self.h11.next_event()  # just the EndOfMessage of a GET): skip what is here
+                if event is h11.NEED_DATA or isinstance(event, h11.ConnectionClosed):
+                    break
+            if self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE and not srv.stopping:
+                self.h11.start_next_cycle()
+            else:
+                return
+
+    async def _reject(self, exc: h11.RemoteProtocolError) -> None:
+        status = exc.error_status_hint if exc.error_status_hint in (400, 413, 414, 431) else 400
+        body = b'{"detail": "Bad request: ' + str(exc).replace('"', "'").encode("ascii", "replace") + b'"}'
+        if self.h11.our_state is not h11.SEND_RESPONSE:
+            return
+        try:
+            data = self.h11.send(h11.Response(status_code=status, headers=[
+                (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"), (b"date", _Date.now())]))
+            data += self.h11.send(h11.Data(data=body)) + self.h11.send(h11.EndOfMessage())
+            await self.stream.send_all(data)
+        except (h11.LocalProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    async def _handle(self, request: h11.Request) -> None:
+        target = request.target
+        raw_path, _, query = target.partition(b"?")
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": request.http_version.decode(),
+            "method": request.method.decode("ascii"),
+            "scheme": "http",
+            "path": unquote(raw_path.decode("latin-1")),
+            "raw_path": raw_path,
+            "query_string": query,
+            "headers": [(k, v) for k, v in request.headers],  # h11 lower-cases names
+        }
+        exchange = _Exchange(self, request.method == b"HEAD")
+        try:
+            await self.server.app(scope, exchange.receive, exchange.send)
+        except _Closed:
+            raise
+        except Exception as exc:  # a bug in the app: answer 500 if we still can, and drop the connection
+            if isinstance(exc, ExceptionGroup) and exc.subgroup(lambda e: not isinstance(e, _Closed)) is None:
+                raise _Closed from None  # an app nursery saw the connection break: no bug
+            if self.server.log:
+                self.server.log("http_app_error", error=traceback.format_exc(limit=8))
+            else:
+                traceback.print_exc(file=sys.stderr)
+            if not exchange.started:
+                await exchange.send({"type": "http.response.start", "status": 500, "headers": [
+                    (b"content-type", b"application/json"), (b"content-length", b"35")]})
+                await exchange.send({"type": "http.response.body",
+                                     "body": b'{"detail": "Internal Server Error"}'})
+            raise _Closed from None
+        if not exchange.finished:  # the app returned without a complete answer (e.g. a disconnect)
+            raise _Closed
+
+
+class _Exchange:
+    """``receive``/``send`` for one request."""
+
+    def __init__(self, conn: _Connection, head: bool) -> None:
+        self.conn = conn
+        self.head = head
+        self.body_done = False
+        self.started = False
+        self.finished = False
+        self._start: dict[str, Any] | None = None
+
+    async def receive(self) -> dict[str, Any]:
+        conn = self.conn
+        if self.finished or conn.eof:
+            return {"type": "http.disconnect"}
+        if not self.body_done:
+            if conn.h11.they_are_waiting_for_100_continue:
+                await self._write(conn.h11.send(h11.InformationalResponse(status_code=100, headers=[])))
+            chunks: list[bytes] = []
+            while True:  # hand over everything that is already buffered, in one message
+                try:
+                    event = await conn._next_event(conn.server.keep_alive_timeout) if not chunks else \
+                        conn.h11.next_event()
+                except (_Closed, h11.RemoteProtocolError):
+                    return {"type": "http.disconnect"}
+                if isinstance(event, h11.Data):
+                    chunks.append(bytes(event.data))
+                    continue
+                if isinstance(event, h11.EndOfMessage):
+                    self.body_done = True
+                    return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": True}
+        # The body is complete: what remains to learn is whether the caller goes away. Bytes that
+        # arrive meanwhile (a pipelined request) stay buffered in h11 for the next cycle.
+        while not conn.eof:
+            if len(conn.h11.trailing_data[0]) > conn.server.max_head_size:
+                await trio.sleep_forever()  # stop reading; the caller will wait for our answer
+            await conn._fill()
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        if kind == "http.response.start":
+            if self.started:
+                raise RuntimeError("response already started")
+            self._start = message
+            self.started = True
+            return
+        if kind != "http.response.body" or self._start is None or self.finished:
+            raise RuntimeError(f"unexpected ASGI message {kind!r}")
+        h = self.conn.h11
+        data = b""
+        if h.our_state is h11.SEND_RESPONSE:  # the head goes out with the first body bytes
+            headers = list(self._start.get("headers", ()))
+            headers.append((b"date", _Date.now()))
+            data = h.send(h11.Response(status_code=self._start["status"], headers=headers))
+        body = message.get("body", b"")
+        if body and not self.head:
+            data += h.send(h11.Data(data=body))
+        if not message.get("more_body", False):
+            data += h.send(h11.EndOfMessage())
+            self.finished = True
+        if data:
+            await self._write(data)
+
+    async def _write(self, data: bytes) -> None:
+        try:
+            await self.conn.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.conn.eof = True
+            raise _Closed from None
