@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import socket
 import sys
+from http import HTTPStatus
 import time
 import traceback
 from collections.abc import Awaitable, Callable
@@ -39,6 +40,7 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 App = Callable[[dict[str, Any], Receive, Send], Awaitable[None]]
 
 READ_SIZE = 65536
+REASONS = {int(s): s.phrase.encode() for s in HTTPStatus}
 
 
 class _Closed(Exception):
@@ -162,6 +164,12 @@ class _Connection:
             if scope.cancelled_caught:
                 return
             assert isinstance(request, h11.Request)
+            # h11 checks the limit only while a head is incomplete; one that arrived whole in a
+            # couple of reads can be larger, so measure the parsed head as well.
+            head = len(request.target) + sum(len(k) + len(v) + 4 for k, v in request.headers) + 16
+            if head > srv.max_head_size:
+                await self._reject(h11.RemoteProtocolError("request head too large", 431))
+                return
             await self._handle(request)
             while self.h11.their_state is h11.SEND_BODY:  # a body the app did not read (often
                 event = self.h11.next_event()  # just the EndOfMessage of a GET): skip what is here
@@ -175,10 +183,10 @@ class _Connection:
     async def _reject(self, exc: h11.RemoteProtocolError) -> None:
         status = exc.error_status_hint if exc.error_status_hint in (400, 413, 414, 431) else 400
         body = b'{"detail": "Bad request: ' + str(exc).replace('"', "'").encode("ascii", "replace") + b'"}'
-        if self.h11.our_state is not h11.SEND_RESPONSE:
-            return
+        if self.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):  # h11 lets a server answer
+            return  # from IDLE when the request line itself was garbage
         try:
-            data = self.h11.send(h11.Response(status_code=status, headers=[
+            data = self.h11.send(h11.Response(status_code=status, reason=REASONS[status], headers=[
                 (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                 (b"connection", b"close"), (b"date", _Date.now())]))
             data += self.h11.send(h11.Data(data=body)) + self.h11.send(h11.EndOfMessage())
@@ -239,7 +247,8 @@ class _Exchange:
             return {"type": "http.disconnect"}
         if not self.body_done:
             if conn.h11.they_are_waiting_for_100_continue:
-                await self._write(conn.h11.send(h11.InformationalResponse(status_code=100, headers=[])))
+                await self._write(conn.h11.send(h11.InformationalResponse(status_code=100, reason=b"Continue",
+                                                                          headers=[])))
             chunks: list[bytes] = []
             while True:  # hand over everything that is already buffered, in one message
                 try:
@@ -277,7 +286,8 @@ class _Exchange:
         if h.our_state is h11.SEND_RESPONSE:  # the head goes out with the first body bytes
             headers = list(self._start.get("headers", ()))
             headers.append((b"date", _Date.now()))
-            data = h.send(h11.Response(status_code=self._start["status"], headers=headers))
+            status = self._start["status"]
+            data = h.send(h11.Response(status_code=status, reason=REASONS.get(status, b""), headers=headers))
         body = message.get("body", b"")
         if body and not self.head:
             data += h.send(h11.Data(data=body))

@@ -486,6 +486,9 @@ class Runner:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
+            except IsADirectoryError:  # a run made a directory of that name: the name is ours
+                remove_tree(path)
+                log("program_path_reclaimed", path=self.spec.source_file, was="directory")
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
             if self.identity.switching:
                 os.fchown(fd, self.identity.uid, self.identity.gid)  # type: ignore[arg-type]

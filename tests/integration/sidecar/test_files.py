@@ -105,3 +105,41 @@ async def test_java_generated_files_exclude_class_files() -> None:
         assert res["exit_code"] == 0 and res["stdout"] == "ok\n", res["stderr"]
         assert res["generated"] == [{"name": "out.txt", "size": 9, "mime_type": "text/plain"}]
         assert "Code.class" not in os.listdir(sc.working_dir)
+
+
+# The program file is rewritten in place between runs when it is a plain file the sidecar made
+# (runner._write_source). Whatever a run leaves under that name must not be written through.
+PLANTED = {
+    "symlink": "os.symlink('target.txt', 'code.py')",
+    "hardlink": "os.link('target.txt', 'code.py')",
+    "fifo": "os.mkfifo('code.py')",
+    "directory": "os.mkdir('code.py')",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(PLANTED))
+async def test_a_planted_program_file_is_replaced_not_written_through(kind: str) -> None:
+    async with running_sidecar("py") as sc, httpx.AsyncClient(base_url=sc.url, timeout=30) as client:
+        code = ("import os\nopen('target.txt', 'w').write('TARGET')\nos.unlink('code.py')\n"
+                f"{PLANTED[kind]}\nprint('planted')")
+        res = (await client.post("/execute", json={"code": code, "timeout": 10})).json()
+        assert res["stdout"] == "planted\n", res
+        for _ in range(2):  # the second run takes the in-place path on the replacement
+            res = (await client.post("/execute", json={"code": "print('next')", "timeout": 10})).json()
+            assert res["stdout"] == "next\n" and res["exit_code"] == 0, res
+        assert (await client.get("/files/target.txt")).content == b"TARGET"
+        assert os.path.isfile(os.path.join(sc.working_dir, "code.py"))
+        assert not os.path.islink(os.path.join(sc.working_dir, "code.py"))
+
+
+async def test_program_file_rewritten_in_place_is_exact() -> None:
+    """Shorter code after longer code (truncation), and a file the run made read-only."""
+    async with running_sidecar("py") as sc, httpx.AsyncClient(base_url=sc.url, timeout=30) as client:
+        long = "print('long')  # " + "x" * 5000 + "\nimport os\nos.chmod('code.py', 0o400)"
+        res = (await client.post("/execute", json={"code": long, "timeout": 10})).json()
+        assert res["stdout"] == "long\n", res
+        for code, out in (("print(1)", "1\n"), ("print(22)", "22\n"), ("print(3)", "3\n")):
+            res = (await client.post("/execute", json={"code": code, "timeout": 10})).json()
+            assert res["stdout"] == out and res["stderr"] == "", res
+        with open(os.path.join(sc.working_dir, "code.py"), "rb") as fh:
+            assert fh.read() == b"print(3)"
