@@ -43,6 +43,16 @@ class Running:
     async def connect(self) -> trio.SocketStream:
         return await trio.open_tcp_stream("127.0.0.1", self.port)
 
+    async def send_and_read_to_eof(self, data: bytes) -> bytes:
+        """One connection: send ``data``, return everything the server writes before it closes."""
+        stream = await self.connect()
+        async with stream:
+            try:
+                await stream.send_all(data)
+            except trio.BrokenResourceError:  # the server may answer and close before we finish
+                pass
+            return await read_to_eof(stream)
+
 
 @asynccontextmanager
 async def serving(app: Any, **kwargs: Any) -> AsyncIterator[Running]:
@@ -125,12 +135,10 @@ async def test_keep_alive_serves_several_requests_on_one_connection() -> None:
 
 async def test_pipelined_requests_are_answered_in_order() -> None:
     async with serving(echo_app) as srv:
-        stream = await srv.connect()
-        async with stream:
-            await stream.send_all(b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n"
-                                  b"POST /two HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc"
-                                  b"GET /three HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            data = await read_to_eof(stream)
+        data = await srv.send_and_read_to_eof(
+            b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"POST /two HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc"
+            b"GET /three HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert data.index(b"GET /one") < data.index(b"POST /two ? body=abc") < data.index(b"GET /three")
     assert data.count(b"HTTP/1.1 200") == 3
 
@@ -157,11 +165,9 @@ async def test_expect_100_continue_is_answered_before_the_body_is_sent() -> None
 
 async def test_chunked_request_body() -> None:
     async with serving(echo_app) as srv:
-        stream = await srv.connect()
-        async with stream:
-            await stream.send_all(b"POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
-                                  b"Connection: close\r\n\r\n3\r\nabc\r\n4\r\ndefg\r\n0\r\n\r\n")
-            data = await read_to_eof(stream)
+        data = await srv.send_and_read_to_eof(
+            b"POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+            b"Connection: close\r\n\r\n3\r\nabc\r\n4\r\ndefg\r\n0\r\n\r\n")
     assert data.startswith(b"HTTP/1.1 200 ") and data.endswith(b"body=abcdefg")
 
 
@@ -195,13 +201,7 @@ async def test_malformed_requests_are_rejected_without_reaching_the_app(request_
         await echo_app(scope, receive, send)
 
     async with serving(app, max_head_size=64 * 1024) as srv:
-        stream = await srv.connect()
-        async with stream:
-            try:
-                await stream.send_all(request_bytes)
-            except trio.BrokenResourceError:  # the server may answer and close before we finish
-                pass
-            data = await read_to_eof(stream)
+        data = await srv.send_and_read_to_eof(request_bytes)
     assert data.startswith(b"HTTP/1.1 %d " % status), data[:200]
     assert b'{"detail": "Bad request' in data
     assert calls == []
@@ -214,10 +214,8 @@ async def test_app_errors_are_500_and_logged() -> None:
         raise ValueError("boom")
 
     async with serving(app, log=lambda event, **kw: logged.append((event, kw))) as srv:
-        stream = await srv.connect()
-        async with stream:
-            await stream.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            data = await read_to_eof(stream)  # the connection is dropped after a 500
+        # returns only because the connection is dropped after a 500
+        data = await srv.send_and_read_to_eof(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     assert data.startswith(b"HTTP/1.1 500 ") and data.endswith(b'{"detail": "Internal Server Error"}')
     assert [event for event, _ in logged] == ["http_app_error"]
     assert "ValueError: boom" in logged[0][1]["error"]
@@ -246,10 +244,8 @@ async def test_disconnect_is_reported_once_the_caller_goes_away() -> None:
 
 async def test_idle_connections_close_after_the_keep_alive_timeout() -> None:
     async with serving(echo_app, keep_alive_timeout=0.2) as srv:
-        stream = await srv.connect()
-        async with stream:
-            await stream.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            data = await read_to_eof(stream)  # returns only because the server closes the socket
+        # returns only because the server closes the idle socket
+        data = await srv.send_and_read_to_eof(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     assert data.startswith(b"HTTP/1.1 200 ") and data.endswith(b"GET / ? body=")
 
 
