@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import socket
 import sys
-from http import HTTPStatus
 import time
 import traceback
 from collections.abc import Awaitable, Callable
 from email.utils import formatdate
+from http import HTTPStatus
 from typing import Any
 from urllib.parse import unquote
 
@@ -106,7 +106,6 @@ class Server:
         except _Closed:
             pass
         finally:
-            self._idle.pop(conn, None)
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await stream.aclose()
 
@@ -220,7 +219,8 @@ class _Connection:
                 self.server.log("http_app_error", error=traceback.format_exc(limit=8))
             else:
                 traceback.print_exc(file=sys.stderr)
-            if not exchange.started:
+            if self.h11.our_state is h11.SEND_RESPONSE:  # no byte of the answer has gone out yet
+                exchange.started, exchange._start = False, None
                 await exchange.send({"type": "http.response.start", "status": 500, "headers": [
                     (b"content-type", b"application/json"), (b"content-length", b"35")]})
                 await exchange.send({"type": "http.response.body",
@@ -247,8 +247,8 @@ class _Exchange:
             return {"type": "http.disconnect"}
         if not self.body_done:
             if conn.h11.they_are_waiting_for_100_continue:
-                await self._write(conn.h11.send(h11.InformationalResponse(status_code=100, reason=b"Continue",
-                                                                          headers=[])))
+                go_on = h11.InformationalResponse(status_code=100, reason=b"Continue", headers=[])
+                await self._write(conn.h11.send(go_on))
             chunks: list[bytes] = []
             while True:  # hand over everything that is already buffered, in one message
                 try:
@@ -287,7 +287,8 @@ class _Exchange:
             headers = list(self._start.get("headers", ()))
             headers.append((b"date", _Date.now()))
             status = self._start["status"]
-            data = h.send(h11.Response(status_code=status, reason=REASONS.get(status, b""), headers=headers))
+            data = h.send(h11.Response(status_code=status, reason=REASONS.get(status, b""),
+                                       headers=headers))
         body = message.get("body", b"")
         if body and not self.head:
             data += h.send(h11.Data(data=body))

@@ -207,10 +207,14 @@ async def test_malformed_requests_are_rejected_without_reaching_the_app(request_
     assert calls == []
 
 
-async def test_app_errors_are_500_and_logged() -> None:
+@pytest.mark.parametrize("started", [False, True], ids=["before-start", "after-start"])
+async def test_app_errors_are_500_and_logged(started: bool) -> None:
+    """Also when the app had begun its answer: the head only goes out with the first body bytes."""
     logged: list[tuple[str, dict]] = []
 
     async def app(scope: dict, receive: Any, send: Any) -> None:
+        if started:
+            await send({"type": "http.response.start", "status": 200, "headers": []})
         raise ValueError("boom")
 
     async with serving(app, log=lambda event, **kw: logged.append((event, kw))) as srv:
