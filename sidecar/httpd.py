@@ -7,7 +7,8 @@ here, as much as the run itself. This server calls the app inline in the connect
 writes each response with as few ``send`` calls as possible; it implements exactly what the sidecar
 needs, no more:
 
-* HTTP/1.1 keep-alive (idle connections close after ``keep_alive_timeout``), ``Expect:
+* HTTP/1.1 keep-alive (idle connections close after ``keep_alive_timeout``; what an app left
+  unread of a request body is drained, within limits, so the connection stays usable), ``Expect:
   100-continue`` (answered when the app first reads the body), chunked or sized request bodies, HEAD;
 * malformed requests answered 400 (431 for oversized heads) without reaching the app;
 * **disconnect detection**: once the request body has been read, ``receive()`` waits for the
@@ -63,11 +64,14 @@ class _Date:
 
 class Server:
     def __init__(self, app: App, *, keep_alive_timeout: float = 75.0, graceful_timeout: float = 1.0,
-                 max_head_size: int = 64 * 1024, log: Callable[..., None] | None = None) -> None:
+                 max_head_size: int = 64 * 1024, max_drain_size: int = 1 << 20, drain_timeout: float = 5.0,
+                 log: Callable[..., None] | None = None) -> None:
         self.app = app
         self.keep_alive_timeout = keep_alive_timeout
         self.graceful_timeout = graceful_timeout
         self.max_head_size = max_head_size
+        self.max_drain_size = max_drain_size  # unread request body dropped to keep a connection
+        self.drain_timeout = drain_timeout
         self.log = log
         self.stopping = False
         self._idle: dict[object, trio.CancelScope] = {}  # connections waiting for their next request
@@ -170,13 +174,33 @@ class _Connection:
                 await self._reject(h11.RemoteProtocolError("request head too large", 431))
                 return
             await self._handle(request)
-            while self.h11.their_state is h11.SEND_BODY:  # a body the app did not read (often
-                event = self.h11.next_event()  # just the EndOfMessage of a GET): skip what is here
-                if event is h11.NEED_DATA or isinstance(event, h11.ConnectionClosed):
-                    break
+            if self.h11.their_state is h11.SEND_BODY:
+                await self._drain()
             if self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE and not srv.stopping:
                 self.h11.start_next_cycle()
             else:
+                return
+
+    async def _drain(self) -> None:
+        """Read and drop what the app left of the request body, so the connection can be reused.
+
+        Apps answer before the body's end more often than not: a GET's empty body, a multipart
+        parser that stops at the closing boundary while the chunked terminator is still on its
+        way. Closing instead breaks the client: it has its whole answer, puts the connection back
+        in its pool, and its next request meets a reset (the bytes still in flight make the
+        kernel answer RST). Bounded by ``max_drain_size`` bytes and ``drain_timeout`` seconds;
+        past either, the connection is closed.
+        """
+        left = self.server.max_drain_size
+        with trio.move_on_after(self.server.drain_timeout):
+            try:
+                while self.h11.their_state is h11.SEND_BODY:
+                    event = await self._next_event(self.server.drain_timeout)
+                    if isinstance(event, h11.Data):
+                        left -= len(event.data)
+                        if left < 0:
+                            return
+            except h11.RemoteProtocolError:
                 return
 
     async def _reject(self, exc: h11.RemoteProtocolError) -> None:

@@ -143,3 +143,30 @@ async def test_program_file_rewritten_in_place_is_exact() -> None:
             assert res["stdout"] == out and res["stderr"] == "", res
         with open(os.path.join(sc.working_dir, "code.py"), "rb") as fh:
             assert fh.read() == b"print(3)"
+
+
+async def test_upload_answered_before_the_chunked_terminator_keeps_the_connection() -> None:
+    """The API streams uploads chunked and reuses the connection for ``/execute``. The sidecar
+    answers at the multipart closing boundary; the terminator that follows must not cost the
+    connection (it did: the next request met a reset, reported as a sandbox failure)."""
+    async with running_sidecar("py") as sc:
+        stream = await trio.open_tcp_stream("127.0.0.1", sc.port)
+        async with stream:
+            part = (b"--b0\r\nContent-Disposition: form-data; name=\"files\"; filename=\"in.txt\"\r\n"
+                    b"Content-Type: text/plain\r\n\r\nDATA\r\n--b0--\r\n")
+            await stream.send_all(b"POST /files HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                                  b"Content-Type: multipart/form-data; boundary=b0\r\n\r\n"
+                                  + b"%x\r\n%s\r\n" % (len(part), part))
+            got = b""
+            with trio.fail_after(10):
+                while b'"uploaded"' not in got or not got.endswith(b"}"):
+                    got += await stream.receive_some(65536)
+            assert got.startswith(b"HTTP/1.1 200 ") and b'"in.txt"' in got
+            code = b'{"code": "print(open(\'in.txt\').read())", "timeout": 10}'
+            await stream.send_all(b"0\r\n\r\nPOST /execute HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                                  b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(code), code))
+            data = b""
+            with trio.fail_after(30):
+                while chunk := await stream.receive_some(65536):
+                    data += chunk
+    assert data.startswith(b"HTTP/1.1 200 ") and b'"stdout":"DATA\\n"' in data.replace(b": ", b":")

@@ -186,6 +186,38 @@ async def test_head_has_headers_but_no_body_and_keeps_the_connection() -> None:
             assert (await reader.response())[1] == b"GET /after ? body="
 
 
+async def answer_without_reading(scope: dict, receive: Any, send: Any) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+async def test_a_body_the_app_did_not_read_is_drained_and_the_connection_kept() -> None:
+    """Like a multipart parser that stops at its closing boundary: the answer goes out before the
+    chunked terminator arrives. The connection must survive for the next request."""
+    async with serving(answer_without_reading) as srv:
+        stream = await srv.connect()
+        async with stream:
+            reader = Reader(stream)
+            await stream.send_all(b"POST /files HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                  b"5\r\nhello\r\n")
+            reader.h11.send(h11.Request(method=b"POST", target=b"/files",
+                                        headers=[(b"host", b"x"), (b"transfer-encoding", b"chunked")]))
+            head, body = await reader.response()  # answered while the body is still open
+            assert head.status_code == 200 and body == b"ok"
+            await stream.send_all(b"5\r\nworld\r\n0\r\n\r\n" b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
+            reader.h11.send(h11.EndOfMessage())
+            reader.next_cycle()
+            head, body = await reader.response()
+            assert head.status_code == 200 and body == b"ok"
+
+
+async def test_an_unread_body_past_the_drain_limit_closes_the_connection() -> None:
+    async with serving(answer_without_reading, max_drain_size=1000) as srv:
+        data = await srv.send_and_read_to_eof(
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n" + b"x" * 5000)
+    assert data.startswith(b"HTTP/1.1 200 ") and data.endswith(b"ok")
+
+
 @pytest.mark.parametrize("request_bytes, status", [
     (b"NOT HTTP AT ALL\r\n\r\n", 400),
     (b"GET / HTTP/1.1\r\n\r\n", 400),  # HTTP/1.1 without Host
