@@ -79,11 +79,29 @@ def _children(pid: int) -> list[int] | None:
 
 
 def descendants(root: int) -> set[int]:
-    """Every process below ``root`` (not ``root`` itself), zombies included.
+    """Every process below ``root`` (not ``root`` itself), zombies included; may include some that
+    have just ended (callers check liveness anyway).
 
     Walks ``/proc/<pid>/task/*/children``, which costs O(tree) instead of O(all processes);
     falls back to a full ``/proc`` scan on kernels without that file.
+
+    One walk is not enough. When a process exits, the kernel moves its children up to the
+    subreaper (the sidecar); a walk reads the sidecar's list before the exiting parent's, so if
+    the move falls between the two reads those children are in neither, and a sweep would call a
+    tree with live processes in it empty. A walk that starts after another has finished sees them
+    where they landed, so walks repeat until one finds nothing new (one extra walk when nothing
+    moves; none when the tree is empty, since a parent is listed until its children have moved).
     """
+    found = _walk(root)
+    while found:
+        again = _walk(root)
+        if again <= found:
+            break
+        found |= again
+    return found
+
+
+def _walk(root: int) -> set[int]:
     found: set[int] = set()
     stack = [root]
     while stack:
