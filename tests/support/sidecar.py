@@ -36,6 +36,15 @@ async def wait_until(pred: Callable[[], bool], timeout: float = 5.0, interval: f
     return pred()
 
 
+async def read_to_eof(stream: trio.abc.ReceiveStream, timeout: float = 10.0) -> bytes:
+    """Everything the peer sends until it closes; fails if it has not closed within ``timeout``."""
+    data = b""
+    with trio.fail_after(timeout):
+        while chunk := await stream.receive_some(65536):
+            data += chunk
+    return data
+
+
 def pid_gone(pid: int) -> bool:
     """True if ``pid`` no longer exists (a zombie still counts as present)."""
     return not os.path.exists(f"/proc/{pid}")

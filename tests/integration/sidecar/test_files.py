@@ -8,7 +8,7 @@ import httpx
 import pytest
 import trio
 
-from tests.support.sidecar import running_sidecar
+from tests.support.sidecar import read_to_eof, running_sidecar
 
 
 async def test_upload_list_download_delete() -> None:
@@ -47,10 +47,7 @@ async def raw_get(port: int, path: str) -> tuple[int, bytes]:
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     async with stream:
         await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-        data = b""
-        with trio.fail_after(10):
-            while chunk := await stream.receive_some(65536):
-                data += chunk
+        data = await read_to_eof(stream)
     return int(data.split(b" ", 2)[1]), data
 
 
@@ -165,8 +162,5 @@ async def test_upload_answered_before_the_chunked_terminator_keeps_the_connectio
             code = b'{"code": "print(open(\'in.txt\').read())", "timeout": 10}'
             await stream.send_all(b"0\r\n\r\nPOST /execute HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                                   b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(code), code))
-            data = b""
-            with trio.fail_after(30):
-                while chunk := await stream.receive_some(65536):
-                    data += chunk
+            data = await read_to_eof(stream, timeout=30)
     assert data.startswith(b"HTTP/1.1 200 ") and b'"stdout":"DATA\\n"' in data.replace(b": ", b":")

@@ -17,6 +17,7 @@ import pytest
 import trio
 
 from sidecar.httpd import Server
+from tests.support.sidecar import read_to_eof
 
 
 async def echo_app(scope: dict, receive: Any, send: Any) -> None:
@@ -109,14 +110,6 @@ class Reader:
             self.h11.start_next_cycle()
         self.h11.send(h11.Request(method=method, target=target, headers=[(b"host", b"x")]))
         self.h11.send(h11.EndOfMessage())
-
-
-async def read_to_eof(stream: trio.SocketStream) -> bytes:
-    data = b""
-    with trio.fail_after(10):
-        while chunk := await stream.receive_some(65536):
-            data += chunk
-    return data
 
 
 async def test_keep_alive_serves_several_requests_on_one_connection() -> None:

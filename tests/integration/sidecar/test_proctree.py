@@ -24,7 +24,10 @@ from sidecar import proctree
 
 ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER, as the sidecar does
 me, trials, kids, misses = os.getpid(), int(sys.argv[1]), 20, 0
-for _ in range(trials):
+
+
+def trial():
+    global misses
     r, w = os.pipe()
     parent = os.fork()
     if parent == 0:
@@ -50,6 +53,15 @@ for _ in range(trials):
     os.waitpid(parent, 0)
     proctree.kill_tree(me, grace=0)
     proctree.reap_orphans(set())
+
+
+try:
+    for _ in range(trials):
+        trial()
+finally:  # whatever happens, no sleeper outlives this script (a forked child never sweeps)
+    if os.getpid() == me:
+        proctree.kill_tree(me, grace=0)
+        proctree.reap_orphans(set())
 print(misses)
 """
 
