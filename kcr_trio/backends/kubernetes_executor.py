@@ -568,7 +568,6 @@ class KubernetesExecutor:
                 pool.failures_in_a_row = 0
                 pool.last_error = None
                 pool.offer(pod)
-                return
             pool.last_error = pod.failure or (
                 f"Execution pod {pod.name} did not become ready within {self.k.kcr_pod_ready_timeout:g}s"
             )
@@ -581,6 +580,11 @@ class KubernetesExecutor:
                     await self._delete(pod)
             elif not ok:
                 self._pods.pop(pod.name, None)
+        if ok:
+            # This slot is free again: start the next pod if the pool is still short (a pool larger
+            # than KCR_POD_CREATE_PARALLEL fills in waves without waiting for traffic).
+            self._replenish(pool)
+            return
         # Failed: back off (capped) before this slot tries again, so a broken image or an
         # unreachable API does not turn into a busy loop.
         log.warning("pool %s: %s", pool.language, pool.last_error)
