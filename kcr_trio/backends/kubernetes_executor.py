@@ -342,6 +342,10 @@ class KubernetesExecutor:
         self.api = api
         self.http = http
         self.sandbox_factory = sandbox_factory or _protocol_sandbox_factory(ksettings)
+        if ksettings.kcr_pod_protocol == "kcr-runner" and settings.max_execution_time > ksettings.kcr_runner_max_execution_time:
+            log.warning("MAX_EXECUTION_TIME=%s is above the runner images' cap of %gs "
+                        "(KCR_RUNNER_MAX_EXECUTION_TIME): longer runs stop at the cap, and their stderr says so",
+                        settings.max_execution_time, ksettings.kcr_runner_max_execution_time)
         self.owner_uid = ksettings.kcr_pod_owner_uid or str(uuid.uuid4())
         self.owner_is_pod = bool(ksettings.kcr_pod_owner_uid)
         self.template = kube_pods.PodTemplate(

@@ -337,10 +337,11 @@ class KubeEmulator:
         if proc and proc.poll() is None:
             proc.send_signal(signal.SIGUSR1)
 
-    def drop_watches(self, *, compact: bool = False) -> int:
+    def drop_watches(self, *, compact: bool = False, abrupt: bool = False) -> int:
         """End every open watch stream (as an API server restart or a load balancer would). With
         ``compact``, also forget the event history, so resuming from an old ``resourceVersion``
-        gets ``410 Gone`` and the client must list again. Returns how many watches were ended."""
+        gets ``410 Gone`` and the client must list again. With ``abrupt``, cut the connection in
+        the middle of an event instead of ending the stream. Returns how many watches were ended."""
         with self._lock:
             watchers = list(self._watchers)
             if compact:
@@ -348,7 +349,7 @@ class KubeEmulator:
                 self._history_floor = self._rv  # any older resourceVersion is now "too old"
                 self._history.clear()
         for w in watchers:
-            w.events.put(None)
+            w.events.put(("CUT", {}) if abrupt else None)
         return len(watchers)
 
     def inject(self, verb: str, status: int, message: str, *, reason: str = "", namespace: str | None = None,
@@ -1033,6 +1034,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 if item is None:
                     break
                 kind, obj = item
+                if kind == "CUT":  # half an event, then the connection is gone
+                    self.wfile.write(b"%x\r\n" % 200 + b'{"type":"MODIFIED","object":{"kind":"Po')
+                    self.wfile.flush()
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    self.close_connection = True
+                    return
                 self._chunk(json.dumps({"type": kind, "object": obj}).encode() + b"\n")
             self.wfile.write(b"0\r\n\r\n")
             self.wfile.flush()

@@ -168,3 +168,18 @@ async def test_bookmarks_keep_the_watch_resumable_after_compaction(emulator, kub
         await until(lambda: emulator.requests["WATCH", "pods"] > watches_before, 10, "watch resumed")
         await until(lambda: ex.snapshot()["watch"] == "connected", 10, "connected")
         assert emulator.requests["LIST", "pods"] == lists_before  # no 410, no re-list
+
+
+async def test_watch_cut_mid_event_resumes_without_relisting(emulator, kubeconfig):
+    async with executor_for(kubeconfig, {"py": 1}) as ex:
+        assert await ex.wait_warm(30)
+        lists_before = emulator.requests["LIST", "pods"]
+        watches_before = emulator.requests["WATCH", "pods"]
+        assert emulator.drop_watches(abrupt=True) >= 1
+        await until(lambda: emulator.requests["WATCH", "pods"] > watches_before, 15, "watch resumed")
+        await until(lambda: ex.snapshot()["watch"] == "connected", 10, "connected")
+        assert emulator.requests["LIST", "pods"] == lists_before
+        # Still sees what happens: a run on the warm pod, its deletion, the refill.
+        async with ex.sandbox("py", wait=10) as sb:
+            assert (await sb.run("print('ok')", timeout=20, request_id="cut")).stdout == "ok\n"
+        await until(lambda: ex.snapshot()["pools"]["py"]["ready"] == 1, 30, "refilled")
