@@ -551,9 +551,14 @@ class Runner:
                     with trio.move_on_after(2):
                         await (warm.exited.wait() if warm is not None else proc.wait())
                 self.tracked.discard(proc.pid)
+        # The status the interpreter reported is the run's status: killing what the program left
+        # behind (daemon threads still spinning while the interpreter exits, children) must never
+        # turn a reported 0 into the SIGTERM/SIGKILL the reaper then sees.
+        if reported is not None:
+            return reported
         if proc.returncode is not None:
             return proc.returncode
-        return reported if reported is not None else -signal.SIGKILL
+        return -signal.SIGKILL
 
     async def _pump(self, stream: trio.abc.ReceiveStream | None, cap: Capture, state: RunState) -> None:
         if stream is None:
