@@ -43,6 +43,7 @@ class Config:
     disk_quota_mb: int = 512  # bytes a run may add to working dir + private tmp
     max_files: int = 4096  # directory entries a run may create
     prewarm: bool = True
+    reset_between_runs: bool = False  # the next interpreter waits for POST /reset (local executor)
     python_preimports: str = ""
     python: str | None = None  # interpreter for user code (default: python3 on the fixed PATH)
     node_path: str | None = None  # NODE_PATH for ts (where the `typescript` package lives)
@@ -88,6 +89,9 @@ _HELP = {
     "disk_quota_mb": "bytes a run may add to working dir + private temp dir",
     "max_files": "directory entries a run may create",
     "prewarm": "keep the next interpreter started while idle (py js ts bash)",
+    "reset_between_runs": "serve many runs, one at a time: after each run the next interpreter is "
+                          "started only by POST /reset, which first kills every process of the run "
+                          "(tree and uid sweep) and replaces the working directory with a fresh one",
     "python_preimports": "comma-separated modules the pre-warmed Python imports",
     "python": "interpreter for user Python code (default: python3 on the fixed PATH)",
     "node_path": "NODE_PATH for programs; must contain the typescript package for ts",

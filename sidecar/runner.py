@@ -140,6 +140,10 @@ class Runner:
         self._housekeeping: trio.Event | None = None
         self.warm_broken = False
         self.sandbox: Sandbox | None = None  # set by the server when user code runs in bubblewrap
+        # ``reset_between_runs``: set after every run, cleared by ``reset``. While set, no
+        # interpreter is started (it would share the uid and the directory with what the last run
+        # may have left: the sweep must come first).
+        self.awaiting_reset = False
 
     # --- pre-warm --------------------------------------------------------------------------
     @property
@@ -294,7 +298,7 @@ class Runner:
         spawn, as it would for any interpreter still starting."""
         if self._nursery is None or self.busy or self._housekeeping is not None:
             return
-        if not self._trash and not (self.prewarm_enabled and self.warm is None):
+        if not self._trash and not self._wants_warm:
             return
         self._hurry, self._housekeeping = trio.Event(), trio.Event()
         self._nursery.start_soon(self._keep_house, self._hurry, self._housekeeping)
@@ -303,7 +307,7 @@ class Runner:
         try:
             with trio.move_on_after(HOUSEKEEPING_DELAY):
                 await hurry.wait()
-            if self.prewarm_enabled and self.warm is None:
+            if self._wants_warm:
                 await self._spawn_warm()
         finally:
             self._hurry = self._housekeeping = None
@@ -311,6 +315,47 @@ class Runner:
         trash, self._trash = self._trash, []
         for path in trash:
             await trio.to_thread.run_sync(remove_tree, path)
+
+    @property
+    def _wants_warm(self) -> bool:
+        return self.prewarm_enabled and self.warm is None and not self.awaiting_reset
+
+    async def reset(self) -> None:
+        """Make this sidecar as good as a new one for the next run (``reset_between_runs``).
+
+        In order: finish the housekeeping of the last run, kill every process below the sidecar
+        and (with an exclusive uid) every process of the run uid, replace the working directory
+        with a fresh, empty one (new inode: no file, ACL or mode a run set survives), remove the
+        finished runs' temp dirs, and only then start the next pre-warmed interpreter. A new
+        sidecar process would give the next run nothing more: its own interpreter, directory,
+        bubblewrap namespaces and temp dir are all fresh per run already.
+        Raises ``Conflict`` while a run is in progress.
+        """
+        if self.busy:
+            raise Conflict("An execution is running in this sidecar")
+        self.busy = True
+        try:
+            if self._housekeeping is not None:
+                self._hurry.set()  # type: ignore[union-attr]
+                await self._housekeeping.wait()
+            await self._discard_warm()
+            await trio.to_thread.run_sync(self._fresh_start)
+        finally:
+            self.busy = False
+        self.awaiting_reset = False
+        if self.prewarm_enabled:
+            await self._spawn_warm()
+
+    def _fresh_start(self) -> None:
+        self._kill_all(final=True)  # no warm interpreter now: the uid sweep runs too
+        wd = self.cfg.working_dir
+        remove_tree(wd)
+        os.mkdir(wd, 0o700)
+        if self.identity.switching:
+            os.chown(wd, self.identity.uid, self.identity.gid)  # type: ignore[arg-type]
+        trash, self._trash = self._trash, []
+        for path in trash:
+            remove_tree(path)
 
     async def _take_warm(self) -> Warm | None:
         if self._housekeeping is not None:  # the next interpreter is about to be started: now
@@ -387,6 +432,8 @@ class Runner:
                         await self._discard_warm()
                 if tmp is not None and (warm is None or warm.used):
                     self._trash.append(tmp)  # removed after the response (see replenish)
+                if self.cfg.reset_between_runs:
+                    self.awaiting_reset = True
                 if not finished:
                     log("execution_cancelled", request_id=request_id, language=self.spec.code,
                         reason="client_disconnected_or_cancelled",
