@@ -192,11 +192,19 @@ class Runner:
             uid = self.identity.uid if self.identity.switching else os.getuid()
             nproc += proctree.count_tasks_of_uid(uid)  # type: ignore[arg-type]
         mem = step.address_space_mb or self.cfg.max_memory_mb
+        cpu, fsize = cpu_limit_for(timeout), self.cfg.max_file_size_mb
+        if step.compile:
+            # Compile steps are trusted tools with limits of their own: a linker writes files far
+            # larger than MAX_FILE_SIZE_MB allows the program (rustc's ld died of SIGXFSZ at the
+            # default 10 MB), and threaded compilers burn CPU seconds faster than wall seconds.
+            # The wall clock (the run's timeout) and the disk quota still bind them.
+            cpu *= max(1, self.cfg.compile_cpu_factor)
+            fsize = max(fsize, self.cfg.compile_file_size_mb)
         return Limits(
-            cpu_seconds=cpu_limit_for(timeout),
+            cpu_seconds=cpu,
             address_space_mb=mem,
             nproc=nproc,
-            file_size_mb=self.cfg.max_file_size_mb,
+            file_size_mb=fsize,
             open_files=self.cfg.max_open_files,
         )
 

@@ -60,7 +60,9 @@ from sidecar.prewarm import remove_tree
 from kcr_trio.core.errors import Busy, Unavailable, unsupported_language
 from kcr_trio.core.languages import LANGUAGES
 from sidecar import proctree
+from sidecar.languages import Toolchain
 from sidecar.limits import reachable_by
+from sidecar.toolchains import availability
 
 from .sidecar_client import SidecarSandbox
 
@@ -199,6 +201,10 @@ class LocalExecutor:
         self._node_path = _node_path(local)
         self._package_parent = str(Path(proctree.__file__).resolve().parents[1])
         self.sandboxed = True  # set from decide_sandbox() before the replenishers start
+        # {language: why it cannot run here}, from sidecar.toolchains at start-up (blocking stats).
+        self.missing: dict[str, str] = {
+            code: why for code, why in availability(Toolchain(local.kcr_local_python, self._node_path)).items()
+            if why}
 
     # --- Executor protocol ----------------------------------------------------------------
     @asynccontextmanager
@@ -208,6 +214,9 @@ class LocalExecutor:
             raise unsupported_language(language)
         if self._closing:
             raise Unavailable("The executor is shutting down")
+        missing = self.missing.get(lang)
+        if missing:
+            raise Unavailable(f"Language {lang!r} is not available on this server: {missing}")
         with trio.move_on_after(wait) as waited:
             await self._slots.acquire()
         if waited.cancelled_caught:
@@ -309,12 +318,19 @@ class LocalExecutor:
             "in_use": self.in_use,
             "capacity": self.capacity,
             "sandbox": "bwrap" if self.sandboxed else "none",
+            "languages": {code: ({"available": False, "reason": self.missing[code]} if code in self.missing
+                                 else {"available": True}) for code in LANGUAGES},
         }
 
     # --- pools ----------------------------------------------------------------------------
     def start_replenishers(self) -> None:
         for code, target in self._targets.items():
-            if target > 0:
+            if code in self.missing:
+                if target > 0:
+                    log.warning("language %s is not available (%s); its pool stays empty", code,
+                                self.missing[code])
+                self._filled.add(code)
+            elif target > 0:
                 self._nursery.start_soon(self._replenish, code, target)
 
     async def _replenish(self, lang: str, target: int) -> None:

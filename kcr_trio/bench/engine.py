@@ -39,10 +39,11 @@ SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 def real_binary(lang: str, python: str | None) -> str:
-    """The interpreter's real path. ``python3``: ask it for ``sys.executable`` (a pyenv shim is a
-    script that starts another process; the sandbox runs the real binary)."""
+    """The interpreter's real path, as the sandbox runs it: ``python3`` is the one on the fixed
+    PATH the sidecar gives user code (not a version-manager shim on the operator's PATH); asked
+    for ``sys.executable`` so a shim there still resolves to the real binary."""
     if lang == "py":
-        exe = python or shutil.which("python3") or sys.executable
+        exe = python or shutil.which("python3", path=SAFE_PATH) or sys.executable
         out = subprocess.run([exe, "-c", "import sys, os; print(os.path.realpath(sys.executable))"],
                              capture_output=True, text=True, timeout=60, check=True)
         return out.stdout.strip()
@@ -262,7 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pause", type=float, default=2.0, help="seconds between windows")
     p.add_argument("--idle", type=float, default=30.0, help="idle CPU window (0: skip)")
     p.add_argument("--server-pid", type=int, default=None)
-    p.add_argument("--python", default=None, help="python3 to resolve for the bare start")
+    p.add_argument("--python", default=None,
+                   help="python3 to resolve for the bare start (default: python3 on the sandbox's PATH; "
+                        "set it when the server runs user code with KCR_LOCAL_PYTHON)")
     p.add_argument("--max-time", type=float, default=1800.0)
     p.add_argument("--json", default=None, help="write the figures here")
     args = p.parse_args(argv)
