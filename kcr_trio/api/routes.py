@@ -223,7 +223,7 @@ def create_app(svc: Services) -> QuartTrio:
             request_id=rs.request_id,
             session_id=body.session_id,
             entity_id=body.entity_id,
-            user_id=body.user_id,
+            user_id=_user_id(body.user_id),
             files=[FileRef(f.id, f.session_id, f.name) for f in body.files],
         )
         return await _respond_exec(req)
@@ -357,9 +357,10 @@ def create_app(svc: Services) -> QuartTrio:
 
     async def _store_uploads(form: ParsedForm) -> tuple[str, list[FileRecord]]:
         entity_id = (form.fields.get("entity_id") or "").strip() or None
+        owner = _user_id(form.fields.get("user_id"))
         session = await svc.sessions.find_entity_session(entity_id) if entity_id else None
         if session is None:
-            session = await svc.sessions.create_session(entity_id=entity_id, user_id=None)
+            session = await svc.sessions.create_session(entity_id=entity_id, user_id=owner)
         stored: list[FileRecord] = []
         try:
             for item in form.files:
@@ -371,6 +372,7 @@ def create_app(svc: Services) -> QuartTrio:
                     size=item.size,
                     created_at=utcnow(),
                     kind="upload",
+                    owner=owner,
                 )
                 record.size = await svc.files.put(
                     record.object_key,
@@ -660,6 +662,15 @@ def _lone_surrogate(value: Any, where: str) -> str | None:
         if found is not None:
             return found
     return None
+
+
+def _user_id(given: str | None) -> str | None:
+    """The requesting user: ``user_id`` from the body or form, else LibreChat's ``User-Id`` header.
+
+    Only used to tell one user's uploads from another's; bounded so it cannot bloat metadata.
+    """
+    value = (given if isinstance(given, str) and given.strip() else request.headers.get("user-id", "")).strip()
+    return value[:256] or None
 
 
 def _no_files() -> ApiError:

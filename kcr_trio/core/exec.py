@@ -53,8 +53,9 @@ class ExecLimits:
     max_output_files: int
     max_file_bytes: int
     max_code_bytes: int
-    # Also mount the uploads of the session the code runs in, not only the listed refs. Fixes
-    # KubeCodeRun's "uploads vanish after the first generated file" (api-contract.md §6.2 step 4).
+    # Also mount the requesting user's own uploads of the session the code runs in, not only the
+    # listed refs. Fixes KubeCodeRun's "uploads vanish after the first generated file"
+    # (api-contract.md §6.2 step 4) without showing one user's files to another.
     mount_session_uploads: bool = True
 
 
@@ -273,8 +274,11 @@ class ExecService:
             seen.add(key)
             found[record.filename] = record
         if self.limits.mount_session_uploads:
+            # Only the requesting user's own uploads: a session is shared by everyone who uploads
+            # with the same entity id (an agent), and another user's file is mounted only when the
+            # request lists it. Without a user id on either side, only id-less uploads match.
             for record in await self.sessions.list_files(session.session_id):
-                if record.kind == "upload" and record.filename not in found:
+                if record.kind == "upload" and record.owner == req.user_id and record.filename not in found:
                     found[record.filename] = record
         return list(found.values())
 
