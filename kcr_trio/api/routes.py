@@ -32,6 +32,7 @@ from kcr_trio.core.interfaces import Executor, FileStore, SessionStore
 from kcr_trio.core.model import FileRecord, FileRef, utcnow
 from kcr_trio.core.names import content_disposition, guess_content_type, sanitize_filename
 
+from .anonymous import UnauthBudget
 from .auth import Authenticator
 from .errors import dumps, error_body
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -154,6 +155,7 @@ def create_app(svc: Services) -> QuartTrio:
     # -- before/after every request ----------------------------------------------------------
 
     limiter = svc.limiter if svc.limiter is not None and svc.limiter.active else None
+    unauth = UnauthBudget(settings.kcr_unauth_body_bytes, settings.kcr_unauth_body_budget_bytes)
 
     async def authenticate(key: str | None) -> None:
         """Check the key; count wrong keys per IP and requests per key (``api.ratelimit``)."""
@@ -310,11 +312,23 @@ def create_app(svc: Services) -> QuartTrio:
 
     async def _read_json(limit: int) -> Any:
         data = bytearray()
-        with trio.move_on_after(settings.kcr_body_timeout) as scope:
-            async for chunk in request.body:
-                data.extend(chunk)
-                if len(data) > limit:
-                    raise TooLarge(f"Request body too large: at most {limit} bytes")
+        # Not yet authenticated (the key is in the body): bounded per request and globally.
+        budget = unauth if g.get("auth_pending") else None
+        held = 0
+        try:
+            if budget is not None and (request.content_length or 0) > budget.per_request:
+                raise budget.too_large()
+            with trio.move_on_after(settings.kcr_body_timeout) as scope:
+                async for chunk in request.body:
+                    if budget is not None:
+                        budget.reserve(held, len(chunk))
+                        held += len(chunk)
+                    data.extend(chunk)
+                    if len(data) > limit:
+                        raise TooLarge(f"Request body too large: at most {limit} bytes")
+        finally:
+            if budget is not None:
+                budget.release(held)
         if scope.cancelled_caught:
             raise ApiError("Request body timeout", status=408)
         try:
