@@ -50,6 +50,7 @@ class Settings(BaseSettings):
     max_file_size_mb: int = Field(10, ge=1, le=500)
     max_files_per_session: int = Field(50, ge=1, le=500)
     max_output_files: int = Field(10, ge=1, le=100)
+    kcr_max_file_refs: int = Field(100, ge=1, le=10_000)  # file refs per /exec request (413)
     max_memory_mb: int = Field(512, ge=16)
     max_pids: int = Field(64, ge=4)
     max_open_files: int = Field(256, ge=16)

@@ -26,7 +26,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from kcr_trio import __version__
 from kcr_trio.config import Settings
 from kcr_trio.core.errors import ApiError, Busy, NotFound, TooLarge, Unauthorized, Unavailable
-from kcr_trio.core.exec import ExecOutcome, ExecRequest, ExecService, Phases, validate
+from kcr_trio.core.exec import ExecOutcome, ExecRequest, ExecService, Phases, check_refs, validate
 from kcr_trio.core.ids import is_safe_id, new_id
 from kcr_trio.core.interfaces import Executor, FileStore, SessionStore
 from kcr_trio.core.model import FileRecord, FileRef, utcnow
@@ -219,6 +219,7 @@ def create_app(svc: Services) -> QuartTrio:
         except ValidationError as exc:
             raise ApiError("Request validation failed", status=422, details=validation_details(exc)) from None
         validate(body.code, body.lang, svc.exec_service.limits)  # 400/413 before anything starts
+        check_refs(len(body.files), svc.exec_service.limits)
         req = ExecRequest(
             code=body.code,
             lang=body.lang,

@@ -3,8 +3,8 @@
 One request owns all of its work. Everything below runs inside the caller's cancel scope, which the
 HTTP edge cancels when the client disconnects (and which carries the request's one deadline), so:
 
-    choose session + find inputs  ─┐ concurrently (store I/O overlaps pod/sidecar acquisition)
-    acquire a sandbox             ─┘
+    choose session + find inputs      (before a sandbox is taken: lookups never hold capacity)
+    acquire a sandbox
     stream inputs   store → sandbox   (concurrently, a few at a time)
     run the code                      (cancelling this kills the program's whole process tree)
     collect outputs sandbox → store   (bytes first, metadata last; concurrently)
@@ -57,6 +57,8 @@ class ExecLimits:
     # listed refs. Fixes KubeCodeRun's "uploads vanish after the first generated file"
     # (api-contract.md §6.2 step 4) without showing one user's files to another.
     mount_session_uploads: bool = True
+    # File refs one request may list (each costs store lookups before the run starts).
+    max_file_refs: int = 100
 
 
 @dataclass(slots=True)
@@ -126,6 +128,17 @@ def validate(code: Any, lang: Any, limits: ExecLimits) -> Language:
     return language
 
 
+def check_refs(count: int, limits: ExecLimits) -> None:
+    """413 for more file refs than one run may list: they are looked up before a sandbox is taken,
+    and thousands of bogus refs would otherwise keep a request busy for many seconds."""
+    if count > limits.max_file_refs:
+        raise ApiError(
+            f"Too many files: at most {limits.max_file_refs} file references per request",
+            status=413,
+            details=[{"field": "files", "message": "Too many file references", "code": "too_many_files"}],
+        )
+
+
 class ExecService:
     """Runs ``/exec`` requests against the three backends."""
 
@@ -140,6 +153,7 @@ class ExecService:
     async def execute(self, req: ExecRequest, phases: Phases) -> ExecOutcome:
         """Run one request. The caller's scope cancels it; its own deadline bounds it."""
         language = validate(req.code, req.lang, self.limits)
+        check_refs(len(req.files), self.limits)
         limits = self.limits
         deadline = trio.current_time() + limits.max_execution_time + limits.overhead
         state = _State(session_id=req.session_id or "")
@@ -150,12 +164,15 @@ class ExecService:
                 raise _single(group) from None
         assert scope.cancelled_caught
         log.warning("exec deadline reached in phase %s", phases.current, extra={"request_id": req.request_id})
-        return ExecOutcome(
-            session_id=state.session_id,
-            stdout="",
-            stderr=output.timeout_message(limits.max_execution_time),
-            status="timeout",
-        )
+        # Say what really happened: only a deadline hit while the code ran is an execution timeout.
+        stderr = output.timeout_message(limits.max_execution_time)
+        cut = phases.current or next(reversed(phases.durations), None)
+        if "execute" not in phases.durations and cut != "execute":
+            stderr = (
+                f"Request timed out after {limits.max_execution_time + limits.overhead:g} seconds while "
+                f"{_PHASE_WORDS.get(cut or '', 'preparing the run')}; the code did not run"
+            )
+        return ExecOutcome(session_id=state.session_id, stdout="", stderr=stderr, status="timeout")
 
     async def _execute(
         self,
@@ -166,47 +183,41 @@ class ExecService:
         deadline: float,
     ) -> ExecOutcome:
         limits = self.limits
-        resolved = trio.Event()
-        async with trio.open_nursery() as nursery:
-            # 1. Session and input metadata, concurrently with sandbox acquisition.
-            async def resolve() -> None:
-                with phases.phase("store"):
-                    session = await self._choose_session(req)
-                    state.session_id = session.session_id
-                    state.inputs = await self._find_inputs(req, session)
-                resolved.set()
+        # 1. Session and input metadata, before a sandbox is taken: a slow or huge lookup must not
+        #    hold execution capacity other requests are waiting for (audit finding 4).
+        with phases.phase("store"):
+            session = await self._choose_session(req)
+            state.session_id = session.session_id
+            state.inputs = await self._find_inputs(req, session)
+        wait = max(0.0, min(limits.acquire_timeout, deadline - trio.current_time()))
+        acquire_started = time.perf_counter()
+        phases.current = "acquire"
+        # Leaving this block (normally, by error or by cancellation) releases the sandbox;
+        # the executor shields that release and bounds it with its own timeout.
+        try:
+            sandbox_cm = self.executor.sandbox(language.code, wait=wait)
+            sandbox = await sandbox_cm.__aenter__()
+        finally:
+            phases.acquired.set()
+        async with _entered(sandbox_cm, sandbox):
+            phases.durations["acquire"] = round((time.perf_counter() - acquire_started) * 1000, 2)
 
-            nursery.start_soon(resolve)
-            wait = max(0.0, min(limits.acquire_timeout, deadline - trio.current_time()))
-            acquire_started = time.perf_counter()
-            phases.current = "acquire"
-            # Leaving this block (normally, by error or by cancellation) releases the sandbox;
-            # the executor shields that release and bounds it with its own timeout.
-            try:
-                sandbox_cm = self.executor.sandbox(language.code, wait=wait)
-                sandbox = await sandbox_cm.__aenter__()
-            finally:
-                phases.acquired.set()
-            async with _entered(sandbox_cm, sandbox):
-                phases.durations["acquire"] = round((time.perf_counter() - acquire_started) * 1000, 2)
-                await resolved.wait()
+            # 2. Inputs: store → sandbox.
+            notes: list[str] = []
+            with phases.phase("upload"):
+                await self._send_inputs(sandbox, state.inputs, notes)
 
-                # 2. Inputs: store → sandbox.
-                notes: list[str] = []
-                with phases.phase("upload"):
-                    await self._send_inputs(sandbox, state.inputs, notes)
+            # 3. Run. The sandbox enforces the timeout; keep time for collection after it.
+            run_timeout = min(
+                float(limits.max_execution_time),
+                max(1.0, deadline - trio.current_time() - limits.overhead / 2),
+            )
+            with phases.phase("execute"):
+                result = await sandbox.run(req.code, timeout=run_timeout, request_id=req.request_id)
 
-                # 3. Run. The sandbox enforces the timeout; keep time for collection after it.
-                run_timeout = min(
-                    float(limits.max_execution_time),
-                    max(1.0, deadline - trio.current_time() - limits.overhead / 2),
-                )
-                with phases.phase("execute"):
-                    result = await sandbox.run(req.code, timeout=run_timeout, request_id=req.request_id)
-
-                # 4. Outputs: sandbox → store, then metadata.
-                with phases.phase("collect"):
-                    files = await self._collect_outputs(sandbox, result, state.session_id, notes)
+            # 4. Outputs: sandbox → store, then metadata.
+            with phases.phase("collect"):
+                files = await self._collect_outputs(sandbox, result, state.session_id, notes)
 
         stdout, stderr = output.shape_output(
             result, limit=limits.max_output_chars, timeout=limits.max_execution_time
@@ -372,6 +383,13 @@ class ExecService:
             }
             for _, record in sorted(stored, key=lambda pair: pair[0])
         ]
+
+
+_PHASE_WORDS = {
+    "store": "looking up the session and input files",
+    "acquire": "waiting for a sandbox",
+    "upload": "copying input files into the sandbox",
+}
 
 
 @asynccontextmanager

@@ -87,3 +87,17 @@ async def test_unauthenticated_bodies_share_one_global_budget(tmp_path: Path) ->
                 return r.status_code == 200
 
             await await_until(accepted, 10, interval=0.1, message="budget released")
+
+
+# -- finding 4: file refs are capped --------------------------------------------------------------
+
+
+async def test_too_many_file_refs_is_413(tmp_path: Path) -> None:
+    async with ops_server(tmp_path, kcr_max_file_refs=5) as (url, program, _):
+        refs = [{"id": f"f{i:020d}", "session_id": f"s{i:020d}", "name": f"{i}.csv"} for i in range(6)]
+        async with httpx.AsyncClient(timeout=10) as client:
+            r = await client.post(url + "/exec", json={"code": "x", "lang": "py", "files": refs}, headers=H)
+            assert r.status_code == 413
+            assert r.json()["error"] == "Too many files: at most 5 file references per request"
+            r = await client.post(url + "/exec", json={"code": "x", "lang": "py", "files": refs[:5]}, headers=H)
+            assert r.status_code == 200
