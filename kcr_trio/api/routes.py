@@ -158,12 +158,19 @@ def create_app(svc: Services) -> QuartTrio:
     unauth = UnauthBudget(settings.kcr_unauth_body_bytes, settings.kcr_unauth_body_budget_bytes)
 
     async def authenticate(key: str | None) -> None:
-        """Check the key; count wrong keys per IP and requests per key (``api.ratelimit``)."""
+        """Check the key; count wrong keys per IP and requests per key (``api.ratelimit``).
+
+        A valid key always passes, whatever failed before from the same address: behind an ingress
+        every client shares one peer IP, and wrong keys must never lock LibreChat out. Only failing
+        requests are throttled (429 once their address has used up its failures).
+        """
         try:
             svc.auth.check(key)
         except Unauthorized:
             if limiter is not None and key:
-                await limiter.auth_failed((request.scope.get("client") or (None,))[0])
+                peer = (request.scope.get("client") or (None,))[0]
+                limiter.check_blocked(peer)
+                await limiter.auth_failed(peer)
             raise
         if limiter is not None and limiter.limits:
             g.quotas = await limiter.check_key(key or "")
@@ -183,8 +190,6 @@ def create_app(svc: Services) -> QuartTrio:
         peer = (request.scope.get("client") or (None,))[0]
         if svc.auth.is_trusted(peer):
             return
-        if limiter is not None:
-            limiter.check_blocked(peer)  # 429 before any key is compared
         key = svc.auth.header_key(request.headers)
         if key is not None:
             await authenticate(key)
