@@ -23,7 +23,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import trio
@@ -34,7 +34,7 @@ from .ids import is_safe_id, new_id
 from .interfaces import Executor, FileStore, Sandbox, SessionStore
 from .languages import Language, lookup
 from .model import FileRecord, FileRef, GeneratedFile, RunResult, Session, utcnow
-from .names import guess_content_type
+from .names import guess_content_type, unique_name
 
 log = logging.getLogger("kcr_trio.exec")
 
@@ -188,7 +188,7 @@ class ExecService:
         with phases.phase("store"):
             session = await self._choose_session(req)
             state.session_id = session.session_id
-            state.inputs = await self._find_inputs(req, session)
+            state.inputs = await self._find_inputs(req, session, state.notes)
         wait = max(0.0, min(limits.acquire_timeout, deadline - trio.current_time()))
         acquire_started = time.perf_counter()
         phases.current = "acquire"
@@ -203,7 +203,7 @@ class ExecService:
             phases.durations["acquire"] = round((time.perf_counter() - acquire_started) * 1000, 2)
 
             # 2. Inputs: store → sandbox.
-            notes: list[str] = []
+            notes = state.notes
             with phases.phase("upload"):
                 await self._send_inputs(sandbox, state.inputs, notes)
 
@@ -252,14 +252,15 @@ class ExecService:
                 return session
         return await self.sessions.create_session(entity_id=req.entity_id, user_id=req.user_id)
 
-    async def _find_inputs(self, req: ExecRequest, session: Session) -> list[FileRecord]:
+    async def _find_inputs(self, req: ExecRequest, session: Session, notes: list[str]) -> list[FileRecord]:
         """The files to mount, by ref (id, then name) and then the session's own uploads."""
-        found: dict[str, FileRecord] = {}  # by mounted filename; the first ref for a name wins
+        found: dict[str, FileRecord] = {}  # by mount name: unique, a clash gets a new name and a note
         seen: set[tuple[str, str]] = set()
         listings: dict[str, list[FileRecord]] = {}
         for ref in req.files:
             if not is_safe_id(ref.session_id):
                 log.warning("skipping file ref with invalid session id", extra={"request_id": req.request_id})
+                notes.append(f"Input file {ref.name} was not loaded: invalid session id")
                 continue
             record = await self.sessions.get_file(ref.session_id, ref.id) if is_safe_id(ref.id) else None
             if record is None:
@@ -278,20 +279,39 @@ class ExecService:
                     "file ref not found; skipped",
                     extra={"request_id": req.request_id, "file_session": ref.session_id, "file_id": ref.id},
                 )
+                notes.append(f"Input file {ref.name} was not loaded: no such file in session {ref.session_id}")
                 continue
             key = (record.session_id, record.file_id)
-            if key in seen or record.filename in found:
+            if key in seen:
                 continue
             seen.add(key)
-            found[record.filename] = record
+            found[self._mount_name(record, found, notes)] = record
         if self.limits.mount_session_uploads:
             # Only the requesting user's own uploads: a session is shared by everyone who uploads
             # with the same entity id (an agent), and another user's file is mounted only when the
             # request lists it. Without a user id on either side, only id-less uploads match.
+            # A listed file wins its name over an unlisted one (typically an older copy of it).
+            listed = set(found)
             for record in await self.sessions.list_files(session.session_id):
-                if record.kind == "upload" and record.owner == req.user_id and record.filename not in found:
-                    found[record.filename] = record
-        return list(found.values())
+                key = (record.session_id, record.file_id)
+                if record.kind != "upload" or record.owner != req.user_id or record.filename in listed:
+                    continue
+                if key not in seen:
+                    seen.add(key)
+                    found[self._mount_name(record, found, notes)] = record
+        # The mount name is the record's filename from here on (a copy: the stored one is unchanged).
+        return [record if record.filename == name else replace(record, filename=name) for name, record in found.items()]
+
+    @staticmethod
+    def _mount_name(record: FileRecord, found: dict[str, FileRecord], notes: list[str]) -> str:
+        """The record's filename, made unique among the inputs: two inputs never shadow each other."""
+        name = unique_name(record.filename, set(found))
+        if name != record.filename:
+            notes.append(
+                f"Input file {record.filename} (id {record.file_id}) is at /mnt/data/{name}: "
+                "another input has the same name"
+            )
+        return name
 
     # -- phase 2: inputs -----------------------------------------------------------------------
 
@@ -408,6 +428,7 @@ async def _entered(cm: Any, value: Any) -> AsyncIterator[Any]:
 class _State:
     session_id: str
     inputs: list[FileRecord] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # for stderr: renamed inputs, dropped outputs
 
 
 def _single(group: BaseExceptionGroup) -> BaseException:
