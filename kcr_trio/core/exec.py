@@ -350,6 +350,7 @@ class ExecService:
         )
         notes.extend(skipped)
         stored: list[tuple[int, FileRecord]] = []
+        added: set[str] = set()
         limiter = trio.CapacityLimiter(TRANSFER_CONCURRENCY)
 
         async def store(index: int, item: GeneratedFile) -> None:
@@ -387,11 +388,18 @@ class ExecService:
             # Metadata last: only now do the files become visible to /files and /download.
             for _, record in sorted(stored, key=lambda pair: pair[0]):
                 await self.sessions.add_file(record)
+                added.add(record.file_id)
+        except ApiError as exc:
+            # A store failed after the run (often after the heartbeat committed a 200): the
+            # program's output is still the answer. Files whose metadata landed are complete and
+            # returned; the others lose their bytes and are named in stderr (audit finding 7).
+            lost = [record for _, record in stored if record.file_id not in added]
+            await self._discard(lost, metadata=False)
+            names = ", ".join(sorted(r.filename for r in lost)) or "the generated files"
+            notes.append(f"Output files {names} were not saved: {exc.message}")
+            stored = [(i, r) for i, r in stored if r.file_id in added]
         except BaseException:
-            with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
-                for _, record in stored:
-                    await self.sessions.delete_file(record.session_id, record.file_id)
-                    await self.files.delete(record.object_key)
+            await self._discard([record for _, record in stored], metadata=True)
             raise
         return [
             {
@@ -403,6 +411,19 @@ class ExecService:
             }
             for _, record in sorted(stored, key=lambda pair: pair[0])
         ]
+
+    async def _discard(self, records: list[FileRecord], *, metadata: bool) -> None:
+        """Remove unsaved outputs, shielded and bounded: metadata first (if it may exist), then the
+        bytes. If the metadata cannot be removed the bytes stay (a listed file is never left
+        without content); bytes a failed clean-up leaves behind are found by the orphan sweeper."""
+        with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
+            for record in records:
+                try:
+                    if metadata:
+                        await self.sessions.delete_file(record.session_id, record.file_id)
+                    await self.files.delete(record.object_key)
+                except ApiError as exc:
+                    log.warning("clean-up of an unsaved output failed: %s", exc.message)
 
 
 _PHASE_WORDS = {
