@@ -574,9 +574,16 @@ def create_app(svc: Services) -> QuartTrio:
     @app.delete("/files/<session_id>/<file_id>")
     async def delete_file(session_id: str, file_id: str) -> Response:
         record = await _record_or_404(session_id, file_id)
-        # Metadata first: the file disappears for readers at once; the bytes follow.
+        # Never half-applied (audit finding 8): with the file store down, change nothing (503, the
+        # file stays listed). Then metadata first, so readers stop seeing the file at once; bytes
+        # a failing delete leaves behind have no metadata and the orphan sweeper removes them.
+        await svc.files.ping()
         await svc.sessions.delete_file(session_id, file_id)
-        await svc.files.delete(record.object_key)
+        try:
+            await svc.files.delete(record.object_key)
+        except ApiError as exc:
+            log.warning("delete: bytes left for the orphan sweeper: %s", exc.message,
+                        extra={"file_session": session_id, "file_id": file_id})
         return Response(b"", status=200)
 
     # -- health ------------------------------------------------------------------------------

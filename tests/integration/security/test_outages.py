@@ -78,3 +78,26 @@ def test_output_is_kept_when_the_session_store_dies_after_the_commit(live: Stack
     assert "out.txt" in body["stderr"] and "not saved" in body["stderr"]
     # The output's bytes went with it: nothing is left in S3 without metadata.
     assert [k for k in live.keys() if "/outputs/" in k] == []
+
+
+def _upload(stack: Stack, name: str, data: bytes) -> tuple[str, str]:
+    r = httpx.post(stack.server.url + "/upload", files={"file": (name, data)}, headers=H, timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()["session_id"], r.json()["files"][0]["fileId"]
+
+
+def _listed(stack: Stack, sid: str) -> list[str]:
+    r = httpx.get(stack.server.url + f"/files/{sid}", headers=H, timeout=30)
+    assert r.status_code == 200, r.text
+    return [item["id"] for item in r.json()]
+
+
+def test_delete_during_an_s3_outage_is_not_half_applied(live: Stack) -> None:
+    sid, fid = _upload(live, "keep.txt", b"k")
+    live.s3.stop()
+    r = httpx.delete(live.server.url + f"/files/{sid}/{fid}", headers=H, timeout=60)
+    assert r.status_code == 503
+    assert _listed(live, sid) == [fid]  # nothing changed: the user may retry
+    live.s3.start()  # (moto keeps nothing across a restart: the bucket comes back empty)
+    r = httpx.delete(live.server.url + f"/files/{sid}/{fid}", headers=H, timeout=60)
+    assert r.status_code == 200 and _listed(live, sid) == []
