@@ -378,8 +378,9 @@ class KubernetesExecutor:
     @asynccontextmanager
     async def sandbox(self, language: str, *, wait: float) -> AsyncIterator[Sandbox]:
         """A ready pod of ``language`` for one run (see ``Executor.sandbox``). Leaving the context —
-        also by cancellation — deletes the pod at once (shielded, bounded); its replacement was
-        already started when the pod was taken."""
+        also by cancellation — hands the pod's deletion to the executor's nursery (shielded,
+        bounded), so the answer does not wait for it; the pod counts as in use until the delete
+        was sent. Its replacement was already started when the pod was taken."""
         pool = self.pools.get(language)
         if pool is None:
             raise Unavailable(f"Unsupported language for the Kubernetes executor: {language}")
@@ -390,9 +391,22 @@ class KubernetesExecutor:
             yield PodSandbox(self, pod, inner)
         finally:
             released = time.monotonic()
-            with trio.CancelScope(shield=True):
-                with trio.move_on_after(self.k.kcr_k8s_cleanup_timeout):
-                    await self._discard(pool, pod, released)
+            if not self._release_after_answer(pool, pod, released):
+                await self._release(pool, pod, released)
+
+    def _release_after_answer(self, pool: _Pool, pod: _Pod, released: float) -> bool:
+        if self._nursery is None:
+            return False
+        try:
+            self._nursery.start_soon(self._release, pool, pod, released)
+        except RuntimeError:  # the nursery is closed: release inline
+            return False
+        return True
+
+    async def _release(self, pool: _Pool, pod: _Pod, released: float) -> None:
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(self.k.kcr_k8s_cleanup_timeout):
+                await self._discard(pool, pod, released)
 
     async def status(self) -> dict[str, Any]:
         await trio.lowlevel.checkpoint()
@@ -537,9 +551,11 @@ class KubernetesExecutor:
 
     async def _discard(self, pool: _Pool, pod: _Pod, released: float) -> None:
         """After one use: delete the pod now. Shielded by the caller, bounded by its timeout."""
-        pool.in_use -= 1
-        await self._delete(pod)
-        self.reclaims.append({"released": released, "delete_sent": time.monotonic()})
+        try:
+            await self._delete(pod)
+            self.reclaims.append({"released": released, "delete_sent": time.monotonic()})
+        finally:
+            pool.in_use -= 1
 
     async def _delete(self, pod: _Pod) -> None:
         if pod.gone:
