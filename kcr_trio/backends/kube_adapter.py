@@ -62,9 +62,9 @@ def load_api_client(kubeconfig: str | None = None, *, pool_size: int = 32) -> An
 
     cfg = client.Configuration()
     if os.environ.get("KUBERNETES_SERVICE_HOST") and not kubeconfig:
-        config.load_incluster_config(client_configuration=cfg)
+        config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
     else:
-        config.load_kube_config(config_file=kubeconfig or None, client_configuration=cfg)
+        config.load_kube_config(config_file=kubeconfig or None, client_configuration=cfg)  # type: ignore[no-untyped-call]
     cfg.connection_pool_maxsize = pool_size
     # One retry for connection errors only. urllib3 would otherwise retry a 429/503 carrying
     # Retry-After itself, sleeping in the worker thread and then raising MaxRetryError without the
@@ -144,7 +144,8 @@ class KubeApi:
             raise _as_kube_error(exc) from exc
 
     async def create_pod(self, manifest: dict[str, Any]) -> dict[str, Any]:
-        return await self._call(self._core.create_namespaced_pod, self.namespace, manifest)
+        created: dict[str, Any] = await self._call(self._core.create_namespaced_pod, self.namespace, manifest)
+        return created
 
     async def list_pods(
         self, selector: str | None = None, namespace: str | None = None
@@ -228,9 +229,10 @@ class PodWatch:
         if not line.strip():
             return await self.next()
         try:
-            return json.loads(line)
+            event: dict[str, Any] = json.loads(line)
         except ValueError as exc:
             raise KubeError(f"bad watch event from the Kubernetes API: {line[:200]!r}") from exc
+        return event
 
     def _read(self) -> bytes | None:
         return next(self._segments, None)

@@ -234,7 +234,7 @@ def describe_failure(pod: dict[str, Any]) -> tuple[str | None, int | None]:
     name = (pod.get("metadata") or {}).get("name", "?")
     status = pod.get("status") or {}
     phase = status.get("phase") or "Pending"
-    limits = {}
+    limits: dict[str, Any] = {}
     for c in (pod.get("spec") or {}).get("containers") or []:
         if c.get("name") == "main":
             limits = (c.get("resources") or {}).get("limits") or {}
