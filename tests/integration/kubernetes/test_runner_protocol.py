@@ -136,3 +136,23 @@ async def test_signal_death_is_explained(emulator, kubeconfig):
                 emulator.oom_kill(NS, name)
         result = outcome["r"]
         assert "OOMKilled" in result.stderr and "memory limit 256Mi" in result.stderr and result.exit_code == 137
+
+
+async def test_exec_through_the_api_stores_no_directory(emulator, kubeconfig, tmp_path):
+    """The end-to-end form of the bug: ``/exec`` used to return an output file named ``subdir``
+    whose content was the runner's JSON listing."""
+    from tests.support.server import TEST_KEY, running_server
+    from tests.support.server import make_settings as server_settings
+
+    async with executor_for(kubeconfig, {"py": 1}, **RUNNER) as ex:
+        settings = server_settings(tmp_path / "data", kcr_executor="kubernetes", pod_pool_py=1)
+        async with running_server(settings, executor=ex) as url, \
+                httpx.AsyncClient(base_url=url, headers={"x-api-key": TEST_KEY}, timeout=60) as client:
+            assert await ex.wait_warm(30)
+            code = "import os\nos.makedirs('subdir')\nopen('subdir/x.txt', 'w').write('nested')\nopen('out.txt', 'w').write('top')\n"
+            r = await client.post("/exec", json={"code": code, "lang": "py"})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert [f["name"] for f in body["files"]] == ["out.txt"]
+            stored = await client.get(f"/download/{body['session_id']}/{body['files'][0]['id']}")
+            assert stored.content == b"top"
