@@ -21,9 +21,18 @@ How it works:
   tree when that happens; the pod deletion then takes the container down too.
 * **Pod failures** (OOMKilled, evicted, killed, image pull errors) are read from the pod status:
   a run on a pod that dies returns a ``RunResult`` whose ``failure`` and ``stderr`` say why.
+* **Starting pods** (``_bring_up``): creation → container started is bounded by
+  ``KCR_POD_START_TIMEOUT`` (scheduling, first image pulls), started → Ready by
+  ``KCR_POD_READY_TIMEOUT``. Unschedulable pods and image pulls the kubelet retries are waited on
+  with their reason shown; permanent errors give the pod up at once. A create the API refused (403
+  from RBAC, Pod Security or a quota; 429) is not followed by a DELETE; failures back off together
+  (one probe pod at a time, never sooner than ``Retry-After``).
+* **Readiness** (``snapshot()``): "can serve" — the pod list is synced, no language is still warming
+  without a problem, one language is available; each language reports its status and reason.
 * **Start-up sweep**: pods of ours whose owner (an API replica's pod UID) no longer exists —
   a crashed replica — and pods carrying our own UID from an earlier run of this same pod (a
-  container restart) are deleted before warming up.
+  container restart) are deleted before warming up. If the API pods cannot be listed, only our
+  own leftovers go; a failed sweep is retried in the background.
 * **Shutdown**: the nursery is cancelled (watch and pod creations stop within milliseconds), then
   every pod with our owner UID is deleted, shielded and bounded.
 
