@@ -346,7 +346,8 @@ class Runner:
         In order: finish the housekeeping of the last run, kill every process below the sidecar
         and (with an exclusive uid) every process of the run uid, replace the working directory
         with a fresh, empty one (new inode: no file, ACL or mode a run set survives), remove the
-        finished runs' temp dirs, and only then start the next pre-warmed interpreter. A new
+        finished runs' temp dirs, and only then start the next pre-warmed interpreter (in the
+        background, right after the answer). A new
         sidecar process would give the next run nothing more: its own interpreter, directory,
         bubblewrap namespaces and temp dir are all fresh per run already.
         Raises ``Conflict`` while a run is in progress.
@@ -363,8 +364,9 @@ class Runner:
         finally:
             self.busy = False
         self.awaiting_reset = False
-        if self.prewarm_enabled:
-            await self._spawn_warm()
+        # The next interpreter starts in the background, after this answer: the caller frees its
+        # slot sooner, and a run that arrives first waits for it (``_take_warm``).
+        self.replenish()
 
     def _fresh_start(self) -> None:
         self._kill_all(final=True)  # no warm interpreter now: the uid sweep runs too
