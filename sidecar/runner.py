@@ -28,6 +28,7 @@ import stat
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import trio
@@ -56,7 +57,9 @@ _PIDS_PATTERNS = re.compile(
 
 def log(event: str, **fields: Any) -> None:
     """One JSON line on stderr (the sidecar's only log channel)."""
-    line = {"ts": round(time.time(), 3), "event": event, **fields}
+    # ISO 8601 UTC, the same shape the API's logs carry under ``ts`` (one format across the fleet).
+    ts = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    line = {"ts": ts, "event": event, **fields}
     try:
         sys.stderr.write(json.dumps(line, default=str) + "\n")
         sys.stderr.flush()

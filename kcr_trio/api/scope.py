@@ -32,6 +32,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import trio
@@ -155,6 +156,7 @@ class RequestScopeMiddleware:
             outcome = rs.outcome or ("ok" if (rs.status or 500) < 500 else "error")
         rs.outcome = outcome
         record: dict[str, Any] = {
+            "ts": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),  # as logs.py and the sidecar
             "event": "access",
             "request_id": rs.request_id,
             "method": scope.get("method"),

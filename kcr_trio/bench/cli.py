@@ -5,7 +5,6 @@
 
     kcr-trio bench list                # the scenarios
     kcr-trio bench prewarm ...         # sidecar pre-warm latency (sidecar.bench)
-    kcr-trio bench k8s-reclaim ...     # Kubernetes disconnect-to-pod-deleted (kcr_trio.bench.kube_reclaim)
     kcr-trio bench engine ...          # /exec latency, exec/s, idle CPU (kcr_trio.bench.engine)
 
 There is no default target: without ``--target`` the bench refuses to run. Every loop is bounded by
@@ -27,7 +26,6 @@ from kcr_trio.bench.targets import TargetError, parse_targets
 
 DELEGATES = {
     "prewarm": ("sidecar.bench", "sidecar pre-warm latency benchmark"),
-    "k8s-reclaim": ("kcr_trio.bench.kube_reclaim", "Kubernetes disconnect-to-pod-deleted benchmark"),
     "engine": ("kcr_trio.bench.engine", "execution engine: /exec latency vs bare start, exec/s, idle CPU"),
 }
 MAX_SIZE = 100 * 1024 * 1024
@@ -82,7 +80,7 @@ def build_parser(scenario_names: list[str]) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="kcr-trio bench",
         description="A/B benchmarks and conformance checks against servers speaking the Code Interpreter API. "
-                    "Also: `kcr-trio bench list | prewarm ... | k8s-reclaim ...`.",
+                    "Also: `kcr-trio bench list | prewarm ... | engine ...`.",
     )
     p.add_argument("--target", action="append", default=[], metavar="NAME=URL[,KEY]",
                    help="a server to measure (repeat; 2 for A/B). KEY may be literal, env:VAR or @FILE")

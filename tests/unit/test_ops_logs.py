@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 
 import structlog
 
@@ -75,3 +76,20 @@ def test_structlog_loggers_share_the_stream(capsys) -> None:  # type: ignore[no-
         root.handlers[:], level = saved
         root.setLevel(level)
     assert line["event"] == "hello" and line["code"] == "[redacted]" and line["n"] == 1
+
+
+def test_api_and_sidecar_write_the_same_ts_format(capsys) -> None:  # type: ignore[no-untyped-def]
+    """One timestamp format across the fleet: ISO 8601 UTC with microseconds and a ``Z``."""
+    from sidecar.runner import log as sidecar_log
+
+    iso_utc = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
+    logger, stream, handler = capture()
+    try:
+        logger.info("api line")
+    finally:
+        logger.removeHandler(handler)
+    api_ts = json.loads(stream.getvalue())["ts"]
+    sidecar_log("sidecar_line", n=1)
+    sidecar_ts = json.loads(capsys.readouterr().err.strip().splitlines()[-1])["ts"]
+    assert iso_utc.fullmatch(api_ts), api_ts
+    assert iso_utc.fullmatch(sidecar_ts), sidecar_ts

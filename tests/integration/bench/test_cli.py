@@ -53,8 +53,9 @@ def test_list(capsys) -> None:
     assert cli.main(["list"]) == 0
     out = capsys.readouterr().out
     for name in ("exec-latency", "concurrency", "upload-exec", "keepalive", "disconnect-storm", "slow-clients",
-                 "files-rps", "conformance", "prewarm", "k8s-reclaim"):
+                 "files-rps", "conformance", "prewarm", "engine"):
         assert name in out
+    assert "k8s-reclaim" not in out  # moved to tests/support/kube_reclaim.py (drives backends directly)
 
 
 def test_stats() -> None:

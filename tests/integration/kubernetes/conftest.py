@@ -19,11 +19,11 @@ from kcr_trio.backends.kubernetes_executor import (
     open_kubernetes_executor,
 )
 from kcr_trio.config import Settings
+from kcr_trio.core.languages import LANGUAGES
 from tests.support.kube_emulator import KubeEmulator
 
 NS = "kcr"
-POOLS = {f"pod_pool_{lang}": 0 for lang in
-         ("py", "js", "ts", "go", "java", "c", "cpp", "php", "rs", "r", "f90", "d", "bash")}
+POOLS = {f"pod_pool_{lang}": 0 for lang in LANGUAGES}
 
 
 @pytest.fixture

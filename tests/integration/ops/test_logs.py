@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import httpx
@@ -14,6 +15,7 @@ from tests.support.server import TEST_KEY, await_until
 from tests.support.ops import H, LogCapture, ops_server, port_of, raw, read_all
 
 pytestmark = pytest.mark.integration
+ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
 
 
 def lines_for(logs: LogCapture, request_id: str) -> list[dict]:
@@ -77,6 +79,7 @@ async def test_exactly_one_access_line_per_request(tmp_path: Path, logs: LogCapt
     assert program.running == 0 and program.cancelled == 1  # the dropped body never ran
     for line in logs.access():
         assert {"request_id", "method", "path", "route", "status", "outcome", "duration_ms"} <= set(line)
+        assert ISO_UTC.fullmatch(line["ts"]), line["ts"]  # the same ts format as every other line
 
 
 async def test_no_secrets_or_contents_in_logs(tmp_path: Path, logs: LogCapture) -> None:

@@ -1,4 +1,9 @@
-"""``kcr-trio bench k8s-reclaim``: how fast a client disconnect gives the pod back.
+"""Kubernetes reclaim benchmark: how fast a client disconnect gives the pod back.
+
+Run it from a source checkout: ``python3 -m tests.support.kube_reclaim [--runs N] [--json]``. It lives
+in the test tree, not in the shipped ``kcr_trio.bench``, because it drives the executor object
+directly and, by default, the Kubernetes API emulator from ``tests/support``; the shipped bench
+talks to servers over public HTTP only.
 
 Each round takes a warm pod from the pool, starts a program that would run for minutes, and then
 cancels the request scope — exactly what a client disconnect does to ``/exec``. It measures, from
@@ -11,9 +16,9 @@ that moment:
   is *taken*, not when it is returned, so this is often 0: the pool was refilled while the program
   ran. ``replacement ready`` (from acquisition) is reported alongside.
 
-By default it runs against the Kubernetes API emulator from the test suite (a source checkout is
-needed): real HTTP, the official client, real sidecar processes. ``--kubeconfig`` points it at a
-real cluster instead (the execution images must exist there).
+By default it runs against the Kubernetes API emulator from the test suite: real HTTP, the official
+client, real sidecar processes. ``--kubeconfig`` points it at a real cluster instead (the execution
+images must exist there).
 """
 
 from __future__ import annotations
@@ -21,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from contextlib import ExitStack
@@ -34,7 +38,7 @@ LONG_PROGRAM = "import time\nopen('started.txt', 'w').close()\ntime.sleep(300)\n
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kcr-trio bench k8s-reclaim", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python3 -m tests.support.kube_reclaim", description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", type=int, default=10, help="rounds to measure (default 10)")
     p.add_argument("--pool", type=int, default=2, help="warm pool size for py (default 2)")
     p.add_argument("--kubeconfig", help="use this cluster instead of the emulator")
@@ -56,62 +60,67 @@ def _summary(values: list[float]) -> dict[str, float]:
 async def _measure(args: argparse.Namespace, kubeconfig: str, emulator: Any) -> dict[str, list[float]]:
     from kcr_trio.backends.kubernetes_executor import KubernetesSettings, open_kubernetes_executor
     from kcr_trio.config import Settings
+    from kcr_trio.core.languages import LANGUAGES
 
-    pools = {f"pod_pool_{lang}": 0 for lang in
-             ("py", "js", "ts", "go", "java", "c", "cpp", "php", "rs", "r", "f90", "d", "bash")}
+    pools: dict[str, Any] = {f"pod_pool_{lang}": 0 for lang in LANGUAGES}
     pools["pod_pool_py"] = args.pool
     settings = Settings(_env_file=None, **pools)
     ks = KubernetesSettings(_env_file=None, kubeconfig=kubeconfig, k8s_namespace=args.namespace)
     figures: dict[str, list[float]] = {k: [] for k in (
         "program_killed", "delete_sent", "pod_deleted", "pool_refilled", "replacement_ready")}
     async with open_kubernetes_executor(settings, ks) as ex:
-        pool = ex.pools["py"]
         if not await ex.wait_warm(120):
             raise SystemExit(f"pool did not warm up: {ex.snapshot()['pools']}")
         for _ in range(args.runs):
-            while len(pool.ready) < pool.target:  # start each round from a full pool
-                await pool.refilled.wait()
-            refilled: list[float] = []
-            killed: list[float] = []
-            cancelled: list[float] = []
-
-            async def note_refill() -> None:
-                with trio.move_on_after(60):
-                    while len(pool.ready) < pool.target:
-                        await pool.refilled.wait()
-                    refilled.append(time.monotonic())
-
-            async with trio.open_nursery() as outer:
-                with trio.CancelScope() as request:  # what a client disconnect cancels
-                    async with ex.sandbox("py", wait=30) as sb:
-                        acquired = time.monotonic()
-                        outer.start_soon(note_refill)  # the replacement starts now
-                        pod = sb.pod
-                        main_pid = emulator.main_pid(args.namespace, pod.name) if emulator else None
-
-                        async def disconnect() -> None:
-                            await _program_started(emulator, args, pod.name)
-                            user = _descendants(main_pid) if main_pid else set()
-                            outer.start_soon(_killed_at, user, killed)
-                            cancelled.append(time.monotonic())
-                            request.cancel()
-
-                        async with trio.open_nursery() as nursery:
-                            nursery.start_soon(disconnect)
-                            await sb.run(LONG_PROGRAM, timeout=300, request_id="bench")
-                t0 = cancelled[0]
-                with trio.move_on_after(30):
-                    await pod.wait_for(lambda p: p.gone)
-            if pod.deleted_at:
-                figures["pod_deleted"].append(pod.deleted_at - t0)
-            if ex.reclaims:
-                figures["delete_sent"].append(ex.reclaims[-1]["delete_sent"] - t0)
-            if refilled:
-                figures["pool_refilled"].append(max(0.0, refilled[0] - t0))
-                figures["replacement_ready"].append(refilled[0] - acquired)
-            if killed:
-                figures["program_killed"].append(killed[0] - t0)
+            await _one_round(ex, args, emulator, figures)
     return figures
+
+
+async def _one_round(ex: Any, args: argparse.Namespace, emulator: Any, figures: dict[str, list[float]]) -> None:
+    """One disconnect, measured. Its own function so the closures below bind this round's values."""
+    pool = ex.pools["py"]
+    while len(pool.ready) < pool.target:  # start each round from a full pool
+        await pool.refilled.wait()
+    refilled: list[float] = []
+    killed: list[float] = []
+    cancelled: list[float] = []
+
+    async def note_refill() -> None:
+        with trio.move_on_after(60):
+            while len(pool.ready) < pool.target:
+                await pool.refilled.wait()
+            refilled.append(time.monotonic())
+
+    async with trio.open_nursery() as outer:
+        with trio.CancelScope() as request:  # what a client disconnect cancels
+            async with ex.sandbox("py", wait=30) as sb:
+                acquired = time.monotonic()
+                outer.start_soon(note_refill)  # the replacement starts now
+                pod = sb.pod
+                main_pid = emulator.main_pid(args.namespace, pod.name) if emulator else None
+
+                async def disconnect() -> None:
+                    await _program_started(emulator, args, pod.name)
+                    user = _descendants(main_pid) if main_pid else set()
+                    outer.start_soon(_killed_at, user, killed)
+                    cancelled.append(time.monotonic())
+                    request.cancel()
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(disconnect)
+                    await sb.run(LONG_PROGRAM, timeout=300, request_id="bench")
+        t0 = cancelled[0]
+        with trio.move_on_after(30):
+            await pod.wait_for(lambda p: p.gone)
+    if pod.deleted_at:
+        figures["pod_deleted"].append(pod.deleted_at - t0)
+    if ex.reclaims:
+        figures["delete_sent"].append(ex.reclaims[-1]["delete_sent"] - t0)
+    if refilled:
+        figures["pool_refilled"].append(max(0.0, refilled[0] - t0))
+        figures["replacement_ready"].append(refilled[0] - acquired)
+    if killed:
+        figures["program_killed"].append(killed[0] - t0)
 
 
 async def _program_started(emulator: Any, args: argparse.Namespace, name: str) -> None:
@@ -167,12 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         emulator = None
         kubeconfig = args.kubeconfig
         if not kubeconfig:
-            try:
-                from tests.support.kube_emulator import KubeEmulator
-            except ImportError:
-                print("the emulator lives in the source tree (tests/support); run from a checkout "
-                      "or pass --kubeconfig", file=sys.stderr)
-                return 2
+            from tests.support.kube_emulator import KubeEmulator
+
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kcr-bench-")))
             emulator = stack.enter_context(KubeEmulator(tmp / "cluster", namespaces=(args.namespace,)))
             kubeconfig = str(emulator.write_kubeconfig(tmp / "kubeconfig", namespace=args.namespace))
