@@ -210,7 +210,7 @@ class Context:
 
     tmp: str  # private temp dir of this run (outside the working dir)
     memory_mb: int
-    tools: "Toolchain"
+    tools: Toolchain
 
 
 class Toolchain:

@@ -44,7 +44,7 @@ class Limits:
     file_size_mb: int | None = None
     open_files: int | None = None
 
-    def with_(self, **changes: object) -> "Limits":
+    def with_(self, **changes: object) -> Limits:
         return replace(self, **changes)  # type: ignore[arg-type]
 
 
@@ -121,7 +121,7 @@ def base_env(home: str, tmp: str, extra: Mapping[str, str] = ()) -> dict[str, st
     return env
 
 
-def user_command(spec: "SpawnSpec") -> tuple[list[str], dict[str, str]]:
+def user_command(spec: SpawnSpec) -> tuple[list[str], dict[str, str]]:
     """The command and environment actually executed for a user process, before the uid switch
     and rlimits are prefixed: the spec's own, or wrapped in the sidecar's bubblewrap sandbox
     (``sandbox.Sandbox.wrap``: bwrap in front, host temp-dir paths translated)."""
@@ -144,7 +144,7 @@ class SpawnSpec:
     identity: Identity
     stdin: int | None = None  # an fd, or None for /dev/null
     pass_fd: int | None = None  # an fd the child inherits under the same number (pre-warm socket)
-    sandbox: "Sandbox | None" = None  # bubblewrap view (sidecar.sandbox), or None: unsandboxed
+    sandbox: Sandbox | None = None  # bubblewrap view (sidecar.sandbox), or None: unsandboxed
     tmp: str | None = None  # the run's private temp dir (mounted at /run/kcr when sandboxed)
     cgroup_procs: list[str] | None = None  # cgroup.procs files to enter before exec (cgroups.py)
 

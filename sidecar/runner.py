@@ -34,10 +34,10 @@ from typing import Any
 import trio
 
 from . import files, proctree
-from .config import Config
-from .languages import Context, LanguageSpec, SOURCE_FILES, Step, Toolchain, prewarm_step
-from .limits import MB, Identity, Limits, SpawnSpec, base_env, cpu_limit_for, spawn_user
 from .cgroups import Group
+from .config import Config
+from .languages import SOURCE_FILES, Context, LanguageSpec, Step, Toolchain, prewarm_step
+from .limits import MB, Identity, Limits, SpawnSpec, base_env, cpu_limit_for, spawn_user
 from .prewarm import Warm, make_private_tmp, remove_tree
 from .sandbox import EXTRA_PROCESSES, Sandbox, exit_signal, not_exiting, payload_pid
 

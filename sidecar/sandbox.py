@@ -141,7 +141,7 @@ class Sandbox:
 
     @classmethod
     def create(cls, working_dir: str, *, allow_network: bool = False, ro_paths: Iterable[str] = (),
-               bwrap: str | None = None, shm_mb: int = SHM_MB) -> "Sandbox":
+               bwrap: str | None = None, shm_mb: int = SHM_MB) -> Sandbox:
         exe = bwrap or BWRAP
         if not exe:
             raise FileNotFoundError("bwrap (Debian package bubblewrap) is not installed")

@@ -709,7 +709,7 @@ def _no_files() -> ApiError:
 
 
 def _iso_ms(stamp: dt.datetime) -> str:
-    return stamp.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond // 1000:03d}Z"
+    return stamp.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond // 1000:03d}Z"
 
 
 __all__ = ["Services", "create_app", "time"]

@@ -251,10 +251,7 @@ def describe_failure(pod: dict[str, Any]) -> tuple[str | None, int | None]:
                 limit = limits.get("memory")
                 suffix = f" (memory limit {limit})" if limit else ""
                 return f"Execution pod {name} ran out of memory and was OOMKilled{suffix}", code
-            if code is not None and code > 128:
-                how = f"killed by signal {code - 128}"
-            else:
-                how = f"exit code {code}"
+            how = f"killed by signal {code - 128}" if code is not None and code > 128 else f"exit code {code}"
             detail = f": {term['message']}" if term.get("message") else ""
             return f"Execution pod {name} stopped unexpectedly ({reason}, {how}){detail}", code
         waiting = state.get("waiting") or {}

@@ -56,16 +56,14 @@ import trio
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from kcr_trio.config import Settings
-from sidecar.prewarm import remove_tree
-
 from kcr_trio.core.errors import Busy, Unavailable, unsupported_language
 from kcr_trio.core.languages import LANGUAGES
-from sidecar import proctree
-from sidecar import cgroups
+from sidecar import cgroups, proctree
 from sidecar.cgroups import Cgroups
 from sidecar.languages import Toolchain
-from sidecar.sandbox import EXTRA_PROCESSES
 from sidecar.limits import reachable_by
+from sidecar.prewarm import remove_tree
+from sidecar.sandbox import EXTRA_PROCESSES
 from sidecar.toolchains import availability
 
 from .sidecar_client import SidecarSandbox

@@ -52,8 +52,6 @@ from typing import Any, Literal, TypeVar
 from urllib.parse import urlparse, urlunparse
 
 import trio
-
-from kcr_trio.core.throttle import Throttle
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -62,6 +60,7 @@ from kcr_trio.config import Settings
 from kcr_trio.core.errors import Unavailable
 from kcr_trio.core.ids import new_id
 from kcr_trio.core.model import FOREVER, FileRecord, Session, utcnow
+from kcr_trio.core.throttle import Throttle
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -173,7 +172,7 @@ class RedisSettings(BaseSettings):
 
 
 def _iso(value: dt.datetime) -> str:
-    return value.astimezone(dt.timezone.utc).isoformat()
+    return value.astimezone(dt.UTC).isoformat()
 
 
 def _parse_time(value: str | None, default: dt.datetime) -> dt.datetime:
@@ -183,7 +182,7 @@ def _parse_time(value: str | None, default: dt.datetime) -> dt.datetime:
         parsed = dt.datetime.fromisoformat(value)
     except ValueError:
         return default
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
 
 
 def _session_from_hash(data: dict[str, str]) -> Session | None:
@@ -371,7 +370,7 @@ class RedisSessionStore:
                     pipe = self._r.pipeline(transaction=False)
                     for sid in members:
                         pipe.hmget(self.session_key(sid), "session_id", "status", "expires_at", "last_activity")
-                    for sid, (hid, status, expires, last) in zip(members, await pipe.execute()):
+                    for sid, (hid, status, expires, last) in zip(members, await pipe.execute(), strict=True):
                         if not hid:
                             dead.append(sid)
                         elif status == "active" and _parse_time(expires, FOREVER) > now:
@@ -490,7 +489,7 @@ class RedisSessionStore:
                     pipe = self._r.pipeline(transaction=False)
                     for sid in members:
                         pipe.hmget(self.session_key(sid), "session_id", "expires_at")
-                    for sid, (hid, expires) in zip(members, await pipe.execute()):
+                    for sid, (hid, expires) in zip(members, await pipe.execute(), strict=True):
                         if not hid or _parse_time(expires, FOREVER) < now:
                             found.append(sid)
                 if cursor == 0 or len(found) >= _EXPIRED_SCAN_LIMIT:

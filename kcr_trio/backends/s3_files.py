@@ -45,14 +45,13 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 
 import trio
-
-from kcr_trio.core.throttle import Throttle
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from kcr_trio.backends.aio_bridge import BridgeClosed, BridgeMissing, run_aio
 from kcr_trio.config import Settings
 from kcr_trio.core.errors import NotFound, TooLarge, Unavailable
+from kcr_trio.core.throttle import Throttle
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -204,7 +203,7 @@ class S3FileStore:
     async def put(
         self, key: str, chunks: AsyncIterable[bytes], *, content_type: str, max_bytes: int | None = None
     ) -> int:
-        spool = await trio.to_thread.run_sync(lambda: tempfile.TemporaryFile(dir=self._spool_dir))
+        spool = await trio.to_thread.run_sync(lambda: tempfile.TemporaryFile(dir=self._spool_dir))  # noqa: SIM115 - closed below
         try:
             size = await _spool(spool, chunks, max_bytes)
             await self._ensure_bucket()

@@ -80,7 +80,7 @@ class SidecarSandbox:
             nonlocal size
             safe = name.replace("\\", "_").replace('"', "_").replace("\r", "_").replace("\n", "_")
             yield (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{safe}\"\r\n"
-                   f"Content-Type: application/octet-stream\r\n\r\n").encode("utf-8")
+                   f"Content-Type: application/octet-stream\r\n\r\n").encode()
             async for chunk in chunks:
                 size += len(chunk)
                 yield chunk

@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "list":
         for s in scenarios.values():
             print(f"{s.name:18} {s.title}")
-        for name, (module, what) in DELEGATES.items():
+        for name, (_module, what) in DELEGATES.items():
             print(f"{name:18} {what} (subcommand: kcr-trio bench {name} --help)")
         return 0
     parser = build_parser(list(scenarios))
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown scenario(s) {unknown}; choose from {', '.join(scenarios)}")
     opts = options_from(args, parser)
-    out = args.report or Path(f"bench-report-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}")
+    out = args.report or Path(f"bench-report-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}")
     picked = [scenarios[s] for s in dict.fromkeys(chosen)]
     return execute(targets, picked, opts, out, argv=argv, max_time=args.max_time, progress=not args.no_progress)
 

@@ -43,7 +43,7 @@ def client(target: Target, *, timeout: float, connections: int = 10) -> httpx.As
 
 
 class ExecOutcome:
-    __slots__ = ("ok", "status", "ms", "body", "error")
+    __slots__ = ("body", "error", "ms", "ok", "status")
 
     def __init__(self, ok: bool, status: int | None, ms: float, body: dict[str, Any] | None, error: str | None) -> None:
         self.ok, self.status, self.ms, self.body, self.error = ok, status, ms, body, error

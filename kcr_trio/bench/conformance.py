@@ -175,7 +175,7 @@ async def c10(k: Kit) -> None:
     entry = next((e for e in r.json() if e.get("name") == f"{sid}/{fid}"), None)
     expect(entry is not None, f"{sid}/{fid} not in {r.text[:200]}")
     stamp = dt.datetime.fromisoformat(str(entry["lastModified"]).replace("Z", "+00:00"))
-    expect(dt.datetime.now(dt.timezone.utc) - stamp < dt.timedelta(hours=23), f"stale lastModified {stamp}")
+    expect(dt.datetime.now(dt.UTC) - stamp < dt.timedelta(hours=23), f"stale lastModified {stamp}")
 
 
 async def c11(k: Kit) -> None:

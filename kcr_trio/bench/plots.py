@@ -17,7 +17,7 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
 CDF_SERIES = {

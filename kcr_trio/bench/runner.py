@@ -38,7 +38,7 @@ def direction(name: str) -> str:
 
 
 def now_iso() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def options_json(opts: Options) -> dict[str, Any]:
@@ -143,7 +143,7 @@ async def run_bench(
                         started, t0 = time.time(), time.perf_counter()
                         try:
                             result = await scenario.run(ctx, target, step, rep)
-                        except Exception as exc:  # noqa: BLE001 — recorded, the bench goes on
+                        except Exception as exc:
                             result = StepResult(figures={"failed": 1})
                             result.error(f"{type(exc).__name__}: {exc}")
                             result.info["traceback"] = traceback.format_exc(limit=6)[-2000:]

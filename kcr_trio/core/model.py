@@ -6,11 +6,11 @@ import datetime as _dt
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-FOREVER = _dt.datetime(9999, 12, 31, 23, 59, 59, tzinfo=_dt.timezone.utc)
+FOREVER = _dt.datetime(9999, 12, 31, 23, 59, 59, tzinfo=_dt.UTC)
 
 
 def utcnow() -> _dt.datetime:
-    return _dt.datetime.now(_dt.timezone.utc)
+    return _dt.datetime.now(_dt.UTC)
 
 
 @dataclass(slots=True)

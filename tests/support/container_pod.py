@@ -215,7 +215,7 @@ def main(argv: list[str]) -> int:
     """The launcher: start the container, forward its port, wait, exit with its exit code."""
     split = argv.index("--")
     opts, run = argv[:split], argv[split + 1:]
-    o = dict(zip(opts[0::2], opts[1::2]))
+    o = dict(zip(opts[0::2], opts[1::2], strict=False))
     host, _, port = o["--listen"].rpartition(":")
     name = o["--name"]
     run = [run[0], "--label", f"{LAUNCHER}={os.getpid()}", *run[1:]]  # for the reaper

@@ -71,7 +71,7 @@ _NAME_CHARS = "bcdfghjklmnpqrstvwxz2456789"  # what the API server uses for gene
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # --------------------------------------------------------------------------------------------

@@ -38,9 +38,9 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from tests.support.process import ManagedServer
-from typing import Any
 
 START_TIMEOUT = 10.0
 

@@ -31,10 +31,9 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-
-from tests.support.process import ManagedServer
 from typing import Any
 
+from tests.support.process import ManagedServer
 from tests.support.redis_server import free_port
 
 ACCESS_KEY = "kcr-test-access"

@@ -95,7 +95,7 @@ async def running_sidecar(language: str = "py", *args: str, root: str | None = N
     argv = [sys.executable, "-m", "sidecar", "--host", "127.0.0.1", "--port", "0", "--language", language,
             "--working-dir", wd, "--tmp-root", os.path.join(root, "tmp"), "--announce",
             "--node-path", NODE_PATH, *args]
-    err = open(stderr_path, "wb")
+    err = open(stderr_path, "wb")  # noqa: SIM115 - owned by the process, closed below
     proc = await trio.lowlevel.open_process(argv, stdout=subprocess.PIPE, stderr=err, cwd=str(REPO))
     try:
         line = b""
@@ -107,7 +107,7 @@ async def running_sidecar(language: str = "py", *args: str, root: str | None = N
                     break
                 line += chunk
         if not line:
-            raise RuntimeError(f"sidecar did not start: {open(stderr_path).read()[-2000:]}")
+            raise RuntimeError(f"sidecar did not start: {Path(stderr_path).read_text()[-2000:]}")
         info = json.loads(line)
         yield Sidecar(proc.pid, int(info["port"]), wd, stderr_path, proc)
     finally:

@@ -183,7 +183,7 @@ class DisconnectStorm:
             if watch is not None:
                 await nursery.start(watch.run)
             async with trio.open_nursery() as storm:
-                for c, body in zip(clients, bodies):
+                for c, body in zip(clients, bodies, strict=True):
                     storm.start_soon(storm_client, target, c, body)
             last_left = max(c.left_at or start for c in clients)
             recovery = await recovery_probe(target, opts, last_left)

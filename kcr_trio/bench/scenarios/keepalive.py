@@ -46,13 +46,13 @@ class KeepAlive:
                 nursery.start_soon(one)
         outcomes = [classify(r, "slept") for r in results]
         res.samples["elapsed ms"] = [float(r.get("elapsedMs", 0)) for r in results]
-        res.samples["hang-up at ms"] = [float(r.get("elapsedMs", 0)) for r, o in zip(results, outcomes) if o == "hangup"]
-        for r, o in zip(results, outcomes):
+        res.samples["hang-up at ms"] = [float(r.get("elapsedMs", 0)) for r, o in zip(results, outcomes, strict=True) if o == "hangup"]
+        for r, o in zip(results, outcomes, strict=True):
             if o != "ok":
                 res.error(describe(r))
         res.info["results"] = [{"outcome": o, "elapsedMs": r.get("elapsedMs"), "status": r.get("status"),
                                 "error": r.get("error") or (None if o == "ok" else describe(r)),
-                                "sockets": r.get("sockets")} for r, o in zip(results, outcomes)]
+                                "sockets": r.get("sockets")} for r, o in zip(results, outcomes, strict=True)]
         res.figures.update({"hang-ups": outcomes.count("hangup"), "ok": outcomes.count("ok"),
                             "errors": outcomes.count("error")})
         return res

@@ -120,7 +120,7 @@ def test_10_summary_listing_is_fresh(client) -> None:
     entry = next(e for e in r.json() if e["name"] == f"{sid}/{fid}")
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", entry["lastModified"])
     stamp = dt.datetime.fromisoformat(entry["lastModified"].replace("Z", "+00:00"))
-    assert dt.datetime.now(dt.timezone.utc) - stamp < dt.timedelta(hours=23)
+    assert dt.datetime.now(dt.UTC) - stamp < dt.timedelta(hours=23)
 
 
 def test_11_unknown_session_lists_empty(client) -> None:
@@ -248,7 +248,7 @@ def test_freshness_route(client) -> None:
     r = client.get(f"/sessions/{sid}/objects/{fid}", params={"kind": "user", "id": "u1"}, headers=H)
     assert r.status_code == 200 and r.headers["connection"] == "close"
     stamp = dt.datetime.fromisoformat(r.json()["lastModified"].replace("Z", "+00:00"))
-    assert dt.datetime.now(dt.timezone.utc) - stamp < dt.timedelta(minutes=5)
+    assert dt.datetime.now(dt.UTC) - stamp < dt.timedelta(minutes=5)
     assert client.get(f"/sessions/{sid}/objects/NOPE", headers=H).status_code == 404
 
 

@@ -26,7 +26,7 @@ def test_all_13_languages_at_default_settings() -> None:
         assert all(v == {"available": True} for v in languages.values()), languages
         with httpx.Client(base_url=server.url, headers=HEADERS, timeout=120) as client:
             results = {}
-            for lang, (code, expected) in HELLO.items():
+            for lang, (code, _expected) in HELLO.items():
                 resp = client.post("/exec", json={"lang": lang, "code": code})
                 assert resp.status_code == 200, (lang, resp.text)
                 body = resp.json()

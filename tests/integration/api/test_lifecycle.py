@@ -69,8 +69,8 @@ def test_disconnect_kills_the_process_tree_and_frees_the_slot() -> None:
         # and the server still serves
         r = httpx.post(server.url + "/exec", json={"code": "print(2)", "lang": "py"}, headers=H, timeout=30)
         assert r.json()["stdout"] == "2\n"
-    lines = [json.loads(l) for l in server.log_lines() if l.startswith("{") and '"event":"access"' in l]
-    assert any(l["outcome"] == "client_gone" and l["path"] == "/exec" for l in lines)
+    lines = [json.loads(ln) for ln in server.log_lines() if ln.startswith("{") and '"event":"access"' in ln]
+    assert any(ln["outcome"] == "client_gone" and ln["path"] == "/exec" for ln in lines)
 
 
 def test_busy_is_an_explicit_503_with_retry_after() -> None:

@@ -7,6 +7,7 @@ raw bytes, so nothing a client library does can hide what the server sent.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
@@ -117,7 +118,7 @@ async def test_slow_exec_heartbeats_then_sends_complete_json(server) -> None:
     # heartbeat interval (plus scheduling slack): that is what keeps LibreChat's 5 s timer quiet.
     first = chunks[0][0]
     assert first < 0.5 + 0.75
-    gaps = [b - a for (a, _), (b, _) in zip(chunks, chunks[1:])]
+    gaps = [b - a for (a, _), (b, _) in itertools.pairwise(chunks)]
     assert max(gaps) < 1.0 + 0.75
 
 

@@ -321,7 +321,7 @@ def test_prestop_exec_mode_and_metric_based_autoscaling():
     (hpa,) = only_metric["HorizontalPodAutoscaler"]
     assert [m["type"] for m in hpa["spec"]["metrics"]] == ["Pods"]
     validate_all(list(only_metric["HorizontalPodAutoscaler"]))
-    with pytest.raises(Exception, match="preStop.mode"):
+    with pytest.raises(Exception, match=r"preStop\.mode"):
         render({"preStop": {"mode": "wait"}})
 
 

@@ -4,6 +4,7 @@ pulls, watch BOOKMARKs. Each is handled, and its reason reaches ``status()`` (``
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import pytest
@@ -48,7 +49,7 @@ async def test_forbidden_create_backs_off_without_deletes_and_says_why(emulator,
         # After the first batch, one attempt per back-off, each wait longer than the last.
         times = [t for t, *_ in emulator.calls_of("create")]
         retries = times[3:]
-        gaps = [b - a for a, b in zip([times[2], *retries], retries)]
+        gaps = [b - a for a, b in itertools.pairwise([times[2], *retries])]
         assert gaps[0] >= 0.9 and gaps[1] >= 1.9, gaps
         # The policy is fixed: the pool fills.
         emulator.clear_faults()

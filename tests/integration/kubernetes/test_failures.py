@@ -89,7 +89,7 @@ async def test_sidecar_killed_mid_run_gives_clear_error_and_pool_recovers(emulat
 async def test_oom_killed_pod_is_reported(emulator, kubeconfig):
     async with executor_for(kubeconfig, {"py": 1}, k8s_memory_limit="256Mi") as ex:
         assert await ex.wait_warm(30)
-        result, name = await _run_and_inject(emulator, ex, lambda name, pid: emulator.oom_kill(NS, name))
+        result, _name = await _run_and_inject(emulator, ex, lambda name, pid: emulator.oom_kill(NS, name))
         assert "OOMKilled" in result.failure and "memory limit 256Mi" in result.failure
         assert result.stderr == result.failure and result.exit_code == 137
 
@@ -97,7 +97,7 @@ async def test_oom_killed_pod_is_reported(emulator, kubeconfig):
 async def test_evicted_pod_is_reported(emulator, kubeconfig):
     async with executor_for(kubeconfig, {"py": 1}) as ex:
         assert await ex.wait_warm(30)
-        result, name = await _run_and_inject(emulator, ex, lambda name, pid: emulator.evict(NS, name))
+        result, _name = await _run_and_inject(emulator, ex, lambda name, pid: emulator.evict(NS, name))
         assert "evicted" in result.failure and "low on resource" in result.failure
         await until(lambda: len(ready_pods(emulator, "py")) == 1, 30, "pool recovered")
 

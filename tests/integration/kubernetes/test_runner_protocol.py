@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -52,7 +53,9 @@ def runner(tmp_path: Path) -> Iterator[str]:
 
 def test_runner_double_matches_the_observed_runner(runner: str) -> None:
     with httpx.Client(base_url=runner, timeout=30) as c:
-        run = lambda code, timeout=30: c.post("/execute", json={"code": code, "timeout": timeout}).json()
+        def run(code: str, timeout: int = 30) -> Any:
+            return c.post("/execute", json={"code": code, "timeout": timeout}).json()
+
         # stderr only on failure
         ok = run("import sys\nprint('out')\nprint('warning', file=sys.stderr)")
         assert ok["exit_code"] == 0 and ok["stdout"] == "out\n" and ok["stderr"] == ""

@@ -10,9 +10,8 @@ import httpx
 import pytest
 
 from kcr_trio.backends import memory_sessions
-from tests.support.server import TEST_KEY, await_until
-
 from tests.support.ops import H, LogCapture, ops_server, port_of, raw, read_all
+from tests.support.server import TEST_KEY, await_until
 
 pytestmark = pytest.mark.integration
 ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")

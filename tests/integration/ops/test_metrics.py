@@ -9,9 +9,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support.server import TEST_KEY, await_until
-
 from tests.support.ops import H, LogCapture, get_metrics, ops_server, port_of, raw, scrape, total
+from tests.support.server import TEST_KEY, await_until
 
 pytestmark = pytest.mark.integration
 

@@ -17,9 +17,8 @@ from kcr_trio.api.openapi import openapi_document, openapi_path
 from kcr_trio.api.routes import create_app
 from kcr_trio.app import open_services
 from kcr_trio.backends.memory_executor import MemoryExecutor
-from tests.support.server import TEST_KEY, make_settings
-
 from tests.support.ops import H, Program, ops_server
+from tests.support.server import TEST_KEY, make_settings
 
 pytestmark = pytest.mark.integration
 

@@ -14,9 +14,8 @@ import httpx
 import pytest
 
 from kcr_trio.backends import memory_sessions
-from tests.support.server import TEST_KEY
-
 from tests.support.ops import H, LogCapture, get_metrics, ops_server, total
+from tests.support.server import TEST_KEY
 
 pytestmark = pytest.mark.integration
 

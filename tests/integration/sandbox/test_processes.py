@@ -184,7 +184,7 @@ async def test_prewarmed_interpreter_runs_inside_the_sandbox(lang: str) -> None:
         for _ in range(2):  # the first warm process and its replacement
             chain: list[tuple[int, int]] = []
 
-            def warm_chain_complete() -> bool:
+            def warm_chain_complete(chain: list[tuple[int, int]] = chain) -> bool:
                 # bwrap (a child of the sidecar) → its reaper → the waiting interpreter. The previous
                 # run's interpreter may still be tearing down, so count the chain, not processes.
                 chain.clear()

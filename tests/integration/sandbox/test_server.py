@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -91,7 +92,7 @@ def test_other_sessions_and_the_server_are_invisible(client: httpx.Client, serve
                 files=[{"id": fid, "session_id": sid, "name": "secret.txt"}])
     assert own["stdout"].strip() == SECRET
     # The file store holds the secret on the host; another session looks for it everywhere.
-    assert any(SECRET.encode() in open(os.path.join(d, n), "rb").read()
+    assert any(SECRET.encode() in Path(d, n).read_bytes()
                for d, _, names in os.walk(data_dir) for n in names if "files" in d)
     code = (f"HALF_A, HALF_B, DATA_DIR, SERVER_PID = {HALF_A!r}, {HALF_B!r}, {data_dir!r}, {server.pid}\n"
             + SNOOP)

@@ -3,7 +3,6 @@ protocol edges (12). In-process servers on real sockets with the in-process exec
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import httpx

@@ -18,7 +18,7 @@ import pytest
 
 from tests.support.redis_server import RedisServer, running_redis
 from tests.support.s3_server import S3Server, running_s3
-from tests.support.server import TEST_KEY, ServerProcess, server_process, wait_until
+from tests.support.server import TEST_KEY, ServerProcess, server_process
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 H = {"X-API-Key": TEST_KEY}
@@ -77,7 +77,7 @@ def test_output_is_kept_when_the_session_store_dies_after_the_commit(live: Stack
     assert body["session_id"] and body["files"] == []
     assert "out.txt" in body["stderr"] and "not saved" in body["stderr"]
     # The output's bytes went with it: nothing is left in S3 without metadata.
-    assert [k for k in live.keys() if "/outputs/" in k] == []
+    assert [k for k in live if "/outputs/" in k] == []
 
 
 def _upload(stack: Stack, name: str, data: bytes) -> tuple[str, str]:

@@ -7,7 +7,7 @@ grandchild that left the session with ``setsid``) must vanish from ``/proc``.
 from __future__ import annotations
 
 import json
-import os
+from pathlib import Path
 
 import pytest
 import trio
@@ -47,7 +47,7 @@ def read_pids(sc: Sidecar, names: list[str]) -> list[int] | None:
     pids = []
     for name in names:
         try:
-            text = open(os.path.join(sc.working_dir, name)).read().strip()
+            text = Path(sc.working_dir, name).read_text().strip()
         except OSError:
             return None
         if not text.isdigit():
@@ -129,4 +129,4 @@ async def test_warm_interpreter_of_a_killed_sidecar_exits_without_running(lang: 
         await sc.process.wait()
         # its handshake socket hits EOF instead of "G": it must exit, not run the old code.* again
         assert await wait_until(lambda: not proctree.alive(warm), timeout=10)
-        assert open(os.path.join(sc.working_dir, "ran")).read() == "x"
+        assert Path(sc.working_dir, "ran").read_text() == "x"

@@ -6,6 +6,8 @@ fails fast before linking). Slow toolchains are marked ``slow`` but still run in
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
 import pytest
 
@@ -85,8 +87,8 @@ async def test_prewarmed_run_behaves_like_a_cold_run(lang: str) -> None:
             res = (await client.post("/execute", json={"code": PROBES[lang], "timeout": 30})).json()
             outputs.append((res["exit_code"], res["stdout"], res["stderr"], res["generated"]))
             if lang == "py":
-                assert open(f"{sc.working_dir}/left_open.txt").read() == "flushed at exit"
-                assert open(f"{sc.working_dir}/in_a_cycle.txt").read() == "collected at exit"
+                assert Path(sc.working_dir, "left_open.txt").read_text() == "flushed at exit"
+                assert Path(sc.working_dir, "in_a_cycle.txt").read_text() == "collected at exit"
     assert outputs[0] == outputs[1]
     if lang == "py":
         assert outputs[0][1] == "__main__ ['code.py'] code.py True\natexit ran\n"

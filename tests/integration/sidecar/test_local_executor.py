@@ -147,11 +147,11 @@ async def test_closing_the_executor_kills_every_sidecar(data_dir: str) -> None:
 
 
 async def test_unreachable_sidecar_is_unavailable() -> None:
+    import socket
+
     import httpx
 
     from kcr_trio.backends.sidecar_client import SidecarSandbox
-
-    import socket
 
     s = socket.socket()
     s.bind(("127.0.0.1", 0))

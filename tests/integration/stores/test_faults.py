@@ -134,7 +134,7 @@ async def test_redis_down_at_start_up_then_up(bridge) -> None:
     try:
         rs = server.settings("s:", redis_socket_connect_timeout=1.0, kcr_redis_pool_timeout=1.0)
         async with open_redis_sessions(Settings(), rs) as store:  # type: ignore[arg-type]
-            with pytest.raises(Unavailable, match="^Session store unavailable: cannot connect to Redis$"):
+            with pytest.raises(Unavailable, match=r"^Session store unavailable: cannot connect to Redis$"):
                 await store.ping()
             with pytest.raises(Unavailable):
                 await store.create_session(entity_id=None, user_id=None)
@@ -166,7 +166,7 @@ async def test_s3_down_and_back(fragile_s3: S3FileStore, own_s3: S3Server, bridg
             await files.ping()
         assert info.value.message == "File store unavailable: cannot connect to S3", info.value.message
         t0 = time.perf_counter()
-        for attempt in range(5):
+        for _attempt in range(5):
             with pytest.raises(Unavailable, match="File store unavailable"):
                 await upload(os.urandom(50_000))
             with pytest.raises(Unavailable, match="File store unavailable"):

@@ -133,7 +133,7 @@ async def test_records_written_by_kcr_are_read_listed_and_downloaded(
     """The reverse direction, in KubeCodeRun's default layout: no key prefix, default bucket."""
     settings = Settings(session_ttl_hours=0)
     sid, eid = new_id(), f"ent-{new_id()}"
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     # sessions:{sid} exactly as K@2.1.3 create_session writes it (model_dump + MULTI), 24 h TTL.
     raw.hset(f"sessions:{sid}", mapping={
         "session_id": sid, "status": "active", "created_at": now.isoformat(),
