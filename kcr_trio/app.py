@@ -31,6 +31,7 @@ from kcr_trio.api.routes import Services, create_app, render_metrics
 from kcr_trio.api.scope import RequestScopeMiddleware
 from kcr_trio.config import Settings
 from kcr_trio.core.exec import ExecLimits, ExecService
+from kcr_trio.core.interfaces import FileStore, SessionStore
 from kcr_trio.logs import setup_logging
 
 log = logging.getLogger("kcr_trio.app")
@@ -72,6 +73,8 @@ async def open_services(settings: Settings, *, executor: Any = None) -> AsyncIte
     spool_dir = data_dir / "spool"
     spool_dir.mkdir(parents=True, exist_ok=True)
     warnings: list[str] = []
+    sessions: SessionStore
+    files: FileStore
     async with AsyncExitStack() as stack:
         if settings.kcr_session_store == "redis" or settings.kcr_file_store == "s3":
             from kcr_trio.backends.aio_bridge import open_bridge

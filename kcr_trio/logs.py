@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
@@ -49,7 +50,7 @@ SENSITIVE_FIELDS = frozenset(
 REDACTED = "[redacted]"
 
 
-def _request_id(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+def _request_id(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     if "request_id" not in event:
         rid = current_request_id()
         if rid is not None:
@@ -57,7 +58,7 @@ def _request_id(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
     return event
 
 
-def _extras(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+def _extras(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """Copy ``logging`` ``extra=`` fields from the stdlib record into the event."""
     record = event.get("_record")
     if record is not None:
@@ -67,7 +68,7 @@ def _extras(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
     return event
 
 
-def redact(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     for key in list(event):
         if key.lower().replace("-", "_") in SENSITIVE_FIELDS:
             event[key] = REDACTED

@@ -16,7 +16,7 @@ import math
 import os
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import trio
@@ -45,7 +45,7 @@ def _validation(field: str, msg: str, kind: str = "value_error") -> HTTPError:
     return HTTPError(422, [{"type": kind, "loc": ["body", field], "msg": msg}])
 
 
-async def send_json(send: Send, status: int, body: Any, headers: list[tuple[bytes, bytes]] = ()) -> None:
+async def send_json(send: Send, status: int, body: Any, headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
     data = json.dumps(body, ensure_ascii=False).encode("utf-8")
     await send({
         "type": "http.response.start",
@@ -219,10 +219,10 @@ class App:
                     raise HTTPError(400, str(exc)) from None
                 for kind, value in events:
                     if kind == "part":
-                        name = files.upload_name(value.filename)  # type: ignore[union-attr]
+                        name = files.upload_name(value.filename)  # type: ignore[attr-defined]
                         if name is None:
-                            if value.filename:  # type: ignore[union-attr]
-                                skipped.append(value.filename)  # type: ignore[union-attr]
+                            if value.filename:  # type: ignore[attr-defined]
+                                skipped.append(value.filename)  # type: ignore[attr-defined]
                             current = None
                             continue
                         tmp = f".upload-{secrets.token_hex(6)}"
@@ -306,5 +306,6 @@ class App:
 def _header(scope: dict[str, Any], key: bytes) -> str | None:
     for k, v in scope.get("headers", ()):
         if k.lower() == key:
-            return v.decode("latin-1")
+            value: str = v.decode("latin-1")
+            return value
     return None

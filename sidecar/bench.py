@@ -48,7 +48,8 @@ def _post(conn: http.client.HTTPConnection, body: bytes) -> dict[str, object]:
     data = resp.read()
     if resp.status != 200:
         raise SystemExit(f"/execute answered {resp.status}: {data[:200]!r}")
-    return json.loads(data)
+    result: dict[str, object] = json.loads(data)
+    return result
 
 
 def _wait_ready(conn: http.client.HTTPConnection, timeout: float = 10.0) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 
 
@@ -123,7 +123,7 @@ _HELP = {
 }
 
 
-def _converter(name: str, default: object):
+def _converter(name: str, default: object) -> Callable[[str], object]:
     if isinstance(default, bool):
         return _bool
     if name == "fd":

@@ -18,7 +18,7 @@ import math
 import os
 import resource
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -114,7 +114,7 @@ def _preexec(limits: Limits) -> Callable[[], None]:
     return apply
 
 
-def base_env(home: str, tmp: str, extra: Mapping[str, str] = ()) -> dict[str, str]:
+def base_env(home: str, tmp: str, extra: Mapping[str, str] | Iterable[tuple[str, str]] = ()) -> dict[str, str]:
     """The complete environment of a user process: nothing is inherited from the sidecar."""
     env = {"PATH": SAFE_PATH, "HOME": home, "TMPDIR": tmp, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
     env.update(extra)

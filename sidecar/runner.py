@@ -80,7 +80,7 @@ class Capture:
         self.buf = bytearray()
         self.total = 0
 
-    def add(self, data: bytes) -> bool:
+    def add(self, data: bytes | bytearray) -> bool:
         """Keep what fits; return True once the stream has exceeded the kill threshold."""
         self.total += len(data)
         room = self.cap - len(self.buf)
@@ -547,6 +547,7 @@ class Runner:
         path = os.path.join(self.cfg.working_dir, self.spec.source_file)
         owner = self.identity.uid if self.identity.switching else os.geteuid()
         fd = -1
+        st: os.stat_result | None
         try:
             fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
             st = os.fstat(fd)

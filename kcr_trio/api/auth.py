@@ -13,9 +13,12 @@ import hmac
 import ipaddress
 import logging
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kcr_trio.core.errors import Unauthorized
+
+if TYPE_CHECKING:
+    from werkzeug.datastructures import Headers
 
 log = logging.getLogger("kcr_trio.auth")
 
@@ -48,7 +51,7 @@ class Authenticator:
             return False
         return any(address in net for net in self._networks)
 
-    def header_key(self, headers: Mapping[str, str]) -> str | None:
+    def header_key(self, headers: Mapping[str, str] | Headers) -> str | None:
         key = headers.get("x-api-key")
         if key:
             return key

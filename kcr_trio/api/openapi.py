@@ -166,7 +166,7 @@ MODELS: list[type[BaseModel]] = [
 
 # -- operations ----------------------------------------------------------------------------------
 
-AUTH = [{"ApiKeyHeader": []}, {"BearerKey": []}]
+AUTH: list[dict[str, list[str]]] = [{"ApiKeyHeader": []}, {"BearerKey": []}]
 SID = {"name": "session_id", "in": "path", "required": True, "schema": {"type": "string"}}
 FID = {"name": "file_id", "in": "path", "required": True, "schema": {"type": "string"}}
 

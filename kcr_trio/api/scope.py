@@ -31,6 +31,7 @@ import contextvars
 import json
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -76,9 +77,10 @@ class RequestScope:
         return time.perf_counter() - self.started
 
 
-def current(scope: dict[str, Any]) -> RequestScope:
+def current(scope: Mapping[str, Any]) -> RequestScope:
     """The ``RequestScope`` of an ASGI scope (``request.scope`` in a Quart handler)."""
-    return scope["kcr"]
+    rs: RequestScope = scope["kcr"]
+    return rs
 
 
 class RequestScopeMiddleware:
@@ -102,7 +104,7 @@ class RequestScopeMiddleware:
                 scope["kcr"] = rs
 
                 async def wrapped_receive() -> dict[str, Any]:
-                    message = await receive()
+                    message: dict[str, Any] = await receive()
                     if message["type"] == "http.request":
                         rs.bytes_in += len(message.get("body", b""))
                     elif message["type"] == "http.disconnect":
@@ -192,7 +194,7 @@ class RequestScopeMiddleware:
 def _header(scope: dict[str, Any], name: bytes) -> str | None:
     for key, value in scope.get("headers", ()):
         if key == name:
-            text = value.decode("latin-1").strip()
+            text: str = value.decode("latin-1").strip()
             # Only propagate ids that are safe to echo into logs and headers.
             if 0 < len(text) <= 64 and all(c.isalnum() or c in "-_." for c in text):
                 return text

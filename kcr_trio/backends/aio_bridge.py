@@ -82,7 +82,8 @@ async def run_aio(fn: Callable[..., Awaitable[T]], /, *args: Any, **kwargs: Any)
             "kcr_trio.backends.aio_bridge.open_bridge()"
         )
     try:
-        return await trio_asyncio.aio_as_trio(fn)(*args, **kwargs)
+        result: T = await trio_asyncio.aio_as_trio(fn)(*args, **kwargs)
+        return result
     except asyncio.CancelledError as exc:
         # Only reached when Trio did not cancel us (trio-asyncio turns that case into
         # trio.Cancelled): the loop is going away. Keep asyncio's exception out of Trio code.

@@ -433,7 +433,8 @@ class RedisSessionStore:
             pipe = self._r.pipeline(transaction=False)
             for fid in fids:
                 pipe.hgetall(self.file_key(session_id, fid))
-            return await pipe.execute()
+            result: list[dict[str, str]] = await pipe.execute()
+            return result
 
         records = [r for r in map(_file_from_hash, await self._run(op)) if r and r.session_id == session_id]
         records.sort(key=lambda r: r.created_at)
@@ -445,7 +446,8 @@ class RedisSessionStore:
             pipe.hgetall(self.file_key(session_id, file_id))
             pipe.delete(self.file_key(session_id, file_id))
             pipe.srem(self.session_files_key(session_id), file_id)
-            return (await pipe.execute())[0]
+            record: dict[str, str] = (await pipe.execute())[0]
+            return record
 
         return _file_from_hash(await self._run(op) or {})
 
@@ -579,7 +581,7 @@ def _build_client(rs: RedisSettings) -> tuple[Any, bool]:
     # Two quick retries smooth over a dropped idle connection; an outage surfaces in well under a
     # second instead of after redis-py's default jittered back-off.
     retry = Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=2)
-    common = {
+    common: dict[str, Any] = {
         # RESP2, as KubeCodeRun's client speaks it: redis-py 8 defaults to RESP3 (HELLO 3), which
         # servers older than Redis 6 reject.
         "protocol": 2,

@@ -118,7 +118,7 @@ class _Body:
         return self
 
     async def __anext__(self) -> bytes:
-        chunk = await self._store._call(lambda: self._response.content.read(CHUNK), timeout=self._store.read_timeout)
+        chunk: bytes = await self._store._call(lambda: self._response.content.read(CHUNK), timeout=self._store.read_timeout)
         if not chunk:
             raise StopAsyncIteration
         return chunk
@@ -394,8 +394,8 @@ def _build(s3: S3Settings) -> tuple[Any, Any]:
     import ssl
 
     import aiohttp
-    from miniopy_async import Minio
-    from miniopy_async.credentials import IamAwsProvider
+    from miniopy_async.api import Minio
+    from miniopy_async.credentials.providers import IamAwsProvider
 
     ssl_ctx: ssl.SSLContext | bool = False
     if s3.minio_secure:

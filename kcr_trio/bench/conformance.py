@@ -70,13 +70,15 @@ class Kit:
     async def exec_ok(self, body: dict[str, Any]) -> dict[str, Any]:
         r = await self.exec(body)
         expect(r.status_code == 200, short(r))
-        return r.json()
+        answer: dict[str, Any] = r.json()
+        return answer
 
     async def upload(self, name: str, data: bytes, entity_id: str | None = ENTITY) -> dict[str, Any]:
         form = {"entity_id": entity_id} if entity_id else {}
         r = await self.http.post("/upload", files={"file": (name, data, "text/csv")}, data=form, headers=self.auth)
         expect(r.status_code == 200, f"upload: {short(r)}")
-        return r.json()
+        answer: dict[str, Any] = r.json()
+        return answer
 
     async def upload_ref(self, name: str, data: bytes) -> tuple[str, str, str]:
         body = await self.upload(name, data, entity_id=None)
@@ -174,6 +176,7 @@ async def c10(k: Kit) -> None:
     expect(r.status_code == 200, short(r))
     entry = next((e for e in r.json() if e.get("name") == f"{sid}/{fid}"), None)
     expect(entry is not None, f"{sid}/{fid} not in {r.text[:200]}")
+    assert entry is not None  # expect() raised otherwise
     stamp = dt.datetime.fromisoformat(str(entry["lastModified"]).replace("Z", "+00:00"))
     expect(dt.datetime.now(dt.UTC) - stamp < dt.timedelta(hours=23), f"stale lastModified {stamp}")
 
@@ -190,6 +193,7 @@ async def c12(k: Kit) -> None:
     expect(r.status_code == 200, short(r))
     item = next((i for i in r.json() if i.get("id") == fid), None)
     expect(item is not None, f"{fid} not in listing")
+    assert item is not None  # expect() raised otherwise
     need = {"name", "id", "session_id", "content", "size", "lastModified", "etag", "metadata", "contentType"}
     expect(need <= item.keys(), f"missing {need - item.keys()}")
     expect(item["content"] is None and item["size"] == 5 and item["etag"] == f'"{fid}"', f"item {item}")

@@ -21,7 +21,7 @@ from kcr_trio.bench.targets import Target
 @dataclass
 class StepResult:
     samples: dict[str, list[float]] = field(default_factory=dict)  # series -> raw values (ms, s, ...)
-    figures: dict[str, float] = field(default_factory=dict)  # per-run scalars: "p50 ms", "req/s", ...
+    figures: dict[str, float | None] = field(default_factory=dict)  # per-run scalars (None: no data): "p50 ms", "req/s", ...
     info: dict[str, Any] = field(default_factory=dict)  # JSON-able details (conformance table, ...)
     errors: list[str] = field(default_factory=list)  # first few error texts (count is a figure)
 

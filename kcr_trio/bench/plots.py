@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -57,8 +58,9 @@ def cdf(name: str, section: dict[str, Any], targets: list[str], out: Path) -> Pa
     if not drawn:
         plt.close(fig)
         return None
-    lo = min((line.get_xdata().min() for line in ax.get_lines() if len(line.get_xdata())), default=0)
-    hi = max((line.get_xdata().max() for line in ax.get_lines() if len(line.get_xdata())), default=0)
+    xs = [np.asarray(line.get_xdata(), dtype=float) for line in ax.get_lines()]
+    lo = min((x.min() for x in xs if len(x)), default=0)
+    hi = max((x.max() for x in xs if len(x)), default=0)
     if lo > 0 and hi / lo > 30:
         ax.set_xscale("log")  # wide ranges (1 KB vs 100 MB, c=1 vs c=64) stay readable
     ax.set_xlabel(series)

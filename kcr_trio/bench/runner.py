@@ -109,11 +109,11 @@ def summarize(section: dict[str, Any], target_names: list[str]) -> dict[str, Any
         for name in ser_names:
             pooled = {t: describe([v for r in step_runs if r["target"] == t for v in r["samples"].get(name, [])])
                       for t in target_names}
-            base = pooled[target_names[0]]
+            base_pool = pooled[target_names[0]]
             series.append({
                 "step": step, "series": name, "targets": pooled,
-                "ratio_p50": {t: ratio(pooled[t]["p50"], base["p50"]) for t in target_names[1:]},
-                "ratio_p99": {t: ratio(pooled[t]["p99"], base["p99"]) for t in target_names[1:]},
+                "ratio_p50": {t: ratio(pooled[t]["p50"], base_pool["p50"]) for t in target_names[1:]},
+                "ratio_p99": {t: ratio(pooled[t]["p99"], base_pool["p99"]) for t in target_names[1:]},
             })
     return {"figures": figures, "series": series}
 

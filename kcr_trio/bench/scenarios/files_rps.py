@@ -34,7 +34,8 @@ class FilesRps:
                 if r.status_code != 200:
                     raise RuntimeError(f"upload for files-rps failed: HTTP {r.status_code} {r.text[:160]}")
                 ctx.cache[key] = uploaded_ref(r)[0]
-        return ctx.cache[key]
+        ref: str = ctx.cache[key]
+        return ref
 
     async def run(self, ctx: Context, target: Target, step: str, rep: int) -> StepResult:
         opts, res = ctx.opts, StepResult()

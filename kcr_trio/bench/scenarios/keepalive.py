@@ -9,6 +9,8 @@ request: ``hangup``. A heartbeating server, or one that closed the tainted socke
 
 from __future__ import annotations
 
+from typing import Any
+
 import trio
 
 from kcr_trio.bench.model import Context, Options, StepResult
@@ -16,11 +18,12 @@ from kcr_trio.bench.node import classify, run_sequence
 from kcr_trio.bench.targets import Target
 
 
-def describe(r: dict) -> str:
+def describe(r: dict[str, Any]) -> str:
     """What went wrong in one sequence: the client error, or the status and stderr of the answer."""
     if r.get("error"):
         return str(r["error"])[:300]
-    body = r.get("body") if isinstance(r.get("body"), dict) else {}
+    raw = r.get("body")
+    body: dict[str, Any] = raw if isinstance(raw, dict) else {}
     return f"HTTP {r.get('status')}: stdout {str(body.get('stdout'))[:60]!r} stderr {str(body.get('stderr') or body.get('error'))[:200]!r}"
 
 
@@ -35,7 +38,7 @@ class KeepAlive:
     async def run(self, ctx: Context, target: Target, step: str, rep: int) -> StepResult:
         opts, res = ctx.opts, StepResult()
         code = f"import time; time.sleep({opts.keepalive_seconds}); print('slept')"
-        results: list[dict] = []
+        results: list[dict[str, Any]] = []
 
         async def one() -> None:
             results.append(await run_sequence(target, code, node_dir=opts.node_dir,

@@ -84,10 +84,11 @@ class UploadExec:
                 ex_ms.append(out.ms)
                 total.append((t1 - t0) * 1000 + out.ms)
         res.samples.update({"upload ms": up_ms, "exec ms": ex_ms, "total ms": total})
+        up50 = percentile(up_ms, 50)
         res.figures.update({
-            "upload p50 ms": percentile(up_ms, 50), "exec p50 ms": percentile(ex_ms, 50),
+            "upload p50 ms": up50, "exec p50 ms": percentile(ex_ms, 50),
             "total p50 ms": percentile(total, 50), "total p99 ms": percentile(total, 99),
-            "upload MB/s": (size / (1024 * 1024)) / (percentile(up_ms, 50) / 1000) if up_ms else None,
+            "upload MB/s": (size / (1024 * 1024)) / (up50 / 1000) if up50 is not None else None,
             **counts, "ok": len(total),
         })
         return res
