@@ -21,7 +21,7 @@ from typing import Any
 
 import trio
 
-from . import files
+from . import files, ptc
 from .config import Config
 from .multipart import MultipartError, Parser, boundary_of
 from .runner import Conflict, Runner, log
@@ -117,6 +117,8 @@ class App:
                     raise HTTPError(404, "File not found")
                 return await send_json(send, 200, {"deleted": name})
             raise HTTPError(405, "Method Not Allowed")
+        if path.startswith("/ptc/") and method == "POST":  # programmatic tool calling (ptc.py)
+            return await ptc.route(self, path, receive, send)
         raise HTTPError(404, "Not Found")
 
     # --- /execute ---------------------------------------------------------------------------
