@@ -114,12 +114,18 @@ async def open_services(settings: Settings, *, executor: Any = None) -> AsyncIte
         stack.callback(background.cancel_scope.cancel)  # runs first on exit: stop the loop, then close
         await background.start(run_session_cleanup, sessions, files, settings)
 
+        exec_service = ExecService(sessions, files, executor, exec_limits(settings))
+        from kcr_trio.api.ptc_http import open_ptc
+
+        ptc, ptc_client = await stack.enter_async_context(open_ptc(settings, sessions, exec_service, background))
         yield Services(
             settings=settings,
             sessions=sessions,
             files=files,
             executor=executor,
-            exec_service=ExecService(sessions, files, executor, exec_limits(settings)),
+            exec_service=exec_service,
+            ptc=ptc,
+            ptc_http=ptc_client,
             auth=Authenticator(
                 ensure_keys(settings),
                 settings.auth_trusted_networks,
@@ -221,6 +227,8 @@ async def serve(
                 binds = binds + await nursery.start(
                     partial(hypercorn_serve, metrics_asgi(svc), metrics_config, shutdown_trigger=shutdown.wait)
                 )
+            if not settings.kcr_ptc_advertise_url:  # where other replicas forward continuations
+                svc.ptc.url = binds[0].replace("://0.0.0.0:", "://127.0.0.1:")
             log.info("serving", extra={"binds": binds})
             task_status.started(binds)
             await shutdown.wait()

@@ -95,6 +95,12 @@ class Settings(BaseSettings):
     kcr_busy_retry_after: float = Field(2.0, ge=1.0)
     # Time allowed, on top of MAX_EXECUTION_TIME, for store, upload and collection phases.
     kcr_exec_overhead: float = Field(30.0, ge=1.0)
+    # Programmatic tool calling (api/ptc_http.py): keep runs suspended in their sandbox between
+    # round trips (false: replay every round, as the official server does); the URL other replicas
+    # use to forward continuations here (default: the bound address); bash batching window.
+    kcr_ptc_live: bool = True
+    kcr_ptc_advertise_url: str | None = None
+    kcr_ptc_bash_settle: float = Field(0.05, ge=0.0, le=2.0)
     # Warm sandboxes per language (KubeCodeRun's POD_POOL_<LANG>); shared by local and Kubernetes.
     pod_pool_py: int = Field(2, ge=0)
     pod_pool_js: int = Field(1, ge=0)

@@ -32,6 +32,7 @@ from kcr_trio.core.interfaces import Executor, FileStore, SessionStore
 from kcr_trio.core.model import FileRecord, FileRef, utcnow
 from kcr_trio.core.names import content_disposition, guess_content_type, sanitize_filename
 
+from . import ptc_http
 from .auth import Authenticator
 from .errors import dumps, error_body
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -75,6 +76,8 @@ class Services:
     warnings: list[str]
     metrics: Metrics | None = None
     limiter: RateLimiter | None = None
+    ptc: Any = None  # core.ptc_engine.PtcEngine (programmatic tool calling)
+    ptc_http: Any = None  # httpx client that forwards continuations to the owning replica
 
 
 def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -83,7 +86,7 @@ def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = 
 
 # Routes that need no handler deadline: /exec has its own; /health touches nothing that can hang
 # (and is the liveness probe, so it stays as cheap as it can be).
-_OWN_DEADLINE = frozenset({"/exec", "/health"})
+_OWN_DEADLINE = frozenset({"/exec", "/health", "/exec/programmatic"})
 
 
 class KcrQuart(QuartTrio):
@@ -607,6 +610,9 @@ def create_app(svc: Services) -> QuartTrio:
         if svc.warnings:
             body["warnings"] = svc.warnings
         return json_response(body, 200 if ok else 503)
+
+    if svc.ptc is not None:  # POST /exec/programmatic and /exec/programmatic/cancel
+        ptc_http.register(app)
 
     # -- operations: metrics, OpenAPI, docs ---------------------------------------------------
 

@@ -1,0 +1,72 @@
+"""``POST /exec/programmatic`` over raw HTTP against a real server: round trips, continuations, the
+§2.5 error statuses, cancel and tombstones."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.support.server import TEST_KEY, ServerProcess
+
+H = {"X-API-Key": TEST_KEY}
+WEATHER = {"name": "get-weather", "description": "Weather for a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+
+
+def post(server: ServerProcess, body: dict[str, Any], headers: dict[str, str] | None = None,
+         path: str = "/exec/programmatic") -> httpx.Response:
+    resp = httpx.post(server.url + path, json=body, headers={**H, **(headers or {})}, timeout=60)
+    return resp
+
+
+def answer(resp: httpx.Response) -> dict[str, Any]:
+    assert resp.status_code == 200, resp.text
+    return json.loads(resp.content.strip())
+
+
+def results_for(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"call_id": c["id"], "result": {"city": c["input"]["city"], "n": len(c["input"]["city"])},
+             "is_error": False} for c in calls]
+
+
+def test_sequential_calls_print_once(ptc_server: ServerProcess) -> None:
+    code = ("print('before')\nfor city in ['Oslo', 'Rome', 'Lima']:\n"
+            "    r = await get_weather(city=city)\n    print(city, r['n'])\n")
+    first = answer(post(ptc_server, {"code": code, "tools": [WEATHER], "timeout": 10000}))
+    rounds = 0
+    data = first
+    while data["status"] == "tool_call_required":
+        rounds += 1
+        assert [c["name"] for c in data["tool_calls"]] == ["get-weather"]
+        data = answer(post(ptc_server, {"continuation_token": data["continuation_token"],
+                                        "tool_results": results_for(data["tool_calls"])}))
+    assert rounds == 3
+    assert data["status"] == "completed", data
+    assert data["stdout"] == "before\nOslo 4\nRome 4\nLima 4\n"
+    assert data["session_id"]
+
+
+def test_gather_is_one_round_trip(ptc_server: ServerProcess) -> None:
+    code = ("import asyncio\nrs = await asyncio.gather(*[get_weather(city=c) for c in ['a', 'bb', 'ccc', 'dddd', 'eeeee']])\n"
+            "print(sum(r['n'] for r in rs))\n")
+    data = answer(post(ptc_server, {"code": code, "tools": [WEATHER], "timeout": 10000}))
+    assert data["status"] == "tool_call_required" and len(data["tool_calls"]) == 5
+    assert [c["id"] for c in data["tool_calls"]] == [f"call_00{i}" for i in range(1, 6)]
+    data = answer(post(ptc_server, {"continuation_token": data["continuation_token"],
+                                    "tool_results": results_for(data["tool_calls"])}))
+    assert data["status"] == "completed" and data["stdout"] == "15\n"
+
+
+def test_tool_error_raises_in_python(ptc_server: ServerProcess) -> None:
+    code = "r = await get_weather(city='x')\nprint('unreachable')\n"
+    data = answer(post(ptc_server, {"code": code, "tools": [WEATHER]}))
+    call = data["tool_calls"][0]
+    data = answer(post(ptc_server, {"continuation_token": data["continuation_token"], "tool_results": [
+        {"call_id": call["id"], "result": None, "is_error": True, "error_message": "city unknown"}]}))
+    assert data["status"] == "error" and data["error"] == "Sandbox exited with code 1"
+    assert "ToolExecutionError: city unknown" in data["stderr"]
+    assert "unreachable" not in data.get("stdout", "")
