@@ -182,19 +182,21 @@ async def _continue(engine: PtcEngine, raw: bytes, body: dict[str, Any], princip
         log.info("ptc execution taken over for replay", extra={"execution_id": eid})
     if live.busy:
         raise ApiError("Another continuation of this execution is in progress", status=409, shape="A")
-    live.busy = True
+    live.busy = True  # until this continuation's answer is out (``_respond`` releases it)
     try:
         current = generation == state.generation and nonce == state.nonce
         if not current and generation > state.generation:
             raise bad("Invalid continuation token")
         fresh = apply_results(state, results) if current else _resends_only(state, results)
-        if not fresh:
-            return _json(state.last)
-        state.status = "running"
-        engine.resume(live, fresh)
-        return await _respond(engine, live, rid, principal)
-    finally:
+    except BaseException:
         live.busy = False
+        raise
+    if not fresh:
+        live.busy = False
+        return _json(state.last)
+    state.status = "running"
+    engine.resume(live, fresh)
+    return await _respond(engine, live, rid, principal)
 
 
 def _resends_only(state: PtcState, results: list[dict[str, Any]]) -> list[Any]:
@@ -239,15 +241,18 @@ async def _respond(engine: PtcEngine, live: Live, rid: str | None, principal: st
     async def finished(answer: Any) -> Any:
         nonlocal delivered
         delivered = True
+        live.busy = False
         if rid is not None:
             with trio.move_on_after(2):
                 try:
-                    await engine.store.set_request(rid, _record(principal, live.state.execution_id, "done"), TOKEN_TTL)
+                    status = "cancelled" if isinstance(answer, dict) and answer.get("error") == CANCELLED else "done"
+                    await engine.store.set_request(rid, _record(principal, live.state.execution_id, status), TOKEN_TTL)
                 except ApiError:
                     pass
         return answer
 
     async def abandon() -> None:
+        live.busy = False
         if not delivered and live.state.status not in ("done", "cancelled"):
             with trio.CancelScope(shield=True), trio.move_on_after(5):
                 await engine.cancel(live)

@@ -96,9 +96,9 @@ class PtcEngine:
             timeout=start.timeout, session_id=start.session_id, files=start.files,
             owner=self.replica, owner_url=self.url, expires_at=time.time() + TOKEN_TTL,
         )
+        await self.store.save(state, TOKEN_TTL + STATE_MARGIN)  # 503 here leaves nothing behind
         live = new_live(state)
         self.executions[state.execution_id] = live
-        await self.store.save(state, TOKEN_TTL + STATE_MARGIN)
         self._spawn(live)
         return live
 
@@ -223,6 +223,7 @@ class PtcEngine:
                     live.scope.deadline = trio.current_time() + TOKEN_TTL
                     fresh = await inbox.receive()
                     live.suspended = False
+                    live.scope.deadline = trio.current_time() + TOKEN_TTL
                     state.status = "running"
                     await run.answer({asked[c.id]: _wire(c) for c in fresh if c.id in asked})
                     # Calls answered that this run never asked (a re-sent old batch) are ignored.

@@ -277,8 +277,11 @@ def apply_results(state: PtcState, results: list[dict[str, Any]]) -> list[CallRe
     missing = [c.id for c in state.pending if c.id not in answered_now]
     if fresh and missing:
         raise bad(f"Missing tool results for: {', '.join(missing[:10])}")
+    added = sum(len(canonical(entry["result"]).encode("utf-8", "replace")) for _, entry in fresh)
+    if added + len(state.to_json().encode("utf-8", "replace")) > MAX_STATE_BYTES:
+        raise ApiError(f"Request too large: execution state would exceed {MAX_STATE_BYTES} bytes", status=413,
+                       shape="A")
     for call, entry in fresh:
         call.answered, call.result = True, entry["result"]
         call.is_error, call.error_message = entry["is_error"], entry["error_message"]
-    state.check_size()
     return [call for call, _ in fresh]

@@ -8,7 +8,8 @@ import pytest
 
 from tests.support.server import ServerProcess, server_process
 
-PTC_ENV = {"MAX_EXECUTION_TIME": "20", "POD_POOL_PY": "1", "POD_POOL_JS": "0", "POD_POOL_BASH": "1",
+OTHER_KEY = "other-key-0123456789abcdef"
+PTC_ENV = {"API_KEYS": OTHER_KEY, "MAX_EXECUTION_TIME": "20", "POD_POOL_PY": "1", "POD_POOL_JS": "0", "POD_POOL_BASH": "1",
            "KCR_SANDBOX": "auto"}
 
 

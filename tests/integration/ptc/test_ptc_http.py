@@ -70,3 +70,39 @@ def test_tool_error_raises_in_python(ptc_server: ServerProcess) -> None:
     assert data["status"] == "error" and data["error"] == "Sandbox exited with code 1"
     assert "ToolExecutionError: city unknown" in data["stderr"]
     assert "unreachable" not in data.get("stdout", "")
+
+
+def test_timeout_is_the_active_run_time(ptc_server: ServerProcess) -> None:
+    code = "r = await get_weather(city='a')\nprint('got', r['n'])\nwhile True:\n    pass\n"
+    data = answer(post(ptc_server, {"code": code, "tools": [WEATHER], "timeout": 1500}))
+    assert data["status"] == "tool_call_required"
+    data = answer(post(ptc_server, {"continuation_token": data["continuation_token"],
+                                    "tool_results": results_for(data["tool_calls"])}))
+    assert data["status"] == "error" and data["error"] == "Time limit exceeded"
+
+
+def test_cancel_during_a_run(ptc_server: ServerProcess) -> None:
+    import threading
+
+    request_id = str(uuid.uuid4())
+    committed = threading.Event()
+    box: dict[str, bytes] = {}
+    code = "import time\ntime.sleep(30)\nprint(await get_weather(city='a'))\n"
+
+    def run() -> None:
+        with httpx.stream("POST", ptc_server.url + "/exec/programmatic", json={"code": code, "tools": [WEATHER]},
+                          headers={**H, "X-LibreChat-Code-Request-ID": request_id}, timeout=60) as resp:
+            committed.set()
+            box["body"] = resp.read()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    assert committed.wait(20)
+    resp = post(ptc_server, {"request_id": request_id}, path="/exec/programmatic/cancel")
+    assert resp.status_code == 202 and resp.json() == {"status": "cancellation_requested"}
+    thread.join(20)
+    assert not thread.is_alive()
+    assert json.loads(box["body"]) == {"status": "error", "error": "Programmatic execution request cancelled"}
+    # The request id is spent: a POST reusing it gets the cancelled error.
+    resp = post(ptc_server, {"code": "print(1)", "tools": [WEATHER]}, {"X-LibreChat-Code-Request-ID": request_id})
+    assert answer(resp)["error"] == "Programmatic execution request cancelled"
