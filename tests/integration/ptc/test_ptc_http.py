@@ -106,3 +106,32 @@ def test_cancel_during_a_run(ptc_server: ServerProcess) -> None:
     # The request id is spent: a POST reusing it gets the cancelled error.
     resp = post(ptc_server, {"code": "print(1)", "tools": [WEATHER]}, {"X-LibreChat-Code-Request-ID": request_id})
     assert answer(resp)["error"] == "Programmatic execution request cancelled"
+
+
+def test_bash_functions_and_background_batch(ptc_server: ServerProcess) -> None:
+    code = (': &\nwait "$!"\necho start\n'
+            'one=$(get_weather \'{"city":"Oslo"}\')\necho "$one" | jq -r .n\n'
+            'get_weather \'{"city":"a"}\' > a.json & get_weather \'{"city":"bb"}\' > b.json & wait\n'
+            'jq -s "map(.n) | add" a.json b.json\n')
+    data = answer(post(ptc_server, {"lang": "bash", "code": code, "tools": [WEATHER], "timeout": 10000}))
+    rounds = []
+    while data["status"] == "tool_call_required":
+        rounds.append(len(data["tool_calls"]))
+        data = answer(post(ptc_server, {"continuation_token": data["continuation_token"],
+                                        "tool_results": results_for(data["tool_calls"])}))
+    assert rounds == [1, 2]
+    assert data["status"] == "completed", data
+    assert data["stdout"] == "start\n4\n3\n"
+    # Generated files come back like /exec's.
+    assert sorted(f["name"] for f in data["files"]) == ["a.json", "b.json"]
+
+
+def test_bash_error_result_ends_the_script(ptc_server: ServerProcess) -> None:
+    code = ': &\nwait "$!"\nx=$(get_weather \'{"city":"a"}\')\necho after\n'
+    data = answer(post(ptc_server, {"lang": "bash", "code": code, "tools": [WEATHER]}))
+    call = data["tool_calls"][0]
+    data = answer(post(ptc_server, {"continuation_token": data["continuation_token"], "tool_results": [
+        {"call_id": call["id"], "result": None, "is_error": True, "error_message": "no such city"}]}))
+    assert data["status"] == "error" and data["error"] == "Sandbox exited with code 1"
+    assert "no such city" in data["stderr"]
+    assert "after" not in data.get("stdout", "")
