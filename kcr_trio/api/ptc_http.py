@@ -230,6 +230,8 @@ async def _forward(engine: PtcEngine, state: PtcState, raw: bytes) -> Response |
                        shape="A") from exc
     if resp.status_code == 404 and resp.headers.get(UNKNOWN):
         return None
+    log.info("ptc continuation forwarded to its owner", extra={"execution_id": state.execution_id,
+                                                               "owner": state.owner_url})
     return Response(resp.content.strip() or b"{}", status=resp.status_code, content_type="application/json")
 
 
