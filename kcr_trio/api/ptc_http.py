@@ -257,7 +257,7 @@ async def _respond(engine: PtcEngine, live: Live, rid: str | None, principal: st
         live.busy = False
         if not delivered and live.state.status not in ("done", "cancelled"):
             with trio.CancelScope(shield=True), trio.move_on_after(5):
-                await engine.cancel(live)
+                await engine.cancel(live, "client_gone")
 
     got = False
     try:

@@ -116,7 +116,9 @@ class PtcEngine:
         self.executions[state.execution_id] = live
         return live
 
-    async def cancel(self, live: Live) -> None:
+    async def cancel(self, live: Live, reason: str = "cancel_request") -> None:
+        """Stop the run (its sandbox is killed and released), forget the state, void the token."""
+        log.info("ptc execution cancelled", extra={"execution_id": live.state.execution_id, "reason": reason})
         live.state.status = "cancelled"
         live.scope.cancel()
         self.executions.pop(live.state.execution_id, None)
