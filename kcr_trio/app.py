@@ -227,7 +227,7 @@ async def serve(
                 binds = binds + await nursery.start(
                     partial(hypercorn_serve, metrics_asgi(svc), metrics_config, shutdown_trigger=shutdown.wait)
                 )
-            if not settings.kcr_ptc_advertise_url:  # where other replicas forward continuations
+            if svc.ptc is not None and not settings.kcr_ptc_advertise_url:  # where other replicas forward continuations
                 svc.ptc.url = binds[0].replace("://0.0.0.0:", "://127.0.0.1:")
             log.info("serving", extra={"binds": binds})
             task_status.started(binds)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
 import stat
 from collections.abc import Awaitable, Callable
@@ -152,25 +153,25 @@ class PtcRoutes:
             raise PtcError(422, "code, timeout and lifetime are required")
         if (lang == "bash") != (self.runner.spec.code == "bash"):
             raise PtcError(422, f"this sidecar runs {self.runner.spec.code}, not {lang}")
+        channel = f"{CHANNEL_DIR}-{secrets.token_hex(6)}"
         try:
-            program = ptc_program.build(lang, code, req.get("tools"))
+            program = ptc_program.build(lang, code, req.get("tools"), channel)
         except ptc_program.ProgramError as exc:
             raise PtcError(422, str(exc)) from None
-        if self.runner.busy:
+        if self.runner.busy or rid in self.runs:
             raise PtcError(409, "An execution is already running in this sidecar")
-        run = self._prepare(rid)
+        run = self._prepare(rid, channel)
         self.runs[rid] = run
         try:
             await self._serve(run, program, float(timeout), float(lifetime), settle, receive, send)
         finally:
             del self.runs[rid]
             os.close(run.dfd)
-            shutil.rmtree(os.path.join(self.working_dir, CHANNEL_DIR), ignore_errors=True)
+            shutil.rmtree(os.path.join(self.working_dir, channel), ignore_errors=True)
             self.runner.replenish()
 
-    def _prepare(self, rid: str) -> PtcRun:
-        path = os.path.join(self.working_dir, CHANNEL_DIR)
-        shutil.rmtree(path, ignore_errors=True)
+    def _prepare(self, rid: str, channel: str) -> PtcRun:
+        path = os.path.join(self.working_dir, channel)
         os.mkdir(path, 0o700)
         ident = self.runner.identity
         uid, gid = (ident.uid, ident.gid) if ident.switching else (None, None)

@@ -4,6 +4,9 @@
 # by one ``async def`` stub per tool and the user's code wrapped in ``async def __user_main__()``
 # (contract §2.4: top-level ``await``, keyword arguments, decoded JSON results, errors raise).
 #
+# The builder puts ``_KCR_CHANNEL_NAME = '.kcr-ptc-<random>'`` above this text: each run has its own
+# directory, so the clean-up of a finished run can never touch the next one's.
+#
 # Why a channel and not replay: the process stays alive while the client runs the tools, so the code
 # before a call never runs twice. Calls travel through files plus FIFO "doorbells" in the hidden
 # directory ``.kcr-ptc`` of the working directory, which the sidecar creates before the run:
@@ -100,7 +103,7 @@ class _KcrChannel:
                     future.set_result(reply)
 
 
-_kcr_channel = _KcrChannel(_kcr_os.path.join(_kcr_os.getcwd(), ".kcr-ptc"))
+_kcr_channel = _KcrChannel(_kcr_os.path.join(_kcr_os.getcwd(), _KCR_CHANNEL_NAME))  # noqa: F821 (set by the builder)
 
 
 def _kcr_args(named, extra):

@@ -26,7 +26,7 @@ _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 PYTHON_HARNESS = Path(__file__).with_name("ptc_harness.py").read_text(encoding="utf-8")
 
 BASH_HARNESS = r"""# kcr-trio programmatic tool calling: bash runtime (sidecar/ptc_program.py)
-_kcr_ptc_dir="$PWD/.kcr-ptc"
+_kcr_ptc_dir="$PWD/$_kcr_ptc_name"
 _kcr_ptc_main=$$
 trap 'exit 1' USR1
 _kcr_ptc_call() {
@@ -76,8 +76,8 @@ def _tools(tools: Any) -> list[dict[str, Any]]:
     return out
 
 
-def python_program(code: str, tools: Any) -> str:
-    parts = [PYTHON_HARNESS, ""]
+def python_program(code: str, tools: Any, channel: str = ".kcr-ptc") -> str:
+    parts = [f"_KCR_CHANNEL_NAME = {channel!r}", PYTHON_HARNESS, ""]
     for tool in _tools(tools):
         params = [p for p in tool.get("params") or [] if isinstance(p, dict) and isinstance(p.get("name"), str)]
         usable = [p for p in params if _IDENT.match(p["name"]) and not keyword.iskeyword(p["name"])
@@ -97,8 +97,10 @@ def python_program(code: str, tools: Any) -> str:
     return "\n".join(parts)
 
 
-def bash_program(code: str, tools: Any) -> str:
-    parts = [BASH_HARNESS]
+def bash_program(code: str, tools: Any, channel: str = ".kcr-ptc") -> str:
+    if not _IDENT.match(channel.replace(".", "_").replace("-", "_")):
+        raise ProgramError("bad channel name")
+    parts = [f"_kcr_ptc_name='{channel}'", BASH_HARNESS]
     for tool in _tools(tools):
         quoted = "'" + tool["name"].replace("'", "'\"'\"'") + "'"
         parts.append(f'{tool["ident"]}() {{ _kcr_ptc_call {quoted} "$@"; }}')
@@ -106,7 +108,8 @@ def bash_program(code: str, tools: Any) -> str:
     return "\n".join(parts) + "\n"
 
 
-def build(lang: str, code: str, tools: Any) -> str:
+def build(lang: str, code: str, tools: Any, channel: str = ".kcr-ptc") -> str:
+    """The program for one run; ``channel`` is the run's own directory name in the working dir."""
     if lang == "bash":
-        return bash_program(code, tools)
-    return python_program(code, tools)
+        return bash_program(code, tools, channel)
+    return python_program(code, tools, channel)

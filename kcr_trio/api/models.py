@@ -26,6 +26,7 @@ class ExecBody(BaseModel):
     code: str
     lang: str
     args: Any = None
+    timeout: Any = None  # milliseconds, capped by MAX_EXECUTION_TIME (validated in routes)
     user_id: str | None = None
     entity_id: str | None = Field(None, max_length=40, pattern=r"^[A-Za-z0-9_-]+$")
     session_id: str | None = None

@@ -216,7 +216,70 @@ MULTIPART = {
     },
 }
 
+_PTC_CALL = {"type": "object", "required": ["id", "name", "input"], "properties": {
+    "id": {"type": "string", "pattern": "^call_\\d{3,6}$"}, "name": {"type": "string"}, "input": {}}}
+_PTC_BODY = {"oneOf": [
+    {"type": "object", "title": "First request", "required": ["code", "tools"], "properties": {
+        "code": {"type": "string", "pattern": "\\S"},
+        "tools": {"type": "array", "minItems": 1, "maxItems": 100, "items": {"type": "object", "required": ["name"],
+                  "properties": {"name": {"type": "string", "pattern": "[A-Za-z0-9]"},
+                                 "description": {"type": ["string", "null"]},
+                                 "parameters": {"type": ["object", "null"]}}}},
+        "lang": {"enum": ["python", "py", "bash", None]}, "language": {"enum": ["python", "py", "bash", None]},
+        "timeout": {"type": ["number", "null"], "exclusiveMinimum": 0, "description": "ms of run time, capped by MAX_EXECUTION_TIME"},
+        "session_id": {"type": ["string", "null"]}, "files": {"type": ["array", "null"]},
+        "runtime_session_hint": {"type": ["string", "null"]}}},
+    {"type": "object", "title": "Continuation", "required": ["continuation_token", "tool_results"], "properties": {
+        "continuation_token": {"type": "string", "minLength": 1},
+        "tool_results": {"type": "array", "minItems": 1, "maxItems": 200, "uniqueItems": True, "items": {
+            "type": "object", "required": ["call_id", "result"], "properties": {
+                "call_id": {"type": "string", "pattern": "^call_[0-9]{3,6}$"}, "result": {}, "is_error": {"type": "boolean"},
+                "error_message": {"type": ["string", "null"]}}}}}},
+]}
+_PTC_ANSWER = {"type": "object", "required": ["status"], "properties": {
+    "status": {"enum": ["tool_call_required", "completed", "error"]},
+    "continuation_token": {"type": "string"}, "tool_calls": {"type": "array", "items": _PTC_CALL},
+    "stdout": {"type": "string"}, "stderr": {"type": "string"}, "error": {"type": "string"},
+    "files": {"type": "array"}, "session_id": {"type": "string"}}}
+
+
+def _ptc_errors(**extra: str) -> dict[str, Any]:
+    text = {"400": "Invalid request, token or tool results", "401": "Missing or invalid API key",
+            "403": "The execution or request id belongs to another principal", **extra,
+            "408": "The request body did not arrive within KCR_BODY_TIMEOUT", "415": "Unsupported content type",
+            "413": "Body, a result or the execution state too large", "429": "Rate limited",
+            "503": "The state store is unavailable, or no sandbox is free"}
+    return {s: _json(_ref("Error"), t) for s, t in sorted(text.items())}
+
+
 OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
+    ("post", "/exec/programmatic"): {
+        "summary": "Programmatic tool calling: run code that calls the agent's tools",
+        "description": "First request `{code, tools, timeout, ...}` or continuation `{continuation_token, "
+        "tool_results}`. Answers `tool_call_required` (the run stays suspended in its sandbox until the "
+        "results arrive; a continuation may reach any replica), `completed` or `error`. Header "
+        "`X-LibreChat-Code-Request-ID` names the POST for cancel.",
+        "security": AUTH,
+        "requestBody": {"required": True, "content": {"application/json": {"schema": _PTC_BODY}}},
+        "responses": {"200": _json(_PTC_ANSWER, "The next step of the execution"),
+                      **_ptc_errors(**{"404": "Execution not found or expired",
+                                       "409": "A continuation in progress, a different re-sent result, or a "
+                                              "reused request id"})},
+    },
+    ("post", "/exec/programmatic/cancel"): {
+        "summary": "Cancel the programmatic execution a POST started",
+        "security": AUTH,
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {
+            "type": "object", "required": ["request_id"], "properties": {
+                "request_id": {"type": "string", "pattern": "^[A-Za-z0-9_-]{16,128}$"}}}}}},
+        "responses": {
+            "200": _json({"type": "object", "properties": {"status": {"const": "already_completed"}}},
+                         "That POST has already been answered"),
+            "202": _json({"type": "object", "properties": {"status": {"const": "cancellation_requested"}}},
+                         "Stopped (or remembered, if its POST has not arrived yet)"),
+            **_ptc_errors(),
+        },
+    },
     ("post", "/exec"): {
         "summary": "Run code",
         "description": "Runs `code` once in a fresh sandbox. Slow runs commit 200 after a short grace "

@@ -46,6 +46,7 @@ from kcr_trio.core.ptc_state import (
     apply_results,
     bad,
     canonical,
+    not_found,
     parse_results,
     parse_start,
     parse_token,
@@ -162,7 +163,7 @@ async def _continue(engine: PtcEngine, raw: bytes, body: dict[str, Any], princip
     live = engine.executions.get(eid)
     state = live.state if live is not None else await engine.store.load(eid)
     if state is None or state.status == "cancelled" or (state.status != "done" and state.expires_at < time.time()):
-        raise ApiError("Execution not found or expired", status=404, shape="A", headers={UNKNOWN: "1"})
+        raise not_found()
     if state.principal != principal:
         raise ApiError("Forbidden", status=403, shape="A")
     if live is None and state.status != "done" and state.owner != engine.replica and not forwarded:
@@ -172,7 +173,7 @@ async def _continue(engine: PtcEngine, raw: bytes, body: dict[str, Any], princip
     await _claim_request_id(engine, rid, principal, eid)
     if state.status == "done":  # only identical re-sends of the last round remain possible
         if apply_results(state, results):
-            raise ApiError("Execution not found or expired", status=404, shape="A")
+            raise not_found()
         return _json(state.last)
     if live is None:
         # The owner is gone (or we are the owner and lost it): replay here, claimed once.
@@ -186,7 +187,7 @@ async def _continue(engine: PtcEngine, raw: bytes, body: dict[str, Any], princip
     try:
         current = generation == state.generation and nonce == state.nonce
         if not current and generation > state.generation:
-            raise bad("Invalid continuation token")
+            raise not_found()
         fresh = apply_results(state, results) if current else _resends_only(state, results)
     except BaseException:
         live.busy = False
@@ -349,6 +350,9 @@ async def open_ptc(settings: Any, sessions: Any, exec_service: Any, nursery: tri
     from kcr_trio.backends.ptc_store import MemoryPtcStore, RedisPtcStore
     from kcr_trio.core.ids import new_id
 
+    if not getattr(exec_service.executor, "ptc_capable", True):  # no sidecar, no PTC channel
+        yield None, None  # type: ignore[misc]
+        return
     store = RedisPtcStore(sessions) if settings.kcr_session_store == "redis" else MemoryPtcStore()
     url = settings.kcr_ptc_advertise_url or f"http://127.0.0.1:{settings.api_port}"
     engine = PtcEngine(exec_service, store, replica=new_id(), url=url, live=settings.kcr_ptc_live,

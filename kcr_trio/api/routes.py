@@ -30,6 +30,7 @@ from kcr_trio.core.exec import ExecOutcome, ExecRequest, ExecService, Phases, va
 from kcr_trio.core.ids import is_safe_id, new_id
 from kcr_trio.core.interfaces import Executor, FileStore, SessionStore
 from kcr_trio.core.model import FileRecord, FileRef, utcnow
+from kcr_trio.core.ptc_state import parse_timeout
 from kcr_trio.core.names import content_disposition, guess_content_type, sanitize_filename
 
 from . import ptc_http
@@ -228,6 +229,8 @@ def create_app(svc: Services) -> QuartTrio:
             entity_id=body.entity_id,
             user_id=body.user_id,
             files=[FileRef(f.id, f.session_id, f.name) for f in body.files],
+            # ms, capped by MAX_EXECUTION_TIME (contract §1.1); the PTC fallback always sends it
+            timeout=_exec_timeout(raw.get("timeout"), settings.max_execution_time),
         )
         return await _respond_exec(req)
 
@@ -666,6 +669,15 @@ def _lone_surrogate(value: Any, where: str) -> str | None:
         if found is not None:
             return found
     return None
+
+
+def _exec_timeout(value: Any, cap: float) -> float | None:
+    """``/exec``'s optional ``timeout`` (ms): capped; a value that is not a positive number is ignored
+    (the contract asks servers to accept the field, never to refuse a request over it)."""
+    try:
+        return parse_timeout(value, cap) if value is not None else None
+    except ApiError:
+        return None
 
 
 def _no_files() -> ApiError:

@@ -59,6 +59,8 @@ class MemorySandbox:
 
 
 class MemoryExecutor:
+    ptc_capable = False  # runs no real program: no programmatic tool calling (api/ptc_http.py)
+
     def __init__(self, program: Program, *, capacity: int = 4, retry_after: float = 2.0) -> None:
         self.program = program
         self.capacity = capacity

@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from kcr_trio.core.errors import Unavailable
+from kcr_trio.core.errors import ApiError, Unavailable
 from kcr_trio.core.model import GeneratedFile, RunResult
 from kcr_trio.core.names import guess_content_type
 
@@ -29,7 +29,8 @@ def _endpoint(sandbox: Any) -> tuple[str, httpx.AsyncClient]:
         if hasattr(sandbox, "base_url") and hasattr(sandbox, "_client"):
             return sandbox.base_url, sandbox._client
         sandbox, seen = getattr(sandbox, "_inner", None), seen + 1
-    raise Unavailable("Programmatic tool calling needs kcr-trio's sidecar; this sandbox has no PTC channel")
+    # A capability error (contract §1.0.1): the client tells the model not to retry here.
+    raise ApiError("unsupported_capability", status=409, shape="A")
 
 
 class PtcRun:

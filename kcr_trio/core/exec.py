@@ -67,6 +67,7 @@ class ExecRequest:
     entity_id: str | None = None
     user_id: str | None = None
     files: list[FileRef] = field(default_factory=list)
+    timeout: float | None = None  # seconds; the request's own cap (``timeout`` ms on the wire)
 
 
 @dataclass(slots=True)
@@ -197,7 +198,7 @@ class ExecService:
 
                 # 3. Run. The sandbox enforces the timeout; keep time for collection after it.
                 run_timeout = min(
-                    float(limits.max_execution_time),
+                    float(limits.max_execution_time) if req.timeout is None else req.timeout,
                     max(1.0, deadline - trio.current_time() - limits.overhead / 2),
                 )
                 with phases.phase("execute"):
@@ -208,7 +209,7 @@ class ExecService:
                     files = await self._collect_outputs(sandbox, result, state.session_id, notes)
 
         stdout, stderr = output.shape_output(
-            result, limit=limits.max_output_chars, timeout=limits.max_execution_time
+            result, limit=limits.max_output_chars, timeout=req.timeout or limits.max_execution_time
         )
         if notes:
             stderr = "\n".join([stderr, *notes]).strip()

@@ -159,7 +159,10 @@ class Replayer:
 
 # -- requests -------------------------------------------------------------------------------------
 def parse_start(body: dict[str, Any], max_execution_time: float) -> PtcStart:
-    raw_lang = body.get("language", body.get("lang"))
+    for key in ("language", "lang"):  # ``language`` is canonical, ``lang`` its alias (§1.3)
+        if body.get(key) not in (None, "python", "py", "bash"):
+            raise bad("language must be 'python' or 'bash'")
+    raw_lang = body.get("language") or body.get("lang")
     if raw_lang in (None, "python", "py"):
         lang: Literal["python", "bash"] = "python"
     elif raw_lang == "bash":
@@ -180,6 +183,10 @@ def parse_start(body: dict[str, Any], max_execution_time: float) -> PtcStart:
             raise bad("every tool needs a non-empty string name")
         if tool["name"] in specs:
             continue
+        if not isinstance(tool.get("description", ""), (str, type(None))):
+            raise bad(f"description of tool {tool['name']!r} must be a string")
+        if not isinstance(tool.get("parameters", {}), (dict, type(None))):
+            raise bad(f"parameters of tool {tool['name']!r} must be a JSON Schema object")
         params_schema = tool.get("parameters") if isinstance(tool.get("parameters"), dict) else {}
         properties = params_schema.get("properties") if isinstance(params_schema.get("properties"), dict) else {}
         required = params_schema.get("required") if isinstance(params_schema.get("required"), list) else []
@@ -195,8 +202,13 @@ def parse_start(body: dict[str, Any], max_execution_time: float) -> PtcStart:
     for spec in specs.values():
         spec.ident = idents[spec.name]
     timeout = parse_timeout(body.get("timeout"), max_execution_time)
-    session_id = body.get("session_id") if isinstance(body.get("session_id"), str) else None
-    files = body.get("files") if isinstance(body.get("files"), list) else []
+    for name in ("session_id", "runtime_session_hint"):
+        if not isinstance(body.get(name), (str, type(None))):
+            raise bad(f"{name} must be a string")
+    if not isinstance(body.get("files"), (list, type(None))):
+        raise bad("files must be an array")
+    session_id = body.get("session_id")
+    files = body.get("files") or []
     return PtcStart(lang, code, list(specs.values()), timeout, session_id or None, files)
 
 
@@ -206,20 +218,27 @@ def parse_timeout(value: Any, max_execution_time: float) -> float:
         return float(max_execution_time)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value != value:
         raise bad("timeout must be a positive number of milliseconds")
-    return min(float(value) / 1000.0, float(max_execution_time))
+    return max(0.1, min(float(value) / 1000.0, float(max_execution_time)))
 
 
 def parse_token(token: Any) -> tuple[str, int, str]:
-    if not isinstance(token, str) or not token or len(token) > 512:
-        raise bad("Invalid continuation token")
+    """``(execution_id, generation, nonce)``. A string that is no token of ours names no execution:
+    404, like an expired one (a 400 would claim the request itself was malformed, and the tool's
+    schema cannot tell the two apart); a missing or non-string token is a 400."""
+    if not isinstance(token, str) or not token:
+        raise bad("continuation_token must be a non-empty string")
     try:
         data = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
         execution_id, generation, nonce = data["e"], data["g"], data["n"]
+        if not isinstance(execution_id, str) or not isinstance(generation, int) or not isinstance(nonce, str):
+            raise TypeError
     except (ValueError, KeyError, TypeError):
-        raise bad("Invalid continuation token") from None
-    if not isinstance(execution_id, str) or not isinstance(generation, int) or not isinstance(nonce, str):
-        raise bad("Invalid continuation token")
+        raise not_found() from None
     return execution_id, generation, nonce
+
+
+def not_found() -> ApiError:
+    return ApiError("Execution not found or expired", status=404, shape="A", headers={"x-kcr-ptc-unknown": "1"})
 
 
 def parse_results(value: Any) -> list[dict[str, Any]]:

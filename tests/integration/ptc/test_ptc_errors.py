@@ -56,8 +56,7 @@ def test_continuation_400s(ptc_server: ServerProcess) -> None:
     cases = [
         (token, []),
         (token, None),
-        ("not-a-token", [ok]),
-        (base64.urlsafe_b64encode(b'{"x":1}').decode(), [ok]),
+        (5, [ok]),
         (token, [{**ok, "call_id": "weird"}]),
         (token, [{"call_id": call["id"], "is_error": False}]),
         (token, [{**ok, "is_error": "no"}]),
@@ -103,9 +102,16 @@ def first_round_with_rid(server: ServerProcess, request_id: str) -> dict[str, An
 
 
 def test_unknown_execution_404(ptc_server: ServerProcess) -> None:
-    token = base64.urlsafe_b64encode(json.dumps({"e": "nope", "g": 1, "n": "x"}).encode()).decode()
-    resp = cont(ptc_server, token, [{"call_id": "call_001", "result": 1, "is_error": False}])
-    assert resp.status_code == 404 and resp.json()["error"] == "Execution not found or expired"
+    unknown = base64.urlsafe_b64encode(json.dumps({"e": "nope", "g": 1, "n": "x"}).encode()).decode()
+    for token in (unknown, "not-a-token", base64.urlsafe_b64encode(b'{"x":1}').decode()):
+        resp = cont(ptc_server, token, [{"call_id": "call_001", "result": 1, "is_error": False}])
+        assert resp.status_code == 404 and resp.json()["error"] == "Execution not found or expired"
+    # A token from the future of a live execution is not one we issued either.
+    data = first_round(ptc_server)
+    raw = json.loads(base64.urlsafe_b64decode(data["continuation_token"] + "=="))
+    forged = base64.urlsafe_b64encode(json.dumps({**raw, "g": raw["g"] + 5}).encode()).decode()
+    assert cont(ptc_server, forged, results_for(data["tool_calls"])).status_code == 404
+    assert answer(cont(ptc_server, data["continuation_token"], results_for(data["tool_calls"])))["status"] == "completed"
 
 
 def test_resend_identical_ok_different_409(ptc_server: ServerProcess) -> None:

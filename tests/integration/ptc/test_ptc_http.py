@@ -135,3 +135,17 @@ def test_bash_error_result_ends_the_script(ptc_server: ServerProcess) -> None:
     assert data["status"] == "error" and data["error"] == "Sandbox exited with code 1"
     assert "no such city" in data["stderr"]
     assert "after" not in data.get("stdout", "")
+
+
+def test_exec_accepts_timeout_in_ms(ptc_server: ServerProcess) -> None:
+    resp = httpx.post(ptc_server.url + "/exec", json={"lang": "py", "code": "import time\ntime.sleep(5)\nprint('late')",
+                                                      "timeout": 1500}, headers=H, timeout=60)
+    data = json.loads(resp.content.strip())
+    assert resp.status_code == 200 and "late" not in data["stdout"]
+    assert "timed out after" in data["stderr"]  # whole seconds on the pod protocol
+    resp = httpx.post(ptc_server.url + "/exec", json={"lang": "py", "code": "print(1)", "timeout": 999999999},
+                      headers=H, timeout=60)
+    assert json.loads(resp.content.strip())["stdout"] == "1\n"  # capped by MAX_EXECUTION_TIME, not refused
+    resp = httpx.post(ptc_server.url + "/exec", json={"lang": "py", "code": "print(1)", "timeout": -5},
+                      headers=H, timeout=60)
+    assert json.loads(resp.content.strip())["stdout"] == "1\n"  # an unusable value is ignored, never refused
