@@ -79,7 +79,7 @@ class PtcRun:
         delivered = 0
         for ident, req in list(self.requests.items()):
             if all(self.outstanding.get(k) is not None for k in req.keys):
-                self._deliver(ident, req, [self.outstanding.pop(k) for k in req.keys])
+                self._deliver(ident, req, [self.outstanding.pop(k) or {} for k in req.keys])
                 del self.requests[ident]
                 delivered += 1
         if not self.outstanding:
@@ -163,7 +163,8 @@ class PtcRoutes:
         run = self._prepare(rid, channel)
         self.runs[rid] = run
         try:
-            await self._serve(run, program, float(timeout), float(lifetime), settle, receive, send)
+            await self._serve(run, program, float(timeout), float(lifetime), settle,  # type: ignore[arg-type]
+                              receive, send)
         finally:
             del self.runs[rid]
             os.close(run.dfd)

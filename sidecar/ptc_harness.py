@@ -74,11 +74,11 @@ class _KcrChannel:
             return
         self._open(loop)
         self.seq += 1
-        ident = "p%d" % self.seq
-        calls = ",".join('{"name":%s,"input":%s}' % (_kcr_json.dumps(n), e) for n, e, _ in batch)
+        ident = f"p{self.seq}"
+        calls = ",".join(f'{{"name":{_kcr_json.dumps(n)},"input":{e}}}' for n, e, _ in batch)
         tmp = _kcr_os.path.join(self.dir, "t." + ident)
         with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write('{"reply":"r.py","calls":[%s]}' % calls)
+            handle.write(f'{{"reply":"r.py","calls":[{calls}]}}')
         _kcr_os.rename(tmp, _kcr_os.path.join(self.dir, "q." + ident))
         self.waiting[ident] = [f for _, _, f in batch]
         _kcr_os.write(self.doorbell, (ident + "\n").encode())

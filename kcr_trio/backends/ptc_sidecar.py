@@ -82,8 +82,8 @@ def run_result(data: dict[str, Any]) -> RunResult:
     exit_code = data.get("exit_code")
     return RunResult(
         exit_code=exit_code if isinstance(exit_code, int) else -1,
-        stdout=data.get("stdout") if isinstance(data.get("stdout"), str) else "",
-        stderr=data.get("stderr") if isinstance(data.get("stderr"), str) else "",
+        stdout=str(data.get("stdout") or ""),
+        stderr=str(data.get("stderr") or ""),
         timed_out=bool(data.get("timed_out")),
         failure=data.get("failure") if isinstance(data.get("failure"), str) else None,
         generated=files,

@@ -13,11 +13,13 @@ import keyword
 import re
 
 PYTHON_KEYWORDS = frozenset(keyword.kwlist)
-BASH_RESERVED = frozenset(
-    "if then else elif fi case esac for while until do done in function select time coproc declare "
-    "typeset local readonly export unset return exit break continue shift alias unalias source echo "
-    "printf read cd pwd kill trap wait eval exec jobs bg fg set let test true false".split()
-)
+BASH_RESERVED = frozenset({
+    "if", "then", "else", "elif", "fi", "case", "esac", "for", "while", "until", "do", "done", "in",
+    "function", "select", "time", "coproc", "declare", "typeset", "local", "readonly", "export", "unset",
+    "return", "exit", "break", "continue", "shift", "alias", "unalias", "source", "echo", "printf", "read",
+    "cd", "pwd", "kill", "trap", "wait", "eval", "exec", "jobs", "bg", "fg", "set", "let", "test", "true",
+    "false",
+})
 _NOT_WORD = re.compile(r"[^A-Za-z0-9_]")
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import re
 import secrets
 import time
@@ -187,10 +188,12 @@ def parse_start(body: dict[str, Any], max_execution_time: float) -> PtcStart:
             raise bad(f"description of tool {tool['name']!r} must be a string")
         if not isinstance(tool.get("parameters", {}), (dict, type(None))):
             raise bad(f"parameters of tool {tool['name']!r} must be a JSON Schema object")
-        params_schema = tool.get("parameters") if isinstance(tool.get("parameters"), dict) else {}
-        properties = params_schema.get("properties") if isinstance(params_schema.get("properties"), dict) else {}
-        required = params_schema.get("required") if isinstance(params_schema.get("required"), list) else []
-        description = tool.get("description") if isinstance(tool.get("description"), str) else ""
+        params_schema: dict[str, Any] = tool.get("parameters") or {}
+        properties = params_schema.get("properties")
+        properties = properties if isinstance(properties, dict) else {}
+        required = params_schema.get("required")
+        required = required if isinstance(required, list) else []
+        description: str = tool.get("description") or ""
         specs[tool["name"]] = ToolSpec(
             name=tool["name"], ident="", description=description[:4000],
             params=[{"name": p, "required": p in required} for p in properties if isinstance(p, str)],
@@ -216,7 +219,7 @@ def parse_timeout(value: Any, max_execution_time: float) -> float:
     """``timeout`` in ms → seconds, capped by ``MAX_EXECUTION_TIME``; missing means the cap."""
     if value is None:
         return float(max_execution_time)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value != value:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isnan(value):
         raise bad("timeout must be a positive number of milliseconds")
     return max(0.1, min(float(value) / 1000.0, float(max_execution_time)))
 

@@ -30,8 +30,8 @@ FETCH = {"name": "fetch", "description": "Returns v = 10 * i",
 WORKFLOWS = {
     "seq3": ("print('start')\nv = 0\nfor _ in range(3):\n    v = (await fetch(i=v + 1))['v']\nprint(v)\n",
              "start\n1110\n", 3),
-    "gather5": ("import asyncio\nprint('start')\nrs = await asyncio.gather(*[fetch(i=i) for i in range(5)])\n"
-                "print(sum(r['v'] for r in rs))\n", "start\n100\n", 5),
+    "gather5": (("import asyncio\nprint('start')\nrs = await asyncio.gather(*[fetch(i=i) for i in range(5)])\n"
+                 "print(sum(r['v'] for r in rs))\n"), "start\n100\n", 5),
 }
 
 

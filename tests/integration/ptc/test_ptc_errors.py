@@ -17,7 +17,7 @@ import pytest
 
 from tests.integration.ptc.conftest import OTHER_KEY, PTC_ENV
 from tests.integration.ptc.test_ptc_http import WEATHER, answer, post, results_for
-from tests.support.server import TEST_KEY, ServerProcess, server_process, wait_until
+from tests.support.server import TEST_KEY, ServerProcess, server_process
 
 
 def first_round(server: ServerProcess, code: str = "r = await get_weather(city='Oslo')\nprint(r)\n") -> dict[str, Any]:

@@ -8,7 +8,6 @@ import uuid
 from typing import Any
 
 import httpx
-import pytest
 
 from tests.support.server import TEST_KEY, ServerProcess
 

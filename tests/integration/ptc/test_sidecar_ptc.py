@@ -11,7 +11,6 @@ import json
 from typing import Any
 
 import httpx
-import trio
 
 from tests.support.sidecar import running_sidecar
 
