@@ -101,6 +101,10 @@ class Settings(BaseSettings):
     kcr_ptc_live: bool = True
     kcr_ptc_advertise_url: str | None = None
     kcr_ptc_bash_settle: float = Field(0.05, ge=0.0, le=2.0)
+    # A suspended run holds a sandbox slot: at most this many at once (default: half the executor's
+    # capacity), each at most this long; beyond either, the execution continues by replay.
+    kcr_ptc_max_suspended: int | None = Field(None, ge=0)
+    kcr_ptc_suspend_max: float = Field(120.0, gt=0.0, le=600.0)
     # Warm sandboxes per language (KubeCodeRun's POD_POOL_<LANG>); shared by local and Kubernetes.
     pod_pool_py: int = Field(2, ge=0)
     pod_pool_js: int = Field(1, ge=0)

@@ -355,8 +355,12 @@ async def open_ptc(settings: Any, sessions: Any, exec_service: Any, nursery: tri
         return
     store = RedisPtcStore(sessions) if settings.kcr_session_store == "redis" else MemoryPtcStore()
     url = settings.kcr_ptc_advertise_url or f"http://127.0.0.1:{settings.api_port}"
+    capacity = getattr(exec_service.executor, "capacity", None) or 128  # pods: no fixed slot count
+    max_suspended = settings.kcr_ptc_max_suspended
     engine = PtcEngine(exec_service, store, replica=new_id(), url=url, live=settings.kcr_ptc_live,
-                       open_run=open_ptc_run, run_result=run_result, bash_settle=settings.kcr_ptc_bash_settle)
+                       open_run=open_ptc_run, run_result=run_result, bash_settle=settings.kcr_ptc_bash_settle,
+                       max_suspended=max(1, capacity // 2) if max_suspended is None else max_suspended,
+                       suspend_max=settings.kcr_ptc_suspend_max)
     async with httpx.AsyncClient(limits=httpx.Limits(max_connections=50)) as client:
         await nursery.start(engine.serve)
         yield engine, client

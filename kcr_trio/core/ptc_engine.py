@@ -63,7 +63,7 @@ def new_live(state: PtcState) -> Live:
 class PtcEngine:
     def __init__(self, service: ExecService, store: Any, *, replica: str, url: str, live: bool,
                  open_run: Callable[..., Any], run_result: Callable[[dict[str, Any]], Any],
-                 bash_settle: float = 0.05) -> None:
+                 bash_settle: float = 0.05, max_suspended: int = 1000, suspend_max: float = TOKEN_TTL) -> None:
         self.service = service
         self.store = store
         self.replica = replica
@@ -72,6 +72,10 @@ class PtcEngine:
         self._open_run = open_run
         self._run_result = run_result
         self.bash_settle = bash_settle
+        # Each suspended run holds a sandbox slot. Past ``max_suspended`` of them, or once a run has
+        # waited ``suspend_max`` seconds, the run is released and its execution continues by replay.
+        self.max_suspended = max_suspended
+        self.suspend_max = suspend_max
         self.executions: dict[str, Live] = {}
         self._nursery: trio.Nursery | None = None
         self.stats = {"runs": 0, "replayed_calls": 0}
@@ -88,6 +92,9 @@ class PtcEngine:
                 except ApiError as exc:
                     log.warning("ptc heartbeat failed: %s", exc.message)
                 await trio.sleep(3)
+
+    def suspended_count(self) -> int:
+        return sum(1 for live in self.executions.values() if live.suspended)
 
     # -- entry points ---------------------------------------------------------------------------
     async def start(self, start: PtcStart, principal: str) -> Live:
@@ -216,15 +223,25 @@ class PtcEngine:
                     # New calls: hand them to the client and wait (live) or end this round (replay).
                     response = self._calls_required(state)
                     await self.store.save(state, TOKEN_TTL + STATE_MARGIN)
-                    if not self.live_mode:
+                    if not self.live_mode or self.suspended_count() >= self.max_suspended:
                         live.outbox_send.send_nowait(response)
                         return None  # round over: the stream closes and the sandbox goes
                     live.inbox_send, inbox = trio.open_memory_channel[list[CallRecord]](1)
                     live.suspended = True
                     live.outbox_send.send_nowait(response)
                     live.scope.deadline = trio.current_time() + TOKEN_TTL
-                    fresh = await inbox.receive()
-                    live.suspended = False
+                    got: list[CallRecord] | None = None
+                    with trio.move_on_after(self.suspend_max):
+                        got = await inbox.receive()
+                    live.suspended, live.inbox_send = False, None  # from here on resume() replays
+                    if got is None:
+                        try:
+                            got = inbox.receive_nowait()  # results that raced the release
+                        except trio.WouldBlock:
+                            # Nobody came back in time: free the sandbox; the next round replays.
+                            log.info("ptc run released while waiting", extra={"execution_id": state.execution_id})
+                            return None
+                    fresh = got
                     live.scope.deadline = trio.current_time() + TOKEN_TTL
                     state.status = "running"
                     await run.answer({asked[c.id]: _wire(c) for c in fresh if c.id in asked})
