@@ -134,6 +134,10 @@ async def programmatic() -> Response:
             return _json({"status": "error", "error": CANCELLED})
     if "continuation_token" in body:
         return await _continue(engine, raw, body, principal, rid, forwarded)
+    if request.headers.get("x-librechat-code-workspace-id"):
+        # Attached remote-bridge workspaces (§1.2) are not offered: a capability error tells the
+        # model not to retry here, where a 400 would read as "fix your input".
+        raise ApiError("unsupported_capability", status=409, shape="A")
     start = parse_start(body, svc.settings.max_execution_time)
     if len(canonical(body).encode("utf-8", "replace")) > 10 * 1024 * 1024:
         raise ApiError("Request too large: execution state exceeds 10485760 bytes", status=413, shape="A")

@@ -215,3 +215,9 @@ def test_store_down_503() -> None:
         # A live execution needs no store to continue: the run is still suspended in its sandbox.
         resp = cont(server, data["continuation_token"], results_for(data["tool_calls"]))
         assert answer(resp)["status"] == "completed"
+
+
+def test_attached_workspace_is_a_capability_error(ptc_server: ServerProcess) -> None:
+    resp = post(ptc_server, {"lang": "bash", "code": ": &\nwait \"$!\"\nls", "tools": []},
+                {"X-LibreChat-Code-Workspace-ID": "proj-1"})
+    assert resp.status_code == 409 and resp.json()["error"] == "unsupported_capability"

@@ -148,3 +148,42 @@ def test_exec_accepts_timeout_in_ms(ptc_server: ServerProcess) -> None:
     resp = httpx.post(ptc_server.url + "/exec", json={"lang": "py", "code": "print(1)", "timeout": -5},
                       headers=H, timeout=60)
     assert json.loads(resp.content.strip())["stdout"] == "1\n"  # an unusable value is ignored, never refused
+
+
+def test_cancel_of_a_continuation_invalidates_the_token(ptc_server: ServerProcess) -> None:
+    import threading
+
+    code = "import time\nw = await get_weather(city='a')\ntime.sleep(30)\nprint('never')\n"
+    data = answer(post(ptc_server, {"code": code, "tools": [WEATHER]}))
+    body = {"continuation_token": data["continuation_token"], "tool_results": results_for(data["tool_calls"])}
+    request_id = str(uuid.uuid4())
+    committed = threading.Event()
+    box: dict[str, bytes] = {}
+
+    def run() -> None:
+        with httpx.stream("POST", ptc_server.url + "/exec/programmatic", json=body,
+                          headers={**H, "X-LibreChat-Code-Request-ID": request_id}, timeout=60) as resp:
+            committed.set()
+            box["body"] = resp.read()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    assert committed.wait(20)
+    assert post(ptc_server, {"request_id": request_id}, path="/exec/programmatic/cancel").status_code == 202
+    thread.join(20)
+    assert json.loads(box["body"])["error"] == "Programmatic execution request cancelled"
+    resp = post(ptc_server, body)
+    assert resp.status_code == 404  # the execution is gone: its token no longer works
+
+
+def test_input_files_are_mounted(ptc_server: ServerProcess) -> None:
+    up = httpx.post(ptc_server.url + "/upload", files={"file": ("data.txt", b"hello from a file")}, headers=H,
+                    timeout=30).json()
+    ref = {"id": up["files"][0]["fileId"], "resource_id": up["files"][0]["fileId"], "name": "data.txt",
+           "storage_session_id": up["session_id"], "kind": "user"}
+    code = "w = await get_weather(city=open('/mnt/data/data.txt').read())\nprint(w['n'])\n"
+    data = answer(post(ptc_server, {"code": code, "tools": [WEATHER], "files": [ref]}))
+    assert data["tool_calls"][0]["input"] == {"city": "hello from a file"}
+    data = answer(post(ptc_server, {"continuation_token": data["continuation_token"],
+                                    "tool_results": results_for(data["tool_calls"])}))
+    assert data["stdout"] == "17\n"
