@@ -22,7 +22,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-import trio
+from .cgroups import enter_argv
+from .spawn import Child, open_child
 
 if TYPE_CHECKING:
     from .sandbox import Sandbox
@@ -145,10 +146,14 @@ class SpawnSpec:
     pass_fd: int | None = None  # an fd the child inherits under the same number (pre-warm socket)
     sandbox: "Sandbox | None" = None  # bubblewrap view (sidecar.sandbox), or None: unsandboxed
     tmp: str | None = None  # the run's private temp dir (mounted at /run/kcr when sandboxed)
+    cgroup_procs: list[str] | None = None  # cgroup.procs files to enter before exec (cgroups.py)
 
 
-async def spawn_user(spec: SpawnSpec) -> trio.Process:
-    """Start one user process with stdout/stderr pipes. Raises OSError if it cannot start."""
+async def spawn_user(spec: SpawnSpec) -> Child:
+    """Start one user process with stdout/stderr pipes. Raises OSError if it cannot start.
+
+    Started from the Trio thread itself (``spawn.open_child``), never a worker thread: bubblewrap's
+    ``--die-with-parent`` binds the sandbox's life to the thread that forked it."""
     import subprocess
 
     kwargs: dict[str, object] = {}
@@ -163,12 +168,14 @@ async def spawn_user(spec: SpawnSpec) -> trio.Process:
         else:
             kwargs.update(user=spec.identity.uid, group=spec.identity.gid, extra_groups=[])
     command, env = user_command(spec)
+    if spec.cgroup_procs:  # first, as the sidecar: then nothing the run starts is outside the group
+        prefix = enter_argv(spec.cgroup_procs) + prefix
     if PRLIMIT:
         argv = prefix + _prlimit_argv(spec.limits) + command
     else:
         argv = command
         kwargs["preexec_fn"] = _preexec(spec.limits)
-    return await trio.lowlevel.open_process(
+    return await open_child(
         argv,
         stdin=spec.stdin if spec.stdin is not None else subprocess.DEVNULL,
         stdout=subprocess.PIPE,

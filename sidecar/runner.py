@@ -36,6 +36,7 @@ from . import files, proctree
 from .config import Config
 from .languages import Context, LanguageSpec, SOURCE_FILES, Step, Toolchain, prewarm_step
 from .limits import MB, Identity, Limits, SpawnSpec, base_env, cpu_limit_for, spawn_user
+from .cgroups import Group
 from .prewarm import Warm, make_private_tmp, remove_tree
 from .sandbox import EXTRA_PROCESSES, Sandbox, exit_signal, not_exiting, payload_pid
 
@@ -98,7 +99,7 @@ class RunState:
     out: Capture
     err: Capture
     tmp: str
-    reason: str | None = None  # timeout | output | disk | cpu | file_size | memory
+    reason: str | None = None  # timeout | output | disk | cpu | file_size | memory | oom | pids
     step_scope: trio.CancelScope | None = None
     pids: set[int] = field(default_factory=set)
     closed: bool = False  # the steps are over: watchers can no longer change the outcome
@@ -140,6 +141,16 @@ class Runner:
         self._housekeeping: trio.Event | None = None
         self.warm_broken = False
         self.sandbox: Sandbox | None = None  # set by the server when user code runs in bubblewrap
+        # ``reset_between_runs``: set after every run, cleared by ``reset``. While set, no
+        # interpreter is started (it would share the uid and the directory with what the last run
+        # may have left: the sweep must come first).
+        self.awaiting_reset = False
+        # Control groups bounding the whole run (cgroups.py), made by the executor; None: none.
+        self.groups: dict[bool, Group] = {}
+        if cfg.cgroup_version in ("v1", "v2"):
+            for is_compile, dirs in ((False, cfg.cgroup_run), (True, cfg.cgroup_compile)):
+                if dirs:
+                    self.groups[is_compile] = Group(cfg.cgroup_version, dirs.split(","))
 
     # --- pre-warm --------------------------------------------------------------------------
     @property
@@ -188,18 +199,31 @@ class Runner:
             uid = self.identity.uid if self.identity.switching else os.getuid()
             nproc += proctree.count_tasks_of_uid(uid)  # type: ignore[arg-type]
         mem = step.address_space_mb or self.cfg.max_memory_mb
+        cpu, fsize = cpu_limit_for(timeout), self.cfg.max_file_size_mb
+        if step.compile:
+            # Compile steps are trusted tools with limits of their own: a linker writes files far
+            # larger than MAX_FILE_SIZE_MB allows the program (rustc's ld died of SIGXFSZ at the
+            # default 10 MB), and threaded compilers burn CPU seconds faster than wall seconds.
+            # The wall clock (the run's timeout) and the disk quota still bind them.
+            cpu *= max(1, self.cfg.compile_cpu_factor)
+            fsize = max(fsize, self.cfg.compile_file_size_mb)
         return Limits(
-            cpu_seconds=cpu_limit_for(timeout),
+            cpu_seconds=cpu,
             address_space_mb=mem,
             nproc=nproc,
-            file_size_mb=self.cfg.max_file_size_mb,
+            file_size_mb=fsize,
             open_files=self.cfg.max_open_files,
         )
 
     def _spec_for(self, step: Step, tmp: str, timeout: float, **extra: Any) -> SpawnSpec:
         env = base_env(f"{tmp}/home", f"{tmp}/tmp", step.env)
+        group = self.groups.get(step.compile)
         return SpawnSpec(step.argv, self.cfg.working_dir, env, self._limits(timeout, step),
-                         self.identity, sandbox=self.sandbox, tmp=tmp, **extra)
+                         self.identity, sandbox=self.sandbox, tmp=tmp,
+                         cgroup_procs=group.procs_files if group else None, **extra)
+
+    def _oom_kills(self) -> int:
+        return sum(g.oom_kills() for g in self.groups.values())
 
     async def _spawn_warm(self) -> None:
         async with self._warm_lock:
@@ -294,7 +318,7 @@ class Runner:
         spawn, as it would for any interpreter still starting."""
         if self._nursery is None or self.busy or self._housekeeping is not None:
             return
-        if not self._trash and not (self.prewarm_enabled and self.warm is None):
+        if not self._trash and not self._wants_warm:
             return
         self._hurry, self._housekeeping = trio.Event(), trio.Event()
         self._nursery.start_soon(self._keep_house, self._hurry, self._housekeeping)
@@ -303,7 +327,7 @@ class Runner:
         try:
             with trio.move_on_after(HOUSEKEEPING_DELAY):
                 await hurry.wait()
-            if self.prewarm_enabled and self.warm is None:
+            if self._wants_warm:
                 await self._spawn_warm()
         finally:
             self._hurry = self._housekeeping = None
@@ -311,6 +335,49 @@ class Runner:
         trash, self._trash = self._trash, []
         for path in trash:
             await trio.to_thread.run_sync(remove_tree, path)
+
+    @property
+    def _wants_warm(self) -> bool:
+        return self.prewarm_enabled and self.warm is None and not self.awaiting_reset
+
+    async def reset(self) -> None:
+        """Make this sidecar as good as a new one for the next run (``reset_between_runs``).
+
+        In order: finish the housekeeping of the last run, kill every process below the sidecar
+        and (with an exclusive uid) every process of the run uid, replace the working directory
+        with a fresh, empty one (new inode: no file, ACL or mode a run set survives), remove the
+        finished runs' temp dirs, and only then start the next pre-warmed interpreter (in the
+        background, right after the answer). A new
+        sidecar process would give the next run nothing more: its own interpreter, directory,
+        bubblewrap namespaces and temp dir are all fresh per run already.
+        Raises ``Conflict`` while a run is in progress.
+        """
+        if self.busy:
+            raise Conflict("An execution is running in this sidecar")
+        self.busy = True
+        try:
+            if self._housekeeping is not None:
+                self._hurry.set()  # type: ignore[union-attr]
+                await self._housekeeping.wait()
+            await self._discard_warm()
+            await trio.to_thread.run_sync(self._fresh_start)
+        finally:
+            self.busy = False
+        self.awaiting_reset = False
+        # The next interpreter starts in the background, after this answer: the caller frees its
+        # slot sooner, and a run that arrives first waits for it (``_take_warm``).
+        self.replenish()
+
+    def _fresh_start(self) -> None:
+        self._kill_all(final=True)  # no warm interpreter now: the uid sweep runs too
+        wd = self.cfg.working_dir
+        remove_tree(wd)
+        os.mkdir(wd, 0o700)
+        if self.identity.switching:
+            os.chown(wd, self.identity.uid, self.identity.gid)  # type: ignore[arg-type]
+        trash, self._trash = self._trash, []
+        for path in trash:
+            remove_tree(path)
 
     async def _take_warm(self) -> Warm | None:
         if self._housekeeping is not None:  # the next interpreter is about to be started: now
@@ -356,6 +423,7 @@ class Runner:
             self._write_source(code)
             before = files.snapshot(wd)
             steps = self.spec.steps(self._context(tmp))
+            oom_before = self._oom_kills()
             deadline = trio.current_time() + timeout
             # The disk watcher is owned by the runner's nursery and bound to this run by its
             # scope: the run cancels it when it ends, without waiting for it to wind down (a
@@ -372,6 +440,8 @@ class Runner:
             finally:
                 state.closed = True
                 disk.cancel()
+            if self.groups and self._oom_kills() > oom_before and state.reason is None:
+                state.reason = "oom"  # the run's control group went over its memory bound
             elapsed_ms = (time.perf_counter() - started) * 1000
             after = files.snapshot(wd)
             finished = True
@@ -387,6 +457,8 @@ class Runner:
                         await self._discard_warm()
                 if tmp is not None and (warm is None or warm.used):
                     self._trash.append(tmp)  # removed after the response (see replenish)
+                if self.cfg.reset_between_runs:
+                    self.awaiting_reset = True
                 if not finished:
                     log("execution_cancelled", request_id=request_id, language=self.spec.code,
                         reason="client_disconnected_or_cancelled",
@@ -431,6 +503,9 @@ class Runner:
             notes.append(f"Process stopped: file size limit exceeded ({self.cfg.max_file_size_mb} MB)")
         elif state.reason == "memory":
             notes.append(f"Memory limit exceeded ({self.cfg.max_memory_mb} MB)")
+        elif state.reason == "oom":
+            notes.append(f"Out of memory: the run's processes together used more than "
+                         f"{self.cfg.max_memory_mb} MB (MAX_MEMORY_MB), so the kernel stopped the run")
         elif state.reason == "pids":
             notes.append(f"Process limit reached ({self.cfg.max_pids} processes)")
         stderr = state.err.text()
@@ -551,9 +626,14 @@ class Runner:
                     with trio.move_on_after(2):
                         await (warm.exited.wait() if warm is not None else proc.wait())
                 self.tracked.discard(proc.pid)
+        # The status the interpreter reported is the run's status: killing what the program left
+        # behind (daemon threads still spinning while the interpreter exits, children) must never
+        # turn a reported 0 into the SIGTERM/SIGKILL the reaper then sees.
+        if reported is not None:
+            return reported
         if proc.returncode is not None:
             return proc.returncode
-        return reported if reported is not None else -signal.SIGKILL
+        return -signal.SIGKILL
 
     async def _pump(self, stream: trio.abc.ReceiveStream | None, cap: Capture, state: RunState) -> None:
         if stream is None:

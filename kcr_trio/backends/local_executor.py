@@ -1,4 +1,4 @@
-"""``LocalExecutor``: warm pools of local sidecar processes, one execution each.
+"""``LocalExecutor``: warm pools of local sidecar processes, each serving many runs one at a time.
 
 The embedded default executor. Each sandbox is a ``python -m sidecar`` process with its own working
 directory under ``<KCR_DATA_DIR>/sandboxes/`` and (when we run as root) its own uid, so concurrent
@@ -8,16 +8,26 @@ Start-up cannot race: the executor binds the listening socket itself and passes 
 (``--fd``); a request sent before the child runs simply waits in the kernel's accept backlog. The
 child prints one JSON line once it serves and its interpreter is pre-warmed.
 
+Why sidecars are reused: starting one costs a Python import of the sidecar (~0.4 s of CPU here),
+which capped the embedded default at ~5 exec/s. What makes a run's sandbox fresh is not the sidecar
+process (trusted code, never reachable by user code) but what the sidecar creates per run: new
+bubblewrap namespaces and mounts, a new interpreter, a new private temp dir. Between two runs the
+sidecar's ``POST /reset`` kills every process of the run (tree, then the uid sweep), replaces the
+working directory with a new empty one and only then starts the next interpreter, so the next run
+starts exactly as it would in a new sidecar.
+
 Lifecycle and cancellation:
 
 * ``open_local_executor(settings)`` owns a nursery with one replenisher task per language whose
-  pool target (``POD_POOL_<LANG>``) is above zero. Leaving it (also by cancellation) stops the
-  replenishers and then, shielded and bounded, kills every sidecar it ever started.
+  pool target (``POD_POOL_<LANG>``) is above zero, and every release task. Leaving it (also by
+  cancellation) stops the replenishers, lets the (shielded, bounded) releases end and then, shielded
+  and bounded, kills every sidecar it ever started.
 * ``sandbox(lang, wait=…)`` waits at most ``wait`` seconds for one of
-  ``MAX_CONCURRENT_EXECUTIONS`` slots (else ``errors.Busy``), takes a warm sidecar or starts one
-  cold, and on exit (also by cancellation) destroys it under a shielded scope with its own timeout:
-  SIGSTOP the sidecar, kill its whole process tree, SIGKILL it, sweep its uid, remove its directory.
-  The replenisher then starts a replacement in the background.
+  ``MAX_CONCURRENT_EXECUTIONS`` slots (else ``errors.Busy``) and takes a warm sidecar or starts one
+  cold. Leaving it (also by cancellation) returns at once: the release runs in the executor's
+  nursery, so the answer never waits for a teardown. The release resets the sidecar and returns it
+  to its pool, or destroys it (SIGSTOP, kill its whole process tree, SIGKILL, sweep its uid, remove
+  its directory); the slot counts as busy until the release ends.
 """
 
 from __future__ import annotations
@@ -37,6 +47,7 @@ import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -50,11 +61,19 @@ from sidecar.prewarm import remove_tree
 from kcr_trio.core.errors import Busy, Unavailable, unsupported_language
 from kcr_trio.core.languages import LANGUAGES
 from sidecar import proctree
+from sidecar import cgroups
+from sidecar.cgroups import Cgroups
+from sidecar.languages import Toolchain
+from sidecar.sandbox import EXTRA_PROCESSES
 from sidecar.limits import reachable_by
+from sidecar.toolchains import availability
 
 from .sidecar_client import SidecarSandbox
 
 log = logging.getLogger("kcr_trio.local_executor")
+# The release starts this long after the sandbox was handed back: the answer, already on its way
+# in the same event loop, goes out first instead of sharing the CPU with the release's HTTP call.
+RELEASE_DELAY = 0.005
 
 
 class LocalExecutorSettings(BaseSettings):
@@ -75,6 +94,13 @@ class LocalExecutorSettings(BaseSettings):
     # always visible.
     kcr_local_sandbox_ro_paths: str = ""
     kcr_local_bwrap: str = ""  # the bwrap executable (default: bwrap on the standard PATH)
+    # One sidecar serves many runs, one at a time, reset in between (see LocalExecutor._reset).
+    kcr_local_max_runs_per_sidecar: int = 1000
+    # A control group per sandbox slot bounds each run's memory (MAX_MEMORY_MB) and tasks (MAX_PIDS)
+    # as a whole (sidecar/cgroups.py); compile steps get their own group with this bound.
+    kcr_local_cgroups: bool = True
+    kcr_local_compile_memory_mb: int = 4096
+    kcr_local_reset_timeout: float = 10.0
 
 
 class SandboxUnavailable(RuntimeError):
@@ -153,6 +179,7 @@ class _Sidecar:
     port: int
     directory: Path
     uid: int | None
+    runs: int = 0
 
     @property
     def url(self) -> str:
@@ -185,6 +212,11 @@ class LocalExecutor:
         self._node_path = _node_path(local)
         self._package_parent = str(Path(proctree.__file__).resolve().parents[1])
         self.sandboxed = True  # set from decide_sandbox() before the replenishers start
+        # {language: why it cannot run here}, from sidecar.toolchains at start-up (blocking stats).
+        self.cgroups = Cgroups(None, "not detected")  # set by open_local_executor
+        self.missing: dict[str, str] = {
+            code: why for code, why in availability(Toolchain(local.kcr_local_python, self._node_path)).items()
+            if why}
 
     # --- Executor protocol ----------------------------------------------------------------
     @asynccontextmanager
@@ -194,6 +226,9 @@ class LocalExecutor:
             raise unsupported_language(language)
         if self._closing:
             raise Unavailable("The executor is shutting down")
+        missing = self.missing.get(lang)
+        if missing:
+            raise Unavailable(f"Language {lang!r} is not available on this server: {missing}")
         with trio.move_on_after(wait) as waited:
             await self._slots.acquire()
         if waited.cancelled_caught:
@@ -212,16 +247,78 @@ class LocalExecutor:
             self._wake[lang].set()
             if sidecar is None:
                 sidecar = await self._start(lang)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                if sidecar is not None:
+                    await self._destroy(sidecar)
+                self._free_slot()
+            raise
+        try:
             # The sidecar refuses timeouts above MAX_EXECUTION_TIME (422); callers never ask for more,
             # but a clamp keeps a rounding slip from becoming an error.
             yield SidecarSandbox(sidecar.url, client=self._http,
                                  timeout_cap=float(self.settings.max_execution_time))
         finally:
+            self._hand_back(sidecar)
+
+    def _hand_back(self, sidecar: _Sidecar) -> None:
+        """Leave the release to the executor's nursery: the caller answers now, the slot stays
+        counted busy until ``_release`` ends (capacity is never overstated)."""
+        try:
+            self._nursery.start_soon(self._release, sidecar)
+        except RuntimeError:  # the nursery is closed (shutdown): aclose() kills every sidecar
+            self._free_slot()
+
+    def _free_slot(self) -> None:
+        self.in_use -= 1
+        self._slots.release()
+
+    async def _release(self, sidecar: _Sidecar) -> None:
+        """Reset the sidecar for its next run, or destroy it; then free the slot. Shielded (a
+        shutdown must not leave a used sandbox in a pool) and bounded; never raises."""
+        try:
             with trio.CancelScope(shield=True):
-                if sidecar is not None:
+                await trio.sleep(RELEASE_DELAY)
+                if await self._reset(sidecar):
+                    sidecar.runs += 1
+                    self._pools[sidecar.language].append(sidecar)
+                else:
                     await self._destroy(sidecar)
-                self.in_use -= 1
-                self._slots.release()
+        finally:
+            self._free_slot()
+
+    def _keep(self, sidecar: _Sidecar) -> bool:
+        """Whether a used sidecar goes back to its pool (after a reset) rather than away.
+
+        Each language keeps at most ``max(target, capacity)`` idle sidecars, and all languages
+        together at most ``capacity`` beyond their targets, so a burst of rare languages cannot
+        pin memory; ``kcr_local_max_runs_per_sidecar`` bounds any slow leak in a sidecar."""
+        lang = sidecar.language
+        if self._closing or sidecar.process.returncode is not None:
+            return False
+        if sidecar.runs + 1 >= self.local.kcr_local_max_runs_per_sidecar:
+            return False
+        pool, target = self._pools[lang], self._targets[lang]
+        if len(pool) >= max(target, self.capacity):
+            return False
+        extra = sum(max(0, len(self._pools[c]) - self._targets[c]) for c in LANGUAGES)
+        return len(pool) < target or extra < self.capacity
+
+    async def _reset(self, sidecar: _Sidecar) -> bool:
+        """``POST /reset``: the sidecar kills everything of the last run, replaces its working
+        directory and starts a fresh interpreter (``sidecar.runner.Runner.reset``)."""
+        if not self._keep(sidecar):
+            return False
+        with trio.move_on_after(self.local.kcr_local_reset_timeout):
+            try:
+                resp = await self._http.post(f"{sidecar.url}/reset")
+            except httpx.HTTPError as exc:
+                log.warning("sidecar reset failed: %s", exc)
+                return False
+            if resp.status_code == 200:
+                return not self._closing
+            log.warning("sidecar reset answered %s", resp.status_code)
+        return False
 
     async def status(self) -> dict[str, Any]:
         await trio.lowlevel.checkpoint()
@@ -234,12 +331,20 @@ class LocalExecutor:
             "in_use": self.in_use,
             "capacity": self.capacity,
             "sandbox": "bwrap" if self.sandboxed else "none",
+            "memory_bound": self.cgroups.status(),
+            "languages": {code: ({"available": False, "reason": self.missing[code]} if code in self.missing
+                                 else {"available": True}) for code in LANGUAGES},
         }
 
     # --- pools ----------------------------------------------------------------------------
     def start_replenishers(self) -> None:
         for code, target in self._targets.items():
-            if target > 0:
+            if code in self.missing:
+                if target > 0:
+                    log.warning("language %s is not available (%s); its pool stays empty", code,
+                                self.missing[code])
+                self._filled.add(code)
+            elif target > 0:
                 self._nursery.start_soon(self._replenish, code, target)
 
     async def _replenish(self, lang: str, target: int) -> None:
@@ -302,7 +407,7 @@ class LocalExecutor:
             "--max-memory-mb", str(s.max_memory_mb), "--max-pids", str(s.max_pids),
             "--max-open-files", str(s.max_open_files), "--max-file-size-mb", str(s.max_file_size_mb),
             "--disk-quota-mb", str(max(self.local.kcr_local_disk_quota_mb, 2 * s.max_file_size_mb)),
-            "--prewarm", "true" if s.kcr_sidecar_prewarm else "false",
+            "--prewarm", "true" if s.kcr_sidecar_prewarm else "false", "--reset-between-runs", "true",
             "--python-preimports", s.kcr_python_preimports,
         ]
         if uid is not None:
@@ -318,7 +423,26 @@ class LocalExecutor:
             argv += ["--sandbox", "none"]
         if self.local.kcr_local_python:
             argv += ["--python", self.local.kcr_local_python]
+        groups = self._make_groups(directory)
+        if groups:
+            argv += ["--cgroup-version", str(self.cgroups.version), "--cgroup-run", groups[0],
+                     "--cgroup-compile", groups[1]]
         return argv
+
+    def _group_name(self, directory: Path) -> str:
+        return f"{cgroups.PREFIX}{os.getpid()}/{directory.name}"
+
+    def _make_groups(self, directory: Path) -> tuple[str, str] | None:
+        """This slot's control groups (the run's and its compile steps'), as comma-separated dirs."""
+        if self.cgroups.version is None:
+            return None
+        s = self.settings
+        name = self._group_name(directory)
+        run = self.cgroups.create(f"{name}/run", s.max_memory_mb, s.max_pids + EXTRA_PROCESSES)
+        build = self.cgroups.create(f"{name}/compile",
+                                    max(s.max_memory_mb, self.local.kcr_local_compile_memory_mb),
+                                    max(s.max_pids, 1024) + EXTRA_PROCESSES)
+        return ",".join(run.dirs), ",".join(build.dirs)
 
     async def _start(self, lang: str) -> _Sidecar:
         """Start one sidecar and wait until it announces itself; raises ``Unavailable``."""
@@ -368,6 +492,8 @@ class LocalExecutor:
                     await self._destroy(sidecar)
             elif not any(s.directory == directory for s in self._live):
                 shutil.rmtree(directory, ignore_errors=True)
+                if self.cgroups.version is not None:
+                    self.cgroups.remove(self._group_name(directory))
                 if uid is not None:
                     self._free_uids.append(uid)
 
@@ -379,6 +505,8 @@ class LocalExecutor:
                 with trio.move_on_after(5):
                     await sidecar.process.wait()
                 await trio.to_thread.run_sync(_remove_tree, sidecar.directory)
+                if self.cgroups.version is not None:
+                    await trio.to_thread.run_sync(self.cgroups.remove, self._group_name(sidecar.directory))
             self._live.discard(sidecar)
             if sidecar.uid is not None and sidecar.process.returncode is not None:
                 self._free_uids.append(sidecar.uid)
@@ -408,6 +536,8 @@ class LocalExecutor:
         async with trio.open_nursery() as nursery:
             for sidecar in live:
                 nursery.start_soon(self._destroy, sidecar)
+        if self.cgroups.version is not None:
+            self.cgroups.remove(f"{cgroups.PREFIX}{os.getpid()}")
         for fd in self._uid_locks.values():
             os.close(fd)
         self._uid_locks.clear()
@@ -430,6 +560,11 @@ async def open_local_executor(settings: Settings) -> AsyncIterator[LocalExecutor
         raise
     if sandbox_warning:
         log.warning("%s", sandbox_warning)
+    groups = await trio.to_thread.run_sync(partial(cgroups.detect, disabled=not local.kcr_local_cgroups))
+    if groups.version is None:
+        log.warning("no per-run memory bound: %s", groups.detail)
+    else:
+        await trio.to_thread.run_sync(cgroups.sweep_stale, groups)
     limits = httpx.Limits(max_connections=max(64, 4 * settings.max_concurrent_executions),
                           max_keepalive_connections=32, keepalive_expiry=5.0)
     async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(30.0, connect=5.0),
@@ -439,6 +574,9 @@ async def open_local_executor(settings: Settings) -> AsyncIterator[LocalExecutor
             async with trio.open_nursery() as nursery:
                 executor = LocalExecutor(settings, local, nursery, http)
                 executor.sandboxed = sandboxed
+                executor.cgroups = groups
+                if groups.version is None:
+                    executor.warnings.append(f"no per-run memory bound: {groups.detail}")
                 if sandbox_warning:
                     executor.warnings.append(sandbox_warning)
                 executor.start_replenishers()

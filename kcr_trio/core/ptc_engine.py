@@ -184,10 +184,10 @@ class PtcEngine:
                           session_id=state.session_id, files=_refs(state.files))
         session = await svc._choose_session(req)
         state.out_session_id = session.session_id
-        inputs = await svc._find_inputs(req, session)
+        notes: list[str] = []
+        inputs = await svc._find_inputs(req, session, notes)
         language = "py" if state.lang == "python" else "bash"
         async with svc.executor.sandbox(language, wait=svc.limits.acquire_timeout) as sandbox:
-            notes: list[str] = []
             await svc._send_inputs(sandbox, inputs, notes)
             body = {
                 "lang": state.lang, "code": state.code, "request_id": f"{state.execution_id}-{state.generation}",

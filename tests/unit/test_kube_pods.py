@@ -59,8 +59,16 @@ def test_status_reading():
     evicted = kube_pods.view(_pod({"phase": "Failed", "reason": "Evicted", "message": "low on memory"}))
     assert "evicted" in evicted.failure and "low on memory" in evicted.failure
     pull = kube_pods.view(_pod({"phase": "Pending", "containerStatuses": [
+        {"name": "main", "state": {"waiting": {"reason": "ErrImagePull", "message": 'failed to pull "x": not found'}}}]}))
+    assert "could not be pulled" in pull.failure and "ErrImagePull" in pull.failure
+    # A pull error the kubelet keeps retrying (registry hiccup) is a wait with a reason, not a failure.
+    retrying = kube_pods.view(_pod({"phase": "Pending", "containerStatuses": [
         {"name": "main", "state": {"waiting": {"reason": "ImagePullBackOff", "message": "Back-off"}}}]}))
-    assert "could not be pulled" in pull.failure and "ImagePullBackOff" in pull.failure
+    assert retrying.failure is None and not retrying.started and "ImagePullBackOff" in retrying.waiting
+    unschedulable = kube_pods.view(_pod({"phase": "Pending", "conditions": [
+        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "0/3 nodes: Insufficient cpu"}]}))
+    assert unschedulable.failure is None and "Insufficient cpu" in unschedulable.waiting
+    assert v.started and not unschedulable.started
     creating = kube_pods.view(_pod({"phase": "Pending", "containerStatuses": [
         {"name": "main", "state": {"waiting": {"reason": "ContainerCreating"}}}]}))
     assert creating.failure is None
@@ -102,3 +110,16 @@ def test_settings_per_language(monkeypatch):
 )
 def test_emulator_label_selectors(selector, labels, expected):
     assert parse_selector(selector)(labels) is expected
+
+
+def test_our_pods_have_a_read_only_root_with_writable_data_and_tmp():
+    c_ours = kube_pods.pod_manifest(kube_pods.PodTemplate(), name="n", language="py", image="i", resources={})
+    main = c_ours["spec"]["containers"][0]
+    assert main["securityContext"]["readOnlyRootFilesystem"] is True
+    mounts = {m["mountPath"]: m["name"] for m in main["volumeMounts"]}
+    assert mounts == {"/mnt/data": "data", "/tmp": "tmp"}
+    assert {v["name"] for v in c_ours["spec"]["volumes"] if "emptyDir" in v} == {"data", "tmp"}
+    # KubeCodeRun's runner images are not ours to change: their pods stay as they were.
+    runner = kube_pods.pod_manifest(kube_pods.PodTemplate(protocol="kcr-runner"), name="n", language="py",
+                                    image="i", resources={})["spec"]["containers"][0]
+    assert "readOnlyRootFilesystem" not in runner["securityContext"] and len(runner["volumeMounts"]) == 1
