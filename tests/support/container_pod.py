@@ -219,20 +219,28 @@ def main(argv: list[str]) -> int:
     host, _, port = o["--listen"].rpartition(":")
     name = o["--name"]
     run = [run[0], "--label", f"{LAUNCHER}={os.getpid()}", *run[1:]]  # for the reaper
+    stopping = threading.Event()
+    started_ok = threading.Event()
+
+    def stop() -> None:
+        subprocess.Popen([*PODMAN, "kill", "--signal", "TERM", name],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def on_term(signum: int, frame: object) -> None:
+        if not stopping.is_set():
+            stopping.set()
+            if started_ok.is_set():
+                stop()
+
+    signal.signal(signal.SIGTERM, on_term)  # before the start: a delete may come at any time
     started = subprocess.run([*PODMAN, *run], capture_output=True, text=True, check=False)
     if started.returncode != 0:
         print(f"podman run failed: {started.stderr.strip()}", file=sys.stderr, flush=True)
         subprocess.run([*PODMAN, "rm", "-f", "-t", "0", name], capture_output=True, check=False)
         return 128 if started.returncode > 127 else started.returncode or 1
-    stopping = threading.Event()
-
-    def on_term(signum: int, frame: object) -> None:
-        if not stopping.is_set():
-            stopping.set()
-            subprocess.Popen([*PODMAN, "kill", "--signal", "TERM", name],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    signal.signal(signal.SIGTERM, on_term)
+    started_ok.set()
+    if stopping.is_set():
+        stop()
     forwarder = None
     try:
         forwarder = NetnsForwarder(container_pid(name), int(o["--target-port"]), host, int(port))
