@@ -171,6 +171,7 @@ class ContainerPods:
 
     def __init__(self, reap_interval: float = 0.5) -> None:
         self.instance = secrets.token_hex(4)
+        self.leaked: list[str] = []
         self._stop = threading.Event()
         self._reaper = threading.Thread(target=self._reap, args=(reap_interval,), daemon=True,
                                         name="container-pod-reaper")
@@ -178,12 +179,23 @@ class ContainerPods:
 
     def _reap(self, interval: float) -> None:
         while not self._stop.wait(interval):
-            listing = podman("ps", "-a", "--filter", f"label={LABEL}={self.instance}", "--format",
-                             f'{{{{.Names}}}} {{{{index .Labels "{LAUNCHER}"}}}}', check=False).stdout
-            orphans = [name for name, _, pid in (line.partition(" ") for line in listing.splitlines())
-                       if pid.strip().isdigit() and not _alive(int(pid))]
-            if orphans:
-                podman("rm", "-f", "-t", "0", *orphans, check=False)
+            self.leaked += self._reap_once()
+
+    def _reap_once(self) -> list[str]:
+        """Remove our containers whose launcher is gone; returns those whose main process was
+        still alive then (a container that outlived its pod)."""
+        listing = podman("ps", "-a", "--filter", f"label={LABEL}={self.instance}", "--format",
+                         f'{{{{.Names}}}} {{{{index .Labels "{LAUNCHER}"}}}}', check=False).stdout
+        orphans = [name for name, _, pid in (line.partition(" ") for line in listing.splitlines())
+                   if pid.strip().isdigit() and not _alive(int(pid))]
+        leaked = []
+        for name in orphans:
+            pid = podman("inspect", "-f", "{{.State.Pid}}", name, check=False).stdout.strip()
+            if pid.isdigit() and int(pid) > 0 and _alive(int(pid)):
+                leaked.append(name)
+        if orphans:
+            podman("rm", "-f", "-t", "0", *orphans, check=False)
+        return leaked
 
     def container_name(self, namespace: str, pod_name: str) -> str:
         return f"kcr-emu-{self.instance}-{namespace}-{pod_name}"
@@ -201,14 +213,17 @@ class ContainerPods:
                 "--name", name, "--", *argv]
 
     def cleanup(self) -> list[str]:
-        """Stop the reaper and remove every container this instance created (after the emulator
-        closed, there should be none); returns the names found."""
+        """Stop the reaper and remove every container this instance created. Returns the ones
+        that outlived their pod: still running although their launcher (the pod's process) was
+        gone, or, after the emulator closed, still running at all. Stale entries of containers
+        whose processes died with their pod are only removed."""
         self._stop.set()
         self._reaper.join(timeout=30)
+        leaked = self.leaked + self._reap_once()
         found = podman("ps", "-a", "--filter", f"label={LABEL}={self.instance}", "--format", "{{.Names}}").stdout.split()
         if found:
             podman("rm", "-f", "-t", "0", *found, check=False)
-        return found
+        return leaked + found
 
 
 def main(argv: list[str]) -> int:
