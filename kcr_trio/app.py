@@ -64,6 +64,31 @@ def ensure_keys(settings: Settings) -> tuple[str, ...]:
     return (key,)
 
 
+def build_authenticator(settings: Settings) -> Authenticator:
+    """API keys, LibreChat JWTs or both (``KCR_AUTH_PROVIDER``); a bad JWT setup stops start-up."""
+    from kcr_trio.api.jwt_auth import JwtVerifier
+
+    mode = settings.auth_provider
+    verifier = None
+    if mode in ("librechat-jwt", "both"):
+        verifier = JwtVerifier(
+            public_key_file=settings.kcr_jwt_public_key_file,
+            jwks_file=settings.kcr_jwt_jwks_file,
+            audience=settings.kcr_jwt_audience,
+            issuer=settings.kcr_jwt_issuer,
+            algorithms=[a.strip() for a in settings.kcr_jwt_algorithms.split(",") if a.strip()],
+            max_lifetime=settings.kcr_jwt_max_lifetime,
+            leeway=settings.kcr_jwt_leeway,
+        )
+    return Authenticator(
+        ensure_keys(settings) if mode != "librechat-jwt" else (),
+        settings.auth_trusted_networks,
+        exempt=() if settings.kcr_metrics_auth else ("/metrics",),
+        jwt=verifier,
+        accept_keys=mode != "librechat-jwt",
+    )
+
+
 @asynccontextmanager
 async def open_services(settings: Settings, *, executor: Any = None) -> AsyncIterator[Services]:
     """Open every backend the settings select; ``executor`` overrides the executor (tests)."""
@@ -120,11 +145,7 @@ async def open_services(settings: Settings, *, executor: Any = None) -> AsyncIte
             files=files,
             executor=executor,
             exec_service=ExecService(sessions, files, executor, exec_limits(settings)),
-            auth=Authenticator(
-                ensure_keys(settings),
-                settings.auth_trusted_networks,
-                exempt=() if settings.kcr_metrics_auth else ("/metrics",),
-            ),
+            auth=build_authenticator(settings),
             spool_dir=spool_dir,
             warnings=warnings,
             metrics=Metrics() if settings.kcr_metrics else None,

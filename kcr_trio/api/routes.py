@@ -38,6 +38,7 @@ from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .models import ExecBody, validation_details
 from .openapi import docs_page, openapi_document
+from .principal import TRUSTED
 from .ratelimit import RateLimited, RateLimiter
 from .scope import current
 from .uploads import ParsedForm, parse_multipart, spooled_chunks
@@ -158,13 +159,13 @@ def create_app(svc: Services) -> QuartTrio:
     async def authenticate(key: str | None) -> None:
         """Check the key; count wrong keys per IP and requests per key (``api.ratelimit``)."""
         try:
-            svc.auth.check(key)
+            g.principal = principal = svc.auth.check(key)
         except Unauthorized:
             if limiter is not None and key:
                 await limiter.auth_failed((request.scope.get("client") or (None,))[0])
             raise
         if limiter is not None and limiter.limits:
-            g.quotas = await limiter.check_key(key or "")
+            g.quotas = await limiter.check_key(principal.id)  # a JWT principal outlives its tokens
 
     @app.before_request
     async def _content_type_and_auth() -> None:
@@ -180,6 +181,7 @@ def create_app(svc: Services) -> QuartTrio:
             return
         peer = (request.scope.get("client") or (None,))[0]
         if svc.auth.is_trusted(peer):
+            g.principal = TRUSTED
             return
         if limiter is not None:
             limiter.check_blocked(peer)  # 429 before any key is compared
