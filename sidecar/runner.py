@@ -34,7 +34,7 @@ import trio
 
 from . import files, proctree
 from .config import Config
-from .languages import Context, LanguageSpec, SOURCE_FILES, Step, Toolchain, prewarm_step
+from .languages import Context, LanguageSpec, SOURCE_FILES, Step, Toolchain, prewarm_step, with_args
 from .limits import MB, Identity, Limits, SpawnSpec, base_env, cpu_limit_for, spawn_user
 from .prewarm import Warm, make_private_tmp, remove_tree
 from .sandbox import EXTRA_PROCESSES, Sandbox, exit_signal, not_exiting, payload_pid
@@ -332,8 +332,13 @@ class Runner:
         return warm
 
     # --- execution -------------------------------------------------------------------------
-    async def execute(self, code: str, timeout: float, request_id: str) -> dict[str, Any]:
-        """Run ``code`` once. Raises ``Conflict`` if busy, ``OSError`` if the run cannot be set up."""
+    async def execute(self, code: str, timeout: float, request_id: str,
+                      args: list[str] | None = None) -> dict[str, Any]:
+        """Run ``code`` once. Raises ``Conflict`` if busy, ``OSError`` if the run cannot be set up.
+
+        ``args`` become the program's argv; a pre-warmed process was started before they were
+        known, so a run with args is a cold run (``languages.with_args``).
+        """
         if self.busy:
             raise Conflict("An execution is already running in this sidecar")
         self.busy = True
@@ -349,13 +354,13 @@ class Runner:
         started = time.perf_counter()
         exit_code = 0
         try:
-            warm = await self._take_warm() if self.prewarm_enabled else None
+            warm = await self._take_warm() if self.prewarm_enabled and not args else None
             tmp = warm.tmp if warm else make_private_tmp(self.cfg.tmp_root, self.identity)
             state = RunState(Capture(cap, cap * self.cfg.output_kill_factor),
                              Capture(cap, cap * self.cfg.output_kill_factor), tmp)
             self._write_source(code)
             before = files.snapshot(wd)
-            steps = self.spec.steps(self._context(tmp))
+            steps = with_args(self.spec.steps(self._context(tmp)), args or [])
             deadline = trio.current_time() + timeout
             # The disk watcher is owned by the runner's nursery and bound to this run by its
             # scope: the run cancels it when it ends, without waiting for it to wind down (a

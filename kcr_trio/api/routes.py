@@ -34,6 +34,7 @@ from kcr_trio.core.names import content_disposition, guess_content_type, sanitiz
 
 from .auth import Authenticator
 from .errors import dumps, error_body
+from .exec_fields import parse_args, parse_timeout_ms
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .models import ExecBody, validation_details
@@ -227,6 +228,8 @@ def create_app(svc: Services) -> QuartTrio:
             entity_id=body.entity_id,
             user_id=body.user_id,
             files=[FileRef(f.id, f.session_id, f.name) for f in body.files],
+            args=parse_args(body.args),
+            timeout=parse_timeout_ms(body.timeout),
         )
         return await _respond_exec(req)
 

@@ -8,7 +8,7 @@ what the core's lifecycle tests need.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -24,13 +24,15 @@ class MemorySandbox:
     def __init__(self, program: Program) -> None:
         self.program = program
         self.files: dict[str, bytes] = {}
+        self.args: list[str] = []
         self._before: dict[str, bytes] = {}
         self.ran = False
 
     async def put_file(self, name: str, chunks: AsyncIterable[bytes]) -> None:
         self.files[name] = b"".join([chunk async for chunk in chunks])
 
-    async def run(self, code: str, *, timeout: float, request_id: str) -> RunResult:
+    async def run(self, code: str, *, timeout: float, request_id: str, args: Sequence[str] = ()) -> RunResult:
+        self.args = list(args)
         self._before = dict(self.files)
         self.ran = True
         with trio.move_on_after(timeout) as scope:

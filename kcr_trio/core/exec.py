@@ -20,6 +20,7 @@ a real status. Program failures are results (HTTP 200, text in ``stderr``), as L
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -67,6 +68,8 @@ class ExecRequest:
     entity_id: str | None = None
     user_id: str | None = None
     files: list[FileRef] = field(default_factory=list)
+    args: list[str] = field(default_factory=list)  # [args] the program's argv (contract §4.3)
+    timeout: float | None = None  # seconds asked for this run; capped at MAX_EXECUTION_TIME
 
 
 @dataclass(slots=True)
@@ -200,15 +203,18 @@ class ExecService:
                     float(limits.max_execution_time),
                     max(1.0, deadline - trio.current_time() - limits.overhead / 2),
                 )
+                if req.timeout is not None:
+                    run_timeout = min(run_timeout, req.timeout)
                 with phases.phase("execute"):
-                    result = await sandbox.run(req.code, timeout=run_timeout, request_id=req.request_id)
+                    result = await sandbox.run(req.code, timeout=run_timeout, request_id=req.request_id,
+                                               args=req.args)
 
                 # 4. Outputs: sandbox → store, then metadata.
                 with phases.phase("collect"):
                     files = await self._collect_outputs(sandbox, result, state.session_id, notes)
 
         stdout, stderr = output.shape_output(
-            result, limit=limits.max_output_chars, timeout=limits.max_execution_time
+            result, limit=limits.max_output_chars, timeout=min(limits.max_execution_time, req.timeout or math.inf)
         )
         if notes:
             stderr = "\n".join([stderr, *notes]).strip()

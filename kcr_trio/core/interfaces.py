@@ -17,7 +17,7 @@ Cancellation contract, shared by all implementations:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol, runtime_checkable
 
@@ -85,8 +85,11 @@ class Sandbox(Protocol):
     async def put_file(self, name: str, chunks: AsyncIterable[bytes]) -> None:
         """Place an input file in the working directory under ``name`` (a sanitised basename)."""
 
-    async def run(self, code: str, *, timeout: float, request_id: str) -> RunResult:
+    async def run(self, code: str, *, timeout: float, request_id: str, args: Sequence[str] = ()) -> RunResult:
         """Run ``code``. Cancelling this call kills the program's whole process tree.
+
+        ``args`` (contract §4.3) are the program's command-line arguments (``sys.argv[1:]``,
+        ``process.argv.slice(2)``, ``$1``...), passed as argv, never through a shell.
 
         Program failures (non-zero exit, timeout, limits hit) are results, not exceptions; only a
         broken sandbox raises (``errors.Unavailable``).
