@@ -41,10 +41,16 @@ class ErrorDetail(_Out):
 
 
 class Error(_Out):
-    """Shape A (middleware errors: 401, 415, 429) or shape B (everything else)."""
+    """Shape A (middleware errors: 401, 415), shape B (most others), or a coded body whose ``error``
+    is a machine code (429 ``rate_limited``, 409 ``execution_profile_mismatch``, 400
+    ``invalid_execution_profile``) with a readable ``message``."""
 
     error: str
     timestamp: float
+    message: str | None = None
+    retry_after_seconds: int | None = None
+    expected_profile: str | None = None
+    actual_profile: str | None = None
     error_type: str | None = None
     details: list[ErrorDetail] | None = None
     request_id: str | None = None
@@ -189,7 +195,8 @@ def _errors(*statuses: int) -> dict[str, Any]:
         413: "Body, code or file too large",
         415: "Unsupported content type",
         422: "Request validation failed",
-        429: "Rate limited (shape A, with Retry-After and X-RateLimit-* headers)",
+        429: "Rate limited: {error: rate_limited, message, retry_after_seconds}, with Retry-After and "
+             "X-RateLimit-* headers",
         503: "No execution capacity or a dependency unavailable (Retry-After when busy)",
         504: "The handler's deadline (KCR_REQUEST_TIMEOUT) passed",
     }
@@ -333,6 +340,10 @@ def _component_schemas() -> dict[str, Any]:
                                   "description": "Language code, case-insensitive"}
     body["properties"]["code"] = {"type": "string", "pattern": r"\S",
                                   "description": "Program text; at most KCR_MAX_CODE_BYTES bytes"}
+    body["properties"]["args"] = {"type": "array", "items": {"type": "string"}, "maxItems": 256,
+                                  "description": "The program's command-line arguments (argv)"}
+    body["properties"]["timeout"] = {"type": "number", "exclusiveMinimum": 0,
+                                     "description": "Milliseconds for this run, capped at MAX_EXECUTION_TIME"}
     return schemas
 
 
