@@ -64,6 +64,22 @@ def ensure_keys(settings: Settings) -> tuple[str, ...]:
     return (key,)
 
 
+def runtime_store(settings: Settings, sessions: Any, files: Any) -> Any:
+    """The stateful profile's workspaces, when ``KCR_EXECUTION_PROFILES`` serves it."""
+    from kcr_trio.api.profiles import served_profiles
+    from kcr_trio.core.runtime import RuntimeLimits, RuntimeStore
+
+    if "stateful" not in served_profiles(settings):
+        return None
+    return RuntimeStore(sessions, files, RuntimeLimits(
+        ttl_seconds=settings.kcr_runtime_session_ttl_hours * 3600,
+        max_bytes=settings.kcr_runtime_session_max_mb * 1024 * 1024,
+        max_files=settings.kcr_runtime_session_max_files,
+        lock_wait=settings.kcr_runtime_session_lock_wait,
+        lock_ttl=settings.max_execution_time + settings.kcr_exec_overhead + 10.0,
+    ))
+
+
 def build_authenticator(settings: Settings) -> Authenticator:
     """API keys, LibreChat JWTs or both (``KCR_AUTH_PROVIDER``); a bad JWT setup stops start-up."""
     from kcr_trio.api.jwt_auth import JwtVerifier
@@ -144,7 +160,8 @@ async def open_services(settings: Settings, *, executor: Any = None) -> AsyncIte
             sessions=sessions,
             files=files,
             executor=executor,
-            exec_service=ExecService(sessions, files, executor, exec_limits(settings)),
+            exec_service=ExecService(sessions, files, executor, exec_limits(settings),
+                                     runtime=runtime_store(settings, sessions, files)),
             auth=build_authenticator(settings),
             spool_dir=spool_dir,
             warnings=warnings,

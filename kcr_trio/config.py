@@ -55,6 +55,15 @@ class Settings(BaseSettings):
     kcr_jwt_max_lifetime: int = Field(300, ge=1, le=86400)  # exp - iat, seconds
     kcr_jwt_leeway: float = Field(5.0, ge=0.0, le=60.0)  # clock skew allowed on exp/iat/nbf
 
+    # --- execution profiles (api/profiles.py, core/runtime.py) --------------------------------
+    # "default" (stateless), "stateful" (durable /mnt/data per runtime session), or both; the first
+    # is what requests without X-CodeAPI-Expected-Profile get.
+    kcr_execution_profiles: str = "default"
+    kcr_runtime_session_ttl_hours: float = Field(24.0, gt=0.0, le=8760.0)  # after the last call
+    kcr_runtime_session_max_mb: int = Field(100, ge=1, le=100_000)  # workspace bytes
+    kcr_runtime_session_max_files: int = Field(200, ge=1, le=100_000)
+    kcr_runtime_session_lock_wait: float = Field(60.0, ge=0.0)  # wait for a concurrent call, then 409
+
     # --- limits (KubeCodeRun names and ranges) ------------------------------------------------
     max_execution_time: int = Field(30, ge=1, le=600)
     max_file_size_mb: int = Field(10, ge=1, le=500)

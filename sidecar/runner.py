@@ -457,6 +457,8 @@ class Runner:
             "stderr_truncated": state.err.truncated,
             "killed": state.reason,
             "generated": generated,
+            # [deleted_files] top-level files the run removed (the API reports removed inputs).
+            "removed": sorted(set(before) - set(after) - exclude),
             "request_id": request_id,
         }
 

@@ -340,10 +340,17 @@ def _component_schemas() -> dict[str, Any]:
                                   "description": "Language code, case-insensitive"}
     body["properties"]["code"] = {"type": "string", "pattern": r"\S",
                                   "description": "Program text; at most KCR_MAX_CODE_BYTES bytes"}
-    body["properties"]["args"] = {"type": "array", "items": {"type": "string"}, "maxItems": 256,
-                                  "description": "The program's command-line arguments (argv)"}
-    body["properties"]["timeout"] = {"type": "number", "exclusiveMinimum": 0,
-                                     "description": "Milliseconds for this run, capped at MAX_EXECUTION_TIME"}
+    body["properties"]["args"] = {
+        "anyOf": [{"type": "array", "items": {"type": "string", "pattern": "^[^\\x00]*$"}, "maxItems": 256},
+                  {"type": "null"}],
+        "description": "The program's command-line arguments (argv); at most 64 KiB in total"}
+    body["properties"]["timeout"] = {
+        "anyOf": [{"type": "number", "exclusiveMinimum": 0}, {"type": "null"}],
+        "description": "Milliseconds for this run, capped at MAX_EXECUTION_TIME"}
+    body["properties"]["runtime_session_hint"] = {
+        "anyOf": [{"type": "string"}, {"type": "null"}],
+        "description": "Stateful profile only: names the runtime session; there it must match "
+                       "^[A-Za-z0-9._:-]{1,128}$ (400 otherwise). Ignored, unchecked, in the default profile"}
     return schemas
 
 

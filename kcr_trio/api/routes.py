@@ -40,6 +40,8 @@ from .metrics import Metrics
 from .models import ExecBody, validation_details
 from .openapi import docs_page, openapi_document
 from .principal import TRUSTED
+from .profiles import install as install_profiles
+from .profiles import runtime_session_for
 from .ratelimit import RateLimited, RateLimiter
 from .scope import current
 from .uploads import ParsedForm, parse_multipart, spooled_chunks
@@ -194,6 +196,8 @@ def create_app(svc: Services) -> QuartTrio:
         else:
             await authenticate(None)
 
+    install_profiles(app, settings)  # X-CodeAPI-Expected-Profile: checked after authentication
+
     @app.after_request
     async def _headers(response: Response) -> Response:
         for name, value in SECURITY_HEADERS.items():
@@ -230,6 +234,7 @@ def create_app(svc: Services) -> QuartTrio:
             files=[FileRef(f.id, f.session_id, f.name) for f in body.files],
             args=parse_args(body.args),
             timeout=parse_timeout_ms(body.timeout),
+            runtime_session_id=runtime_session_for(body.runtime_session_hint),
         )
         return await _respond_exec(req)
 

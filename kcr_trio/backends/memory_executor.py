@@ -36,9 +36,12 @@ class MemorySandbox:
         self._before = dict(self.files)
         self.ran = True
         with trio.move_on_after(timeout) as scope:
-            return await self.program(code, self.files)
-        assert scope.cancelled_caught
-        return RunResult(exit_code=124, stdout="", stderr="", timed_out=True)
+            result = await self.program(code, self.files)
+        if scope.cancelled_caught:
+            result = RunResult(exit_code=124, stdout="", stderr="", timed_out=True)
+        if result.removed is None:
+            result.removed = sorted(set(self._before) - set(self.files))
+        return result
 
     async def generated_files(self) -> list[GeneratedFile]:
         await trio.lowlevel.checkpoint()

@@ -149,6 +149,7 @@ class SidecarSandbox:
             if isinstance(generated, list) else None
         )
         duration = data.get("execution_time_ms")
+        removed = data.get("removed")  # our sidecar only; KubeCodeRun's runners cannot tell
         return RunResult(
             exit_code=exit_code,
             stdout=_text(data.get("stdout")),
@@ -156,6 +157,7 @@ class SidecarSandbox:
             timed_out=timed_out,
             duration_ms=float(duration) if isinstance(duration, (int, float)) else elapsed * 1000,
             generated=list(self._generated) if self._generated is not None else None,
+            removed=[n for n in removed if isinstance(n, str)] if isinstance(removed, list) else None,
         )
 
     # --- files out ------------------------------------------------------------------------

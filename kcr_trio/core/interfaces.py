@@ -53,6 +53,13 @@ class SessionStore(Protocol):
     async def ping(self) -> dict[str, Any]:
         """Raise ``Unavailable`` if the store cannot serve; else a small status dict."""
 
+    async def try_lock(self, key: str, owner: str, ttl_seconds: float) -> bool:
+        """Take the lock ``key`` for ``owner`` unless someone holds it; it lapses after the TTL
+        (so a replica that dies holding it blocks nobody for longer). Shared by all replicas."""
+
+    async def unlock(self, key: str, owner: str) -> None:
+        """Release ``key`` if ``owner`` still holds it (never someone else's later lock)."""
+
 
 @runtime_checkable
 class FileStore(Protocol):
