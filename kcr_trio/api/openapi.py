@@ -64,9 +64,18 @@ class ExecFile(_Out):
     storage_session_id: str | None = None
 
 
+class ArtifactDelivery(_Out):
+    code: Literal["artifact_delivery_failed"]
+    status: Literal["partial", "failed"]
+    attempted: int
+    delivered: int
+    failed: int
+
+
 class ExecResponse(_Out):
     """Program failures and timeouts are 200s too, with the text in ``stderr``. A slow run's body
-    starts with spaces (heartbeat, ``keepalive.md``): still valid JSON."""
+    starts with spaces (heartbeat, ``keepalive.md``): still valid JSON. ``deleted_files``,
+    ``artifact_delivery`` and the runtime session fields appear only when they say something."""
 
     session_id: str
     files: list[ExecFile]
@@ -75,6 +84,10 @@ class ExecResponse(_Out):
     has_state: bool
     state_size: int | None = None
     state_hash: str | None = None
+    deleted_files: list[str] | None = None
+    artifact_delivery: ArtifactDelivery | None = None
+    runtime_session_id: str | None = None
+    runtime_status: Literal["new", "reused"] | None = None
 
 
 class UploadedFile(_Out):
@@ -192,6 +205,8 @@ def _errors(*statuses: int) -> dict[str, Any]:
         404: "Not found",
         405: "Method not allowed",
         408: "The request body did not arrive within KCR_BODY_TIMEOUT",
+        409: "X-CodeAPI-Expected-Profile names a profile this deployment does not serve "
+             "(execution_profile_mismatch), or the runtime session stayed busy",
         413: "Body, code or file too large",
         415: "Unsupported content type",
         422: "Request validation failed",
@@ -232,7 +247,7 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         "security": AUTH,
         "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("ExecBody")}}},
         "responses": {"200": _json(_ref("ExecResponse"), "The run's result"),
-                      **_errors(400, *AUTHED, 408, 413, 415, 422, 503)},
+                      **_errors(400, *AUTHED, 408, 409, 413, 415, 422, 503)},
     },
     ("post", "/upload"): {
         "summary": "Upload input file(s)",
@@ -243,7 +258,13 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
                               "session_id": "$response.body#/session_id",
                               "file_id": "$response.body#/files/0/fileId"}},
                           "list": {"operationId": "get_list_files", "parameters": {
-                              "session_id": "$response.body#/session_id"}}}},
+                              "session_id": "$response.body#/session_id"}},
+                          "freshness": {"operationId": "get_freshness", "parameters": {
+                              "session_id": "$response.body#/session_id",
+                              "file_id": "$response.body#/files/0/fileId"}},
+                          "delete": {"operationId": "delete_delete_file", "parameters": {
+                              "session_id": "$response.body#/session_id",
+                              "file_id": "$response.body#/files/0/fileId"}}}},
                       **_errors(400, *AUTHED, 408, 413, 415, 422, 503, 504)},
     },
     ("post", "/upload/batch"): {
