@@ -35,7 +35,8 @@ def served_profiles(settings: Settings) -> tuple[str, ...]:
     names = [p.strip().lower() for p in settings.kcr_execution_profiles.split(",") if p.strip()]
     bad = [p for p in names if p not in KNOWN]
     if bad or not names:
-        raise ValueError(f"KCR_EXECUTION_PROFILES must list default and/or stateful, got {settings.kcr_execution_profiles!r}")
+        raise ValueError("KCR_EXECUTION_PROFILES must list default and/or stateful, "
+                         f"got {settings.kcr_execution_profiles!r}")
     return tuple(dict.fromkeys(names))
 
 
@@ -59,13 +60,13 @@ def install(app: Any, settings: Settings) -> None:
     """Register the profile check (after authentication) and the response header."""
     served = served_profiles(settings)
 
-    @app.before_request
+    @app.before_request  # type: ignore[untyped-decorator]
     async def _check_profile() -> None:
         g.execution_profile = served[0]
         if request.method == "POST" and (request.path == "/exec" or request.path.startswith("/exec/")):
             g.execution_profile = resolve(request.headers.get(EXPECTED_HEADER), served)
 
-    @app.after_request
+    @app.after_request  # type: ignore[untyped-decorator]
     async def _profile_header(response: Response) -> Response:
         response.headers[ACTUAL_HEADER] = g.get("execution_profile", served[0])
         return response

@@ -123,24 +123,24 @@ def test_stateful_runtime_session_split_across_two_replicas(tmp_path: Path) -> N
 
     pem = write_pem(KEY, tmp_path)
     with running_redis() as redis, running_s3() as s3:
-        env = {**BASE_ENV, **redis.env(prefix="lc:"), **s3.env(bucket="librechat"), "KCR_SESSION_STORE": "redis",
-               "KCR_FILE_STORE": "s3", "KCR_JWT_PUBLIC_KEY_FILE": str(pem), "KCR_EXECUTION_PROFILES": "default,stateful"}
+        env = {**BASE_ENV, **redis.env(prefix="lc:"), **s3.env(bucket="librechat"),
+               "KCR_SESSION_STORE": "redis", "KCR_FILE_STORE": "s3", "KCR_JWT_PUBLIC_KEY_FILE": str(pem),
+               "KCR_EXECUTION_PROFILES": "default,stateful"}
         with server_process(env) as a, server_process(env) as b:
             check_stateful(stateful_session([a.url, b.url], tmp_path, "v2:conversation:" + "b" * 32))
 
 
 def test_artifact_delivery_and_new_file_refs(jwt_server: ServerProcess, tmp_path: Path) -> None:
     url = jwt_server.url
-    uploads = {}
+    files = []
     for name, kind in (("agent.txt", "agent"), ("user.txt", "user"), ("SKILL.md", "skill")):
         r = httpx.post(url + "/upload", files={"file": (name, f"{kind} file".encode())}, headers=jwt_headers(),
                        timeout=30)
         assert r.status_code == 200, r.text
-        uploads[name] = r.json()
-    files = [{"id": up["files"][0]["fileId"], "resource_id": f"res_{n}", "name": n,
-              "storage_session_id": up["storage_session_id"], "kind": kind, **({"version": 2} if kind == "skill" else {})}
-             for (n, kind), up in zip((("agent.txt", "agent"), ("user.txt", "user"), ("SKILL.md", "skill")),
-                                      uploads.values())]
+        up = r.json()
+        files.append({"id": up["files"][0]["fileId"], "resource_id": f"res_{name}", "name": name,
+                      "storage_session_id": up["storage_session_id"], "kind": kind,
+                      **({"version": 2} if kind == "skill" else {})})
     results = run_tools(tmp_path, [
         # MAX_OUTPUT_FILES=2: three files written, one cannot be delivered.
         step(url, "execute_code", {"lang": "py", "code": "for n in 'xyz':\n    open(f'{n}.txt', 'w').write(n)"}),
