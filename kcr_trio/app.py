@@ -308,9 +308,11 @@ def serve_main(argv: list[str]) -> int:
 def _startup_refusal(exc: BaseException) -> str | None:
     """The message of a deliberate start-up refusal (e.g. no working sandbox), if that is what
     ``exc`` is or holds; such a refusal deserves one clear line, not a traceback."""
+    from kcr_trio.api.jwt_auth import JwtConfigError
+    from kcr_trio.api.profiles import ProfileConfigError
     from kcr_trio.backends.local_executor import SandboxUnavailable
 
-    if isinstance(exc, SandboxUnavailable):
+    if isinstance(exc, (SandboxUnavailable, JwtConfigError, ProfileConfigError)):
         return str(exc)
     if isinstance(exc, BaseExceptionGroup):
         for inner in exc.exceptions:
@@ -337,7 +339,13 @@ def check_main(argv: list[str]) -> int:
                     report[name] = {"error": str(exc)}
         return report
 
-    report = trio.run(probe)
+    try:
+        report = trio.run(probe)
+    except BaseException as exc:
+        refusal = _startup_refusal(exc)
+        if refusal is None:
+            raise
+        report = {"ok": False, "config": {"error": refusal}}
     json.dump(report, sys.stdout, indent=2, default=str)
     print()
     return 0 if report["ok"] else 1

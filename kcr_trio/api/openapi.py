@@ -258,13 +258,7 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
                               "session_id": "$response.body#/session_id",
                               "file_id": "$response.body#/files/0/fileId"}},
                           "list": {"operationId": "get_list_files", "parameters": {
-                              "session_id": "$response.body#/session_id"}},
-                          "freshness": {"operationId": "get_freshness", "parameters": {
-                              "session_id": "$response.body#/session_id",
-                              "file_id": "$response.body#/files/0/fileId"}},
-                          "delete": {"operationId": "delete_delete_file", "parameters": {
-                              "session_id": "$response.body#/session_id",
-                              "file_id": "$response.body#/files/0/fileId"}}}},
+                              "session_id": "$response.body#/session_id"}}}},
                       **_errors(400, *AUTHED, 408, 413, 415, 422, 503, 504)},
     },
     ("post", "/upload/batch"): {

@@ -31,11 +31,15 @@ ACTUAL_HEADER = "X-CodeAPI-Execution-Profile"
 KNOWN = ("default", "stateful")
 
 
+class ProfileConfigError(ValueError):
+    """``KCR_EXECUTION_PROFILES`` names no profile or an unknown one (start-up refuses)."""
+
+
 def served_profiles(settings: Settings) -> tuple[str, ...]:
     names = [p.strip().lower() for p in settings.kcr_execution_profiles.split(",") if p.strip()]
     bad = [p for p in names if p not in KNOWN]
     if bad or not names:
-        raise ValueError("KCR_EXECUTION_PROFILES must list default and/or stateful, "
+        raise ProfileConfigError("KCR_EXECUTION_PROFILES must list default and/or stateful, "
                          f"got {settings.kcr_execution_profiles!r}")
     return tuple(dict.fromkeys(names))
 

@@ -93,3 +93,25 @@ def test_jwt_mode_without_a_key_does_not_start(tmp_path: Path) -> None:
     bad.write_text("not a key")
     with pytest.raises(JwtConfigError, match="cannot load"):
         build_authenticator(make_settings(tmp_path, kcr_jwt_public_key_file=bad))
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"KCR_AUTH_PROVIDER": "librechat-jwt"}, "JWT auth needs KCR_JWT_PUBLIC_KEY_FILE or KCR_JWT_JWKS_FILE"),
+        ({"KCR_EXECUTION_PROFILES": "fast"}, "KCR_EXECUTION_PROFILES must list default and/or stateful"),
+    ],
+)
+def test_serve_refuses_a_bad_auth_or_profile_setup_in_one_line(tmp_path: Path, env: dict[str, str],
+                                                                message: str) -> None:
+    import os
+    import subprocess
+    import sys
+
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("API_", "KCR_"))}
+    full.update({"KCR_DATA_DIR": str(tmp_path), "API_HOST": "127.0.0.1", "API_PORT": "0", **env})
+    done = subprocess.run([sys.executable, "-m", "kcr_trio", "serve"], env=full, capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 2
+    assert f"kcr-trio: refusing to start: {message}" in done.stderr
+    assert "Traceback" not in done.stderr
