@@ -45,6 +45,7 @@ def exec_limits(settings: Settings) -> ExecLimits:
         max_output_files=settings.max_output_files,
         max_file_bytes=settings.max_file_bytes,
         max_code_bytes=settings.kcr_max_code_bytes,
+        max_file_refs=settings.kcr_max_file_refs,
     )
 
 

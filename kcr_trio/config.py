@@ -69,6 +69,7 @@ class Settings(BaseSettings):
     max_file_size_mb: int = Field(10, ge=1, le=500)
     max_files_per_session: int = Field(50, ge=1, le=500)
     max_output_files: int = Field(10, ge=1, le=100)
+    kcr_max_file_refs: int = Field(100, ge=1, le=10_000)  # file refs per /exec request (413)
     max_memory_mb: int = Field(512, ge=16)
     max_pids: int = Field(64, ge=4)
     max_open_files: int = Field(256, ge=16)
@@ -79,6 +80,9 @@ class Settings(BaseSettings):
     kcr_max_json_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     kcr_max_code_bytes: int = Field(1024 * 1024, ge=16)
     kcr_body_timeout: float = Field(60.0, gt=0.0)  # a request body must arrive within this (408)
+    # What a request may hold before its key is checked (body-key auth; api/anonymous.py).
+    kcr_unauth_body_bytes: int = Field(256 * 1024, ge=1024)
+    kcr_unauth_body_budget_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     session_ttl_hours: int = Field(0, ge=0, le=8760)  # 0 = sessions never expire (KubeCodeRun main)
     session_cleanup_interval_minutes: int = Field(10, ge=1)
 

@@ -10,8 +10,10 @@ the epoch, kept in Redis when the Redis store is configured, so all replicas cou
 * **Per client IP, failed authentication** (``KCR_AUTH_FAILURES_PER_MINUTE``): a request presenting a
   *wrong* key counts; a request with *no* key does not (agents 3.1.70–3.1.79 call some routes with
   no key at all, and locking out the LibreChat server for that would be worse than the disease).
-  Once an IP reaches the limit, every request from it that needs authentication is answered 429
-  before its key is even compared, until the window ends — that is what stops guessing. The block
+  Once an IP reaches the limit, every request from it that fails authentication is answered 429
+  instead of 401 until the window ends. A *valid* key is never refused: behind an ingress all
+  clients share the proxy's address, and 60 wrong keys from anyone must not lock LibreChat out
+  (audit finding 5). Guessing a 256-bit key is hopeless anyway; the limit throttles the noise. The block
   is remembered locally until the window ends, so blocked requests cost no store round trip; other
   replicas learn it from the shared counter at the next failure they see (so at most one extra
   attempt per replica). The IP is the socket peer, as in KubeCodeRun: behind a proxy it is the

@@ -26,12 +26,13 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from kcr_trio import __version__
 from kcr_trio.config import Settings
 from kcr_trio.core.errors import ApiError, Busy, NotFound, TooLarge, Unauthorized, Unavailable
-from kcr_trio.core.exec import ExecOutcome, ExecRequest, ExecService, Phases, validate
+from kcr_trio.core.exec import ExecOutcome, ExecRequest, ExecService, Phases, check_refs, validate
 from kcr_trio.core.ids import is_safe_id, new_id
 from kcr_trio.core.interfaces import Executor, FileStore, SessionStore
 from kcr_trio.core.model import FileRecord, FileRef, utcnow
 from kcr_trio.core.names import content_disposition, guess_content_type, sanitize_filename
 
+from .anonymous import UnauthBudget
 from .auth import Authenticator
 from .errors import dumps, error_body
 from .exec_fields import parse_args, parse_timeout_ms
@@ -158,14 +159,22 @@ def create_app(svc: Services) -> QuartTrio:
     # -- before/after every request ----------------------------------------------------------
 
     limiter = svc.limiter if svc.limiter is not None and svc.limiter.active else None
+    unauth = UnauthBudget(settings.kcr_unauth_body_bytes, settings.kcr_unauth_body_budget_bytes)
 
     async def authenticate(key: str | None) -> None:
-        """Check the key; count wrong keys per IP and requests per key (``api.ratelimit``)."""
+        """Check the key; count wrong keys per IP and requests per key (``api.ratelimit``).
+
+        A valid key always passes, whatever failed before from the same address: behind an ingress
+        every client shares one peer IP, and wrong keys must never lock LibreChat out. Only failing
+        requests are throttled (429 once their address has used up its failures).
+        """
         try:
             g.principal = principal = svc.auth.check(key)
         except Unauthorized:
             if limiter is not None and key:
-                await limiter.auth_failed((request.scope.get("client") or (None,))[0])
+                peer = (request.scope.get("client") or (None,))[0]
+                limiter.check_blocked(peer)
+                await limiter.auth_failed(peer)
             raise
         if limiter is not None and limiter.limits:
             g.quotas = await limiter.check_key(principal.id)  # a JWT principal outlives its tokens
@@ -186,8 +195,6 @@ def create_app(svc: Services) -> QuartTrio:
         if svc.auth.is_trusted(peer):
             g.principal = TRUSTED
             return
-        if limiter is not None:
-            limiter.check_blocked(peer)  # 429 before any key is compared
         key = svc.auth.header_key(request.headers)
         if key is not None:
             await authenticate(key)
@@ -224,13 +231,14 @@ def create_app(svc: Services) -> QuartTrio:
         except ValidationError as exc:
             raise ApiError("Request validation failed", status=422, details=validation_details(exc)) from None
         validate(body.code, body.lang, svc.exec_service.limits)  # 400/413 before anything starts
+        check_refs(len(body.files), svc.exec_service.limits)
         req = ExecRequest(
             code=body.code,
             lang=body.lang,
             request_id=rs.request_id,
             session_id=body.session_id,
             entity_id=body.entity_id,
-            user_id=body.user_id,
+            user_id=_user_id(body.user_id),
             files=[FileRef(f.id, f.session_id, f.name) for f in body.files],
             args=parse_args(body.args),
             timeout=parse_timeout_ms(body.timeout),
@@ -320,11 +328,23 @@ def create_app(svc: Services) -> QuartTrio:
 
     async def _read_json(limit: int) -> Any:
         data = bytearray()
-        with trio.move_on_after(settings.kcr_body_timeout) as scope:
-            async for chunk in request.body:
-                data.extend(chunk)
-                if len(data) > limit:
-                    raise TooLarge(f"Request body too large: at most {limit} bytes")
+        # Not yet authenticated (the key is in the body): bounded per request and globally.
+        budget = unauth if g.get("auth_pending") else None
+        held = 0
+        try:
+            if budget is not None and (request.content_length or 0) > budget.per_request:
+                raise budget.too_large()
+            with trio.move_on_after(settings.kcr_body_timeout) as scope:
+                async for chunk in request.body:
+                    if budget is not None:
+                        budget.reserve(held, len(chunk))
+                        held += len(chunk)
+                    data.extend(chunk)
+                    if len(data) > limit:
+                        raise TooLarge(f"Request body too large: at most {limit} bytes")
+        finally:
+            if budget is not None:
+                budget.release(held)
         if scope.cancelled_caught:
             raise ApiError("Request body timeout", status=408)
         try:
@@ -367,9 +387,10 @@ def create_app(svc: Services) -> QuartTrio:
 
     async def _store_uploads(form: ParsedForm) -> tuple[str, list[FileRecord]]:
         entity_id = (form.fields.get("entity_id") or "").strip() or None
+        owner = _user_id(form.fields.get("user_id"))
         session = await svc.sessions.find_entity_session(entity_id) if entity_id else None
         if session is None:
-            session = await svc.sessions.create_session(entity_id=entity_id, user_id=None)
+            session = await svc.sessions.create_session(entity_id=entity_id, user_id=owner)
         stored: list[FileRecord] = []
         try:
             for item in form.files:
@@ -381,6 +402,7 @@ def create_app(svc: Services) -> QuartTrio:
                     size=item.size,
                     created_at=utcnow(),
                     kind="upload",
+                    owner=owner,
                 )
                 record.size = await svc.files.put(
                     record.object_key,
@@ -562,9 +584,16 @@ def create_app(svc: Services) -> QuartTrio:
     @app.delete("/files/<session_id>/<file_id>")
     async def delete_file(session_id: str, file_id: str) -> Response:
         record = await _record_or_404(session_id, file_id)
-        # Metadata first: the file disappears for readers at once; the bytes follow.
+        # Never half-applied (audit finding 8): with the file store down, change nothing (503, the
+        # file stays listed). Then metadata first, so readers stop seeing the file at once; bytes
+        # a failing delete leaves behind have no metadata and the orphan sweeper removes them.
+        await svc.files.ping()
         await svc.sessions.delete_file(session_id, file_id)
-        await svc.files.delete(record.object_key)
+        try:
+            await svc.files.delete(record.object_key)
+        except ApiError as exc:
+            log.warning("delete: bytes left for the orphan sweeper: %s", exc.message,
+                        extra={"file_session": session_id, "file_id": file_id})
         return Response(b"", status=200)
 
     # -- health ------------------------------------------------------------------------------
@@ -670,6 +699,15 @@ def _lone_surrogate(value: Any, where: str) -> str | None:
         if found is not None:
             return found
     return None
+
+
+def _user_id(given: str | None) -> str | None:
+    """The requesting user: ``user_id`` from the body or form, else LibreChat's ``User-Id`` header.
+
+    Only used to tell one user's uploads from another's; bounded so it cannot bloat metadata.
+    """
+    value = (given if isinstance(given, str) and given.strip() else request.headers.get("user-id", "")).strip()
+    return value[:256] or None
 
 
 def _no_files() -> ApiError:

@@ -10,7 +10,7 @@ concatenated as is, e.g. ``"kcr:"``)::
     sessions:index          SET   session ids                      no TTL
     entity_sessions:{eid}   SET   session ids                      no TTL
     files:{sid}:{fid}       HASH  file_id filename content_type object_key session_id created_at
-                                  size path type                   TTL re-applied on every store
+                                  size path type [user_id]         TTL re-applied on every store
     session_files:{sid}     SET   file ids                         same
     kcr:rl:{key}:{window}   STRING counter for ``hit()`` (our own; KubeCodeRun never reads it)
 
@@ -234,6 +234,7 @@ def _file_from_hash(data: dict[str, str]) -> FileRecord | None:
         size=size,
         created_at=_parse_time(data.get("created_at"), utcnow()),
         kind=kind,  # type: ignore[arg-type]
+        owner=data.get("user_id") or None,
     )
 
 
@@ -408,6 +409,8 @@ class RedisSessionStore:
             "path": record.path,
             "type": record.kind,
         }
+        if record.owner:  # our own field; KubeCodeRun reads the hash's known fields only
+            mapping["user_id"] = record.owner
         fkey, skey = self.file_key(record.session_id, record.file_id), self.session_files_key(record.session_id)
 
         async def op() -> None:

@@ -3,12 +3,13 @@
 One request owns all of its work. Everything below runs inside the caller's cancel scope, which the
 HTTP edge cancels when the client disconnects (and which carries the request's one deadline), so:
 
-    choose session + find inputs  ─┐ concurrently (store I/O overlaps pod/sidecar acquisition)
-    acquire a sandbox             ─┘
+    choose session + find inputs      (before a sandbox is taken: lookups never hold capacity)
+    acquire a sandbox
     stream inputs   store → sandbox   (concurrently, a few at a time)
     run the code                      (cancelling this kills the program's whole process tree)
     collect outputs sandbox → store   (bytes first, metadata last; concurrently)
-    release the sandbox               (the executor does it, shielded, whatever happened)
+    release the sandbox               (handed to the executor's own nursery: the answer does not
+                                       wait for the teardown, which is shielded and bounded there)
 
 A cancelled request therefore stops every phase at once and leaves no half-visible file: bytes that
 were written without their metadata are invisible and are deleted in a shielded ``finally``.
@@ -24,7 +25,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import trio
@@ -35,7 +36,7 @@ from .ids import is_safe_id, new_id
 from .interfaces import Executor, FileStore, Sandbox, SessionStore
 from .languages import Language, lookup
 from .model import FileRecord, FileRef, GeneratedFile, RunResult, Session, utcnow
-from .names import guess_content_type, is_plain_filename
+from .names import guess_content_type, is_plain_filename, unique_name
 from .runtime import RuntimeStore, Workspace
 
 log = logging.getLogger("kcr_trio.exec")
@@ -55,9 +56,12 @@ class ExecLimits:
     max_output_files: int
     max_file_bytes: int
     max_code_bytes: int
-    # Also mount the uploads of the session the code runs in, not only the listed refs. Fixes
-    # KubeCodeRun's "uploads vanish after the first generated file" (api-contract.md §6.2 step 4).
+    # Also mount the requesting user's own uploads of the session the code runs in, not only the
+    # listed refs. Fixes KubeCodeRun's "uploads vanish after the first generated file"
+    # (api-contract.md §6.2 step 4) without showing one user's files to another.
     mount_session_uploads: bool = True
+    # File refs one request may list (each costs store lookups before the run starts).
+    max_file_refs: int = 100
 
 
 @dataclass(slots=True)
@@ -143,6 +147,17 @@ def validate(code: Any, lang: Any, limits: ExecLimits) -> Language:
     return language
 
 
+def check_refs(count: int, limits: ExecLimits) -> None:
+    """413 for more file refs than one run may list: they are looked up before a sandbox is taken,
+    and thousands of bogus refs would otherwise keep a request busy for many seconds."""
+    if count > limits.max_file_refs:
+        raise ApiError(
+            f"Too many files: at most {limits.max_file_refs} file references per request",
+            status=413,
+            details=[{"field": "files", "message": "Too many file references", "code": "too_many_files"}],
+        )
+
+
 class ExecService:
     """Runs ``/exec`` requests against the three backends."""
 
@@ -159,6 +174,7 @@ class ExecService:
     async def execute(self, req: ExecRequest, phases: Phases) -> ExecOutcome:
         """Run one request. The caller's scope cancels it; its own deadline bounds it."""
         language = validate(req.code, req.lang, self.limits)
+        check_refs(len(req.files), self.limits)
         limits = self.limits
         deadline = trio.current_time() + limits.max_execution_time + limits.overhead
         state = _State(session_id=req.session_id or "")
@@ -177,12 +193,15 @@ class ExecService:
                 raise _single(group) from None
         assert scope.cancelled_caught
         log.warning("exec deadline reached in phase %s", phases.current, extra={"request_id": req.request_id})
-        return ExecOutcome(
-            session_id=state.session_id,
-            stdout="",
-            stderr=output.timeout_message(limits.max_execution_time),
-            status="timeout",
-        )
+        # Say what really happened: only a deadline hit while the code ran is an execution timeout.
+        stderr = output.timeout_message(limits.max_execution_time)
+        cut = phases.current or next(reversed(phases.durations), None)
+        if "execute" not in phases.durations and cut != "execute":
+            stderr = (
+                f"Request timed out after {limits.max_execution_time + limits.overhead:g} seconds while "
+                f"{_PHASE_WORDS.get(cut or '', 'preparing the run')}; the code did not run"
+            )
+        return ExecOutcome(session_id=state.session_id, stdout="", stderr=stderr, status="timeout")
 
     async def _execute(
         self,
@@ -194,57 +213,51 @@ class ExecService:
         ws: Workspace | None,
     ) -> ExecOutcome:
         limits = self.limits
-        resolved = trio.Event()
-        async with trio.open_nursery() as nursery:
-            # 1. Session and input metadata, concurrently with sandbox acquisition.
-            async def resolve() -> None:
-                with phases.phase("store"):
-                    session = await self._choose_session(req)
-                    state.session_id = session.session_id
-                    state.inputs = await self._find_inputs(req, session)
-                resolved.set()
+        # 1. Session and input metadata, before a sandbox is taken: a slow or huge lookup must not
+        #    hold execution capacity other requests are waiting for (audit finding 4).
+        with phases.phase("store"):
+            session = await self._choose_session(req)
+            state.session_id = session.session_id
+            state.inputs = await self._find_inputs(req, session, state.notes)
+        wait = max(0.0, min(limits.acquire_timeout, deadline - trio.current_time()))
+        acquire_started = time.perf_counter()
+        phases.current = "acquire"
+        # Leaving this block (normally, by error or by cancellation) releases the sandbox;
+        # the executor shields that release and bounds it with its own timeout.
+        try:
+            sandbox_cm = self.executor.sandbox(language.code, wait=wait)
+            sandbox = await sandbox_cm.__aenter__()
+        finally:
+            phases.acquired.set()
+        async with _entered(sandbox_cm, sandbox):
+            phases.durations["acquire"] = round((time.perf_counter() - acquire_started) * 1000, 2)
 
-            nursery.start_soon(resolve)
-            wait = max(0.0, min(limits.acquire_timeout, deadline - trio.current_time()))
-            acquire_started = time.perf_counter()
-            phases.current = "acquire"
-            # Leaving this block (normally, by error or by cancellation) releases the sandbox;
-            # the executor shields that release and bounds it with its own timeout.
-            try:
-                sandbox_cm = self.executor.sandbox(language.code, wait=wait)
-                sandbox = await sandbox_cm.__aenter__()
-            finally:
-                phases.acquired.set()
-            async with _entered(sandbox_cm, sandbox):
-                phases.durations["acquire"] = round((time.perf_counter() - acquire_started) * 1000, 2)
-                await resolved.wait()
+            # 2. Inputs: store → sandbox (and the runtime workspace's files, newest first).
+            notes = state.notes
+            mounts = _mounts(state.inputs, ws)
+            with phases.phase("upload"):
+                sent = await self._send_inputs(sandbox, mounts, notes)
 
-                # 2. Inputs: store → sandbox (and the runtime workspace's files, newest first).
-                notes: list[str] = []
-                mounts = _mounts(state.inputs, ws)
-                with phases.phase("upload"):
-                    sent = await self._send_inputs(sandbox, mounts, notes)
+            # 3. Run. The sandbox enforces the timeout; keep time for collection after it.
+            run_timeout = min(
+                float(limits.max_execution_time),
+                max(1.0, deadline - trio.current_time() - limits.overhead / 2),
+            )
+            if req.timeout is not None:
+                run_timeout = min(run_timeout, req.timeout)
+            with phases.phase("execute"):
+                result = await sandbox.run(req.code, timeout=run_timeout, request_id=req.request_id,
+                                           args=req.args)
 
-                # 3. Run. The sandbox enforces the timeout; keep time for collection after it.
-                run_timeout = min(
-                    float(limits.max_execution_time),
-                    max(1.0, deadline - trio.current_time() - limits.overhead / 2),
-                )
-                if req.timeout is not None:
-                    run_timeout = min(run_timeout, req.timeout)
-                with phases.phase("execute"):
-                    result = await sandbox.run(req.code, timeout=run_timeout, request_id=req.request_id,
-                                               args=req.args)
-
-                # 4. Outputs: sandbox → store, then metadata; the workspace; what was deleted.
-                with phases.phase("collect"):
-                    generated = await self._generated(sandbox, result)
-                    files, attempted, stored_names = await self._collect_outputs(
-                        sandbox, generated, state.session_id, notes)
-                    if ws is not None and not result.failure:
-                        await self._commit_workspace(ws, sandbox, result, generated, notes)
-                        stored_names -= set(ws.not_kept)
-                deleted = _deleted_names(req, sent, result)
+            # 4. Outputs: sandbox → store, then metadata; the workspace; what was deleted.
+            with phases.phase("collect"):
+                generated = await self._generated(sandbox, result)
+                files, attempted, stored_names = await self._collect_outputs(
+                    sandbox, generated, state.session_id, notes)
+                if ws is not None and not result.failure:
+                    await self._commit_workspace(ws, sandbox, result, generated, notes)
+                    stored_names -= set(ws.not_kept)
+            deleted = _deleted_names(req, sent, result)
 
         stdout, stderr = output.shape_output(
             result, limit=limits.max_output_chars, timeout=min(limits.max_execution_time, req.timeout or math.inf)
@@ -282,14 +295,15 @@ class ExecService:
                 return session
         return await self.sessions.create_session(entity_id=req.entity_id, user_id=req.user_id)
 
-    async def _find_inputs(self, req: ExecRequest, session: Session) -> list[FileRecord]:
+    async def _find_inputs(self, req: ExecRequest, session: Session, notes: list[str]) -> list[FileRecord]:
         """The files to mount, by ref (id, then name) and then the session's own uploads."""
-        found: dict[str, FileRecord] = {}  # by mounted filename; the first ref for a name wins
+        found: dict[str, FileRecord] = {}  # by mount name: unique, a clash gets a new name and a note
         seen: set[tuple[str, str]] = set()
         listings: dict[str, list[FileRecord]] = {}
         for ref in req.files:
             if not is_safe_id(ref.session_id):
                 log.warning("skipping file ref with invalid session id", extra={"request_id": req.request_id})
+                notes.append(f"Input file {ref.name} was not loaded: invalid session id")
                 continue
             record = await self.sessions.get_file(ref.session_id, ref.id) if is_safe_id(ref.id) else None
             if record is None:
@@ -308,17 +322,39 @@ class ExecService:
                     "file ref not found; skipped",
                     extra={"request_id": req.request_id, "file_session": ref.session_id, "file_id": ref.id},
                 )
+                notes.append(f"Input file {ref.name} was not loaded: no such file in session {ref.session_id}")
                 continue
             key = (record.session_id, record.file_id)
-            if key in seen or record.filename in found:
+            if key in seen:
                 continue
             seen.add(key)
-            found[record.filename] = record
+            found[self._mount_name(record, found, notes)] = record
         if self.limits.mount_session_uploads:
+            # Only the requesting user's own uploads: a session is shared by everyone who uploads
+            # with the same entity id (an agent), and another user's file is mounted only when the
+            # request lists it. Without a user id on either side, only id-less uploads match.
+            # A listed file wins its name over an unlisted one (typically an older copy of it).
+            listed = set(found)
             for record in await self.sessions.list_files(session.session_id):
-                if record.kind == "upload" and record.filename not in found:
-                    found[record.filename] = record
-        return list(found.values())
+                key = (record.session_id, record.file_id)
+                if record.kind != "upload" or record.owner != req.user_id or record.filename in listed:
+                    continue
+                if key not in seen:
+                    seen.add(key)
+                    found[self._mount_name(record, found, notes)] = record
+        # The mount name is the record's filename from here on (a copy: the stored one is unchanged).
+        return [record if record.filename == name else replace(record, filename=name) for name, record in found.items()]
+
+    @staticmethod
+    def _mount_name(record: FileRecord, found: dict[str, FileRecord], notes: list[str]) -> str:
+        """The record's filename, made unique among the inputs: two inputs never shadow each other."""
+        name = unique_name(record.filename, set(found))
+        if name != record.filename:
+            notes.append(
+                f"Input file {record.filename} (id {record.file_id}) is at /mnt/data/{name}: "
+                "another input has the same name"
+            )
+        return name
 
     # -- phase 2: inputs -----------------------------------------------------------------------
 
@@ -375,6 +411,7 @@ class ExecService:
         )
         notes.extend(skipped)
         stored: list[tuple[int, FileRecord]] = []
+        added: set[str] = set()
         limiter = trio.CapacityLimiter(TRANSFER_CONCURRENCY)
 
         async def store(index: int, item: GeneratedFile) -> None:
@@ -412,11 +449,18 @@ class ExecService:
             # Metadata last: only now do the files become visible to /files and /download.
             for _, record in sorted(stored, key=lambda pair: pair[0]):
                 await self.sessions.add_file(record)
+                added.add(record.file_id)
+        except ApiError as exc:
+            # A store failed after the run (often after the heartbeat committed a 200): the
+            # program's output is still the answer. Files whose metadata landed are complete and
+            # returned; the others lose their bytes and are named in stderr (audit finding 7).
+            lost = [record for _, record in stored if record.file_id not in added]
+            await self._discard(lost, metadata=False)
+            names = ", ".join(sorted(r.filename for r in lost)) or "the generated files"
+            notes.append(f"Output files {names} were not saved: {exc.message}")
+            stored = [(i, r) for i, r in stored if r.file_id in added]
         except BaseException:
-            with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
-                for _, record in stored:
-                    await self.sessions.delete_file(record.session_id, record.file_id)
-                    await self.files.delete(record.object_key)
+            await self._discard([record for _, record in stored], metadata=True)
             raise
         refs = [
             {
@@ -430,6 +474,19 @@ class ExecService:
         ]
         # [artifact_delivery] one note per file left out for limits, so kept + skipped = attempted.
         return refs, len(kept) + len(skipped), {record.filename for _, record in stored}
+
+    async def _discard(self, records: list[FileRecord], *, metadata: bool) -> None:
+        """Remove unsaved outputs, shielded and bounded: metadata first (if it may exist), then the
+        bytes. If the metadata cannot be removed the bytes stay (a listed file is never left
+        without content); bytes a failed clean-up leaves behind are found by the orphan sweeper."""
+        with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
+            for record in records:
+                try:
+                    if metadata:
+                        await self.sessions.delete_file(record.session_id, record.file_id)
+                    await self.files.delete(record.object_key)
+                except ApiError as exc:
+                    log.warning("clean-up of an unsaved output failed: %s", exc.message)
 
 
 def _mounts(inputs: list[FileRecord], ws: Workspace | None) -> dict[str, str]:
@@ -462,6 +519,14 @@ def _deleted_names(req: ExecRequest, sent: set[str], result: RunResult) -> list[
     return names + sorted(removed - reported)
 
 
+_PHASE_WORDS = {
+    "runtime": "waiting for another call of the same runtime session",
+    "store": "looking up the session and input files",
+    "acquire": "waiting for a sandbox",
+    "upload": "copying input files into the sandbox",
+}
+
+
 @asynccontextmanager
 async def _entered(cm: Any, value: Any) -> AsyncIterator[Any]:
     """Exit an already-entered async context manager when this block ends (also on error)."""
@@ -478,6 +543,7 @@ async def _entered(cm: Any, value: Any) -> AsyncIterator[Any]:
 class _State:
     session_id: str
     inputs: list[FileRecord] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # for stderr: renamed inputs, dropped outputs
 
 
 def _single(group: BaseExceptionGroup) -> BaseException:

@@ -38,6 +38,9 @@ class FileRecord:
     size: int
     created_at: _dt.datetime
     kind: Literal["upload", "output"]
+    # Who uploaded it (LibreChat's ``User-Id`` header / ``user_id``), if known. Sessions are shared
+    # by entity (an agent), so this is what keeps one user's unlisted uploads out of another's run.
+    owner: str | None = None
 
     @property
     def object_key(self) -> str:

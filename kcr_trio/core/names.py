@@ -27,24 +27,52 @@ _EXTRA_TYPES = {
 }
 
 
-def sanitize_filename(name: str) -> str:
-    """The name a file gets in ``/mnt/data``: LibreChat's ``sanitizeFilename`` rules.
+def _keep(char: str) -> bool:
+    """LibreChat's ``[a-zA-Z0-9.-]`` for ASCII; beyond ASCII, letters, marks and digits only."""
+    if char.isascii():
+        return char.isalnum() or char in ".-"
+    return unicodedata.category(char)[0] in "LMN"
 
-    Basename only; every character outside ``[a-zA-Z0-9.-]`` becomes ``_``; a leading ``.`` or an
-    empty result gets a ``_`` prefix; names over 255 characters are cut and given a short hash so two
-    long names stay distinct. The result can never traverse a path or hide as a dot-file.
+
+def sanitize_filename(name: str) -> str:
+    """The name a file gets in ``/mnt/data``: LibreChat's ``sanitizeFilename`` rules, Unicode kept.
+
+    Basename only; every ASCII character outside ``[a-zA-Z0-9.-]`` becomes ``_`` exactly as in
+    LibreChat and KubeCodeRun. Non-ASCII letters, marks and digits are kept (NFC), so ``数据.csv``
+    and ``报告.csv`` stay two files named as LibreChat shows them to the model, instead of both
+    collapsing to ``__.csv``; every other non-ASCII character (spaces, symbols, emoji, bidi controls
+    such as U+202E) becomes ``_``. A leading ``.`` or an empty result gets a ``_`` prefix. Names
+    over 255 UTF-8 bytes (the filesystem's limit) are cut on a character boundary and given a short
+    hash, keeping the extension. The result can never traverse a path or hide as a dot-file.
     """
-    base = name.replace("\\", "/").rsplit("/", 1)[-1]
-    clean = _UNSAFE.sub("_", base)
+    base = unicodedata.normalize("NFC", name.replace("\\", "/").rsplit("/", 1)[-1])
+    clean = "".join(c if _keep(c) else "_" for c in base)
     if not clean or clean.startswith("."):
         clean = "_" + clean
-    if len(clean) > MAX_NAME:
+    if len(clean.encode("utf-8")) > MAX_NAME:
         stem, ext = os.path.splitext(clean)
-        if len(ext) > 32:
+        if len(ext.encode("utf-8")) > 32:
             stem, ext = clean, ""
         digest = hashlib.sha256(clean.encode()).hexdigest()[:6]
-        clean = stem[: MAX_NAME - len(ext) - 7] + "-" + digest + ext
+        room = MAX_NAME - len(ext.encode("utf-8")) - 7
+        stem = stem.encode("utf-8")[:room].decode("utf-8", "ignore")
+        clean = stem + "-" + digest + ext
     return clean
+
+
+def unique_name(name: str, taken: set[str]) -> str:
+    """``name``, or ``stem-2.ext``, ``stem-3.ext`` … : the first one not in ``taken`` (≤ 255 bytes)."""
+    if name not in taken:
+        return name
+    stem, ext = os.path.splitext(name)
+    n = 2
+    while True:
+        suffix = f"-{n}{ext}"
+        room = MAX_NAME - len(suffix.encode("utf-8"))
+        candidate = stem.encode("utf-8")[:room].decode("utf-8", "ignore") + suffix
+        if candidate not in taken:
+            return candidate
+        n += 1
 
 
 def is_plain_filename(name: str) -> bool:

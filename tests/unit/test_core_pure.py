@@ -32,7 +32,10 @@ def test_unsafe_ids_are_rejected(bad: str) -> None:
         ("..\\..\\win.ini", "win.ini"),
         (".bashrc", "_.bashrc"),
         ("", "_"),
-        ("données_2024.csv", "donn_es_2024.csv"),
+        ("données_2024.csv", "données_2024.csv"),  # Unicode letters are kept (audit finding 6)
+        ("数据.csv", "数据.csv"),
+        ("a b\u202ec.txt", "a_b_c.txt"),  # spaces and bidi controls still become "_"
+        ("😀.png", "_.png"),
         ("a/b/c.txt", "c.txt"),
         ("..", "_.."),
     ],
@@ -45,6 +48,18 @@ def test_sanitize_long_names_keeps_extension_and_distinctness() -> None:
     a = names.sanitize_filename("a" * 300 + "1.csv")
     b = names.sanitize_filename("a" * 300 + "2.csv")
     assert len(a) == 255 and a.endswith(".csv") and a != b
+
+
+def test_sanitize_long_unicode_names_stay_within_255_bytes_and_keep_the_extension() -> None:
+    a = names.sanitize_filename("数" * 100 + ".csv")  # 304 bytes
+    assert len(a.encode()) <= 255 and a.endswith(".csv") and a.startswith("数")
+
+
+def test_unique_name_never_shadows() -> None:
+    assert names.unique_name("same.txt", set()) == "same.txt"
+    assert names.unique_name("same.txt", {"same.txt", "same-2.txt"}) == "same-3.txt"
+    long = "数" * 84 + ".csv"  # 256 bytes with the suffix: cut on a character boundary
+    assert len(names.unique_name(long, {long}).encode()) <= 255
 
 
 def test_content_disposition_has_ascii_and_utf8_forms() -> None:

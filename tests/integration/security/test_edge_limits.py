@@ -1,0 +1,103 @@
+"""HTTP-edge findings: unauthenticated memory (3), auth lockout (5), metrics cardinality (10),
+protocol edges (12). In-process servers on real sockets with the in-process executor twin."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from tests.support.ops import H, ops_server, port_of, raw
+from tests.support.server import TEST_KEY, await_until
+
+pytestmark = pytest.mark.integration
+
+
+async def _response_head(stream: trio.SocketStream, timeout: float = 10.0) -> bytes:
+    """Bytes until the end of the response head (fails if none arrives within ``timeout``)."""
+    data = b""
+    with trio.fail_after(timeout):
+        while b"\r\n\r\n" not in data:
+            chunk = await stream.receive_some(65536)
+            if not chunk:
+                break
+            data += chunk
+    return data
+
+
+def _anonymous_post(length: int | None) -> bytes:
+    head = "POST /exec HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+    head += f"Content-Length: {length}\r\n" if length is not None else "Transfer-Encoding: chunked\r\n"
+    return (head + "\r\n").encode()
+
+
+# -- finding 3: what an unauthenticated request may hold --------------------------------------------
+
+
+async def test_unauthenticated_body_is_refused_before_it_is_buffered(tmp_path: Path) -> None:
+    async with ops_server(tmp_path, kcr_unauth_body_bytes=64 * 1024) as (url, _, _):
+        port = port_of(url)
+        # Declared too big: answered at once, without waiting for (or keeping) the 3 MiB.
+        stream = await raw(port, _anonymous_post(3 * 1024 * 1024) + b"{" + b" " * 1000)
+        head = await _response_head(stream)
+        assert head.startswith(b"HTTP/1.1 413") and b"connection: close" in head.lower()
+        await stream.aclose()
+        # Chunked, no length: refused once the cap is reached, while the client is still sending.
+        stream = await raw(port, _anonymous_post(None))
+        chunk = b" " * 32768
+        for _ in range(3):
+            await stream.send_all(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        head = await _response_head(stream)
+        assert head.startswith(b"HTTP/1.1 413")
+        await stream.aclose()
+        # LibreChat's small body-key requests still work.
+        async with httpx.AsyncClient(timeout=10) as client:
+            r = await client.post(url + "/exec", json={"code": "x", "lang": "py", "LIBRECHAT_CODE_API_KEY": TEST_KEY})
+            assert r.status_code == 200 and r.json()["stdout"] == "done\n"
+
+
+async def test_unauthenticated_bodies_share_one_global_budget(tmp_path: Path) -> None:
+    per_request, budget = 64 * 1024, 4 * 64 * 1024
+    async with ops_server(tmp_path, kcr_unauth_body_bytes=per_request, kcr_unauth_body_budget_bytes=budget) as (
+        url, _, _,
+    ):
+        port = port_of(url)
+        held: list[trio.SocketStream] = []
+        refused = None
+        for _ in range(12):
+            stream = await raw(port, _anonymous_post(per_request) + b" " * 60_000)
+            with trio.move_on_after(2):  # a held request answers nothing: wait a bounded time
+                refused = await _response_head(stream)
+                await stream.aclose()
+                break
+            held.append(stream)
+        assert refused is not None and refused.startswith(b"HTTP/1.1 503"), refused
+        assert b"retry-after" in refused.lower()
+        assert 3 <= len(held) <= 4  # the budget admits four 60 kB bodies at most
+        for stream in held:
+            await stream.aclose()
+        # The budget is given back when those requests end.
+        async with httpx.AsyncClient(timeout=10) as client:
+            async def accepted() -> bool:
+                r = await client.post(url + "/exec", json={"code": "x", "lang": "py", "api_key": TEST_KEY,
+                                                           "pad": " " * 50_000})
+                return r.status_code == 200
+
+            await await_until(accepted, 10, interval=0.1, message="budget released")
+
+
+# -- finding 4: file refs are capped --------------------------------------------------------------
+
+
+async def test_too_many_file_refs_is_413(tmp_path: Path) -> None:
+    async with ops_server(tmp_path, kcr_max_file_refs=5) as (url, program, _):
+        refs = [{"id": f"f{i:020d}", "session_id": f"s{i:020d}", "name": f"{i}.csv"} for i in range(6)]
+        async with httpx.AsyncClient(timeout=10) as client:
+            r = await client.post(url + "/exec", json={"code": "x", "lang": "py", "files": refs}, headers=H)
+            assert r.status_code == 413
+            assert r.json()["error"] == "Too many files: at most 5 file references per request"
+            r = await client.post(url + "/exec", json={"code": "x", "lang": "py", "files": refs[:5]}, headers=H)
+            assert r.status_code == 200
