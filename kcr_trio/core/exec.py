@@ -257,7 +257,7 @@ class ExecService:
                 if ws is not None and not result.failure:
                     await self._commit_workspace(ws, sandbox, result, generated, notes)
                     stored_names -= set(ws.not_kept)
-            deleted = _deleted_names(req, sent, result)
+            deleted = _deleted_names(req, state.inputs, sent, result)
 
         stdout, stderr = output.shape_output(
             result, limit=limits.max_output_chars, timeout=min(limits.max_execution_time, req.timeout or math.inf)
@@ -502,19 +502,21 @@ def _mounts(inputs: list[FileRecord], ws: Workspace | None) -> dict[str, str]:
     return mounts
 
 
-def _deleted_names(req: ExecRequest, sent: set[str], result: RunResult) -> list[str]:
+def _deleted_names(req: ExecRequest, inputs: list[FileRecord], sent: set[str], result: RunResult) -> list[str]:
     """``deleted_files`` (contract §4.2): the names of mounted inputs this run removed, as the
-    request named them (so LibreChat can match its refs), plus removed workspace files."""
+    request named them (so LibreChat can match its refs), plus removed workspace files. An input
+    mounted under another name (a clash, see ``_mount_name``) is matched by its file id."""
     removed = set(result.removed or ()) & sent
     if not removed:
         return []
+    mounted_as = {record.file_id: record.filename for record in inputs}
     names: list[str] = []
     reported: set[str] = set()
     for ref in req.files:
-        base = ref.name.rsplit("/", 1)[-1]
-        if base in removed and ref.name not in names:
+        mount = mounted_as.get(ref.id, ref.name.rsplit("/", 1)[-1])
+        if mount in removed and ref.name not in names:
             names.append(ref.name)
-            reported.add(base)
+            reported.add(mount)
     # Workspace files and session uploads mounted without a ref of their own.
     return names + sorted(removed - reported)
 

@@ -59,6 +59,16 @@ def test_deleted_files_names_the_inputs_a_run_removed(real_server: ServerProcess
     assert "deleted_files" not in out and [f["name"] for f in out["files"]] == ["keep.csv"]
 
 
+def test_deleted_files_for_an_input_mounted_under_another_name(real_server: ServerProcess) -> None:
+    """Two refs named data.csv: the second is mounted as data-2.csv; removing it reports that ref."""
+    first = upload(real_server, "data.csv", b"1")
+    second = upload(real_server, "data.csv", b"2")
+    files = [ref(first, "data.csv", "user"), ref(second, "data.csv", "user", resource_id="res-2")]
+    out = run(real_server, {"lang": "bash", "code": "cat data-2.csv && rm data-2.csv", "files": files})
+    assert out["stdout"] == "2\n"
+    assert out["deleted_files"] == ["data.csv"]
+
+
 def test_artifact_delivery_reports_outputs_over_the_limits(real_server: ServerProcess) -> None:
     # MAX_OUTPUT_FILES=3: five files written, three stored.
     out = run(real_server, {"lang": "py", "code": "for i in range(5):\n    open(f'f{i}.txt', 'w').write(str(i))"})
