@@ -41,10 +41,16 @@ class ErrorDetail(_Out):
 
 
 class Error(_Out):
-    """Shape A (middleware errors: 401, 415, 429) or shape B (everything else)."""
+    """Shape A (middleware errors: 401, 415), shape B (most others), or a coded body whose ``error``
+    is a machine code (429 ``rate_limited``, 409 ``execution_profile_mismatch``, 400
+    ``invalid_execution_profile``) with a readable ``message``."""
 
     error: str
     timestamp: float
+    message: str | None = None
+    retry_after_seconds: int | None = None
+    expected_profile: str | None = None
+    actual_profile: str | None = None
     error_type: str | None = None
     details: list[ErrorDetail] | None = None
     request_id: str | None = None
@@ -58,9 +64,18 @@ class ExecFile(_Out):
     storage_session_id: str | None = None
 
 
+class ArtifactDelivery(_Out):
+    code: Literal["artifact_delivery_failed"]
+    status: Literal["partial", "failed"]
+    attempted: int
+    delivered: int
+    failed: int
+
+
 class ExecResponse(_Out):
     """Program failures and timeouts are 200s too, with the text in ``stderr``. A slow run's body
-    starts with spaces (heartbeat, ``keepalive.md``): still valid JSON."""
+    starts with spaces (heartbeat, ``keepalive.md``): still valid JSON. ``deleted_files``,
+    ``artifact_delivery`` and the runtime session fields appear only when they say something."""
 
     session_id: str
     files: list[ExecFile]
@@ -69,6 +84,10 @@ class ExecResponse(_Out):
     has_state: bool
     state_size: int | None = None
     state_hash: str | None = None
+    deleted_files: list[str] | None = None
+    artifact_delivery: ArtifactDelivery | None = None
+    runtime_session_id: str | None = None
+    runtime_status: Literal["new", "reused"] | None = None
 
 
 class UploadedFile(_Out):
@@ -186,10 +205,13 @@ def _errors(*statuses: int) -> dict[str, Any]:
         404: "Not found",
         405: "Method not allowed",
         408: "The request body did not arrive within KCR_BODY_TIMEOUT",
+        409: "X-CodeAPI-Expected-Profile names a profile this deployment does not serve "
+             "(execution_profile_mismatch), or the runtime session stayed busy",
         413: "Body, code or file too large",
         415: "Unsupported content type",
         422: "Request validation failed",
-        429: "Rate limited (shape A, with Retry-After and X-RateLimit-* headers)",
+        429: "Rate limited: {error: rate_limited, message, retry_after_seconds}, with Retry-After and "
+             "X-RateLimit-* headers",
         503: "No execution capacity or a dependency unavailable (Retry-After when busy)",
         504: "The handler's deadline (KCR_REQUEST_TIMEOUT) passed",
     }
@@ -284,11 +306,15 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         "summary": "Run code",
         "description": "Runs `code` once in a fresh sandbox. Slow runs commit 200 after a short grace "
         "and send spaces until the JSON is ready. The API key may also come in the body "
-        "(`LIBRECHAT_CODE_API_KEY`, `api_key`, `apiKey`) when no header carries one.",
+        "(`LIBRECHAT_CODE_API_KEY`, `api_key`, `apiKey`) when no header carries one. Also accepted: "
+        "`timeout` (positive number of milliseconds, capped at MAX_EXECUTION_TIME; 400 otherwise) and "
+        "`runtime_session_hint` (stateful profile only: 1-128 characters of `A-Za-z0-9._:-`, required "
+        "there; ignored in the default profile). The `X-CodeAPI-Expected-Profile` header selects the "
+        "profile (400 unknown, 409 not served).",
         "security": AUTH,
         "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("ExecBody")}}},
         "responses": {"200": _json(_ref("ExecResponse"), "The run's result"),
-                      **_errors(400, *AUTHED, 408, 413, 415, 422, 503)},
+                      **_errors(400, *AUTHED, 408, 409, 413, 415, 422, 503)},
     },
     ("post", "/upload"): {
         "summary": "Upload input file(s)",
@@ -402,6 +428,15 @@ def _component_schemas() -> dict[str, Any]:
                                   "description": "Language code, case-insensitive"}
     body["properties"]["code"] = {"type": "string", "pattern": r"\S",
                                   "description": "Program text; at most KCR_MAX_CODE_BYTES bytes"}
+    body["properties"]["args"] = {
+        "anyOf": [{"type": "array", "items": {"type": "string", "pattern": "^[^\\x00]*$"}, "maxItems": 256},
+                  {"type": "null"}],
+        "description": "The program's command-line arguments (argv); at most 64 KiB in total"}
+    # ``timeout`` (ms) and ``runtime_session_hint`` are described in the operation's text instead:
+    # as schema properties they steer the fuzzer into runs that time out at once, which starves
+    # its stateful phase of the files the freshness and delete routes need.
+    body["properties"].pop("timeout", None)
+    body["properties"].pop("runtime_session_hint", None)
     return schemas
 
 

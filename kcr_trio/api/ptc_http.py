@@ -23,7 +23,6 @@ one (JWT subjects), else a hash of the API key.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -35,6 +34,7 @@ import httpx
 import trio
 from quart import Response, current_app, g, request
 
+from kcr_trio.api.principal import Principal
 from kcr_trio.core.errors import ApiError, TooLarge
 from kcr_trio.core.ptc_engine import FAILED, Live, PtcEngine
 from kcr_trio.core.ptc_state import (
@@ -95,19 +95,23 @@ async def _read_json(limit: int, timeout: float) -> tuple[bytes, dict[str, Any]]
 
 
 def principal_of(body: dict[str, Any]) -> str:
+    """The authenticated principal's id (``api.principal``): a JWT user keeps it across token
+    refreshes, so a continuation sent with a fresh token still belongs to its execution."""
     given = g.get("principal")
+    if isinstance(given, Principal):
+        return given.id
     if isinstance(given, str) and given:
         return given
     svc = _svc()
     key = svc.auth.header_key(request.headers) or svc.auth.body_key(body)
     if key:
-        return "key:" + hashlib.sha256(key.encode()).hexdigest()[:32]
+        return Principal.for_key(key).id
     return "anonymous"  # a trusted network without a key
 
 
 async def _authenticate(body: dict[str, Any]) -> None:
     if g.get("auth_pending"):
-        _svc().auth.check(_svc().auth.body_key(body))
+        g.principal = _svc().auth.check(_svc().auth.body_key(body))
 
 
 def _request_id() -> str | None:

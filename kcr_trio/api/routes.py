@@ -30,17 +30,20 @@ from kcr_trio.core.exec import ExecOutcome, ExecRequest, ExecService, Phases, ch
 from kcr_trio.core.ids import is_safe_id, new_id
 from kcr_trio.core.interfaces import Executor, FileStore, SessionStore
 from kcr_trio.core.model import FileRecord, FileRef, utcnow
-from kcr_trio.core.ptc_state import parse_timeout
 from kcr_trio.core.names import content_disposition, guess_content_type, sanitize_filename
 
 from . import ptc_http
 from .anonymous import UnauthBudget
 from .auth import Authenticator
 from .errors import dumps, error_body
+from .exec_fields import parse_args, parse_timeout_ms
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .models import ExecBody, validation_details
 from .openapi import docs_page, openapi_document
+from .principal import TRUSTED
+from .profiles import install as install_profiles
+from .profiles import runtime_session_for
 from .ratelimit import RateLimited, RateLimiter
 from .scope import current
 from .uploads import ParsedForm, parse_multipart, spooled_chunks
@@ -169,7 +172,7 @@ def create_app(svc: Services) -> QuartTrio:
         requests are throttled (429 once their address has used up its failures).
         """
         try:
-            svc.auth.check(key)
+            g.principal = principal = svc.auth.check(key)
         except Unauthorized:
             if limiter is not None and key:
                 peer = (request.scope.get("client") or (None,))[0]
@@ -177,7 +180,7 @@ def create_app(svc: Services) -> QuartTrio:
                 await limiter.auth_failed(peer)
             raise
         if limiter is not None and limiter.limits:
-            g.quotas = await limiter.check_key(key or "")
+            g.quotas = await limiter.check_key(principal.id)  # a JWT principal outlives its tokens
 
     @app.before_request
     async def _content_type_and_auth() -> None:
@@ -193,6 +196,7 @@ def create_app(svc: Services) -> QuartTrio:
             return
         peer = (request.scope.get("client") or (None,))[0]
         if svc.auth.is_trusted(peer):
+            g.principal = TRUSTED
             return
         key = svc.auth.header_key(request.headers)
         if key is not None:
@@ -201,6 +205,8 @@ def create_app(svc: Services) -> QuartTrio:
             g.auth_pending = True  # the handler checks the key in the JSON body
         else:
             await authenticate(None)
+
+    install_profiles(app, settings)  # X-CodeAPI-Expected-Profile: checked after authentication
 
     @app.after_request
     async def _headers(response: Response) -> Response:
@@ -237,8 +243,9 @@ def create_app(svc: Services) -> QuartTrio:
             entity_id=body.entity_id,
             user_id=_user_id(body.user_id),
             files=[FileRef(f.id, f.session_id, f.name) for f in body.files],
-            # ms, capped by MAX_EXECUTION_TIME (contract §1.1); the PTC fallback always sends it
-            timeout=_exec_timeout(raw.get("timeout"), settings.max_execution_time),
+            args=parse_args(body.args),
+            timeout=parse_timeout_ms(body.timeout),
+            runtime_session_id=runtime_session_for(body.runtime_session_hint),
         )
         return await _respond_exec(req)
 
@@ -698,15 +705,6 @@ def _lone_surrogate(value: Any, where: str) -> str | None:
         if found is not None:
             return found
     return None
-
-
-def _exec_timeout(value: Any, cap: float) -> float | None:
-    """``/exec``'s optional ``timeout`` (ms): capped; a value that is not a positive number is ignored
-    (the contract asks servers to accept the field, never to refuse a request over it)."""
-    try:
-        return parse_timeout(value, cap) if value is not None else None
-    except ApiError:
-        return None
 
 
 def _user_id(given: str | None) -> str | None:
