@@ -36,7 +36,7 @@ import trio
 from . import files, proctree
 from .cgroups import Group
 from .config import Config
-from .languages import SOURCE_FILES, Context, LanguageSpec, Step, Toolchain, prewarm_step
+from .languages import SOURCE_FILES, Context, LanguageSpec, Step, Toolchain, prewarm_step, with_args
 from .limits import MB, Identity, Limits, SpawnSpec, base_env, cpu_limit_for, spawn_user
 from .prewarm import Warm, make_private_tmp, remove_tree
 from .sandbox import EXTRA_PROCESSES, Sandbox, exit_signal, not_exiting, payload_pid
@@ -402,8 +402,13 @@ class Runner:
         return warm
 
     # --- execution -------------------------------------------------------------------------
-    async def execute(self, code: str, timeout: float, request_id: str) -> dict[str, Any]:
-        """Run ``code`` once. Raises ``Conflict`` if busy, ``OSError`` if the run cannot be set up."""
+    async def execute(self, code: str, timeout: float, request_id: str,
+                      args: list[str] | None = None) -> dict[str, Any]:
+        """Run ``code`` once. Raises ``Conflict`` if busy, ``OSError`` if the run cannot be set up.
+
+        ``args`` become the program's argv; a pre-warmed process was started before they were
+        known, so a run with args is a cold run (``languages.with_args``).
+        """
         if self.busy:
             raise Conflict("An execution is already running in this sidecar")
         self.busy = True
@@ -419,13 +424,13 @@ class Runner:
         started = time.perf_counter()
         exit_code = 0
         try:
-            warm = await self._take_warm() if self.prewarm_enabled else None
+            warm = await self._take_warm() if self.prewarm_enabled and not args else None
             tmp = warm.tmp if warm else make_private_tmp(self.cfg.tmp_root, self.identity)
             state = RunState(Capture(cap, cap * self.cfg.output_kill_factor),
                              Capture(cap, cap * self.cfg.output_kill_factor), tmp)
             self._write_source(code)
             before = files.snapshot(wd)
-            steps = self.spec.steps(self._context(tmp))
+            steps = with_args(self.spec.steps(self._context(tmp)), args or [])
             oom_before = self._oom_kills()
             deadline = trio.current_time() + timeout
             # The disk watcher is owned by the runner's nursery and bound to this run by its
@@ -530,6 +535,8 @@ class Runner:
             "stderr_truncated": state.err.truncated,
             "killed": state.reason,
             "generated": generated,
+            # [deleted_files] top-level files the run removed (the API reports removed inputs).
+            "removed": sorted(set(before) - set(after) - exclude),
             "request_id": request_id,
         }
 

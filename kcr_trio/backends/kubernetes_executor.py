@@ -49,7 +49,7 @@ import string
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -279,7 +279,7 @@ class PodSandbox:
             reason = await self._executor._failure_reason(self.pod, exc)
             raise Unavailable(reason) from exc
 
-    async def run(self, code: str, *, timeout: float, request_id: str) -> RunResult:
+    async def run(self, code: str, *, timeout: float, request_id: str, args: Sequence[str] = ()) -> RunResult:
         result: RunResult | None = None
         error: Unavailable | None = None
         async with trio.open_nursery() as nursery:
@@ -290,7 +290,7 @@ class PodSandbox:
 
             nursery.start_soon(on_pod_death)
             try:
-                result = await self._inner.run(code, timeout=timeout, request_id=request_id)
+                result = await self._inner.run(code, timeout=timeout, request_id=request_id, args=args)
             except Unavailable as exc:
                 error = exc
             nursery.cancel_scope.cancel()

@@ -499,7 +499,10 @@ class LocalExecutor:
         """Kill the sidecar and everything below it, then remove its directory. Shielded, bounded."""
         with trio.CancelScope(shield=True):
             with trio.move_on_after(10):
-                await trio.to_thread.run_sync(self._kill_sync, sidecar)
+                # returncode is read here, not in the thread: on a process that already exited it
+                # closes trio's pidfd, which only works from the Trio thread (it crashed the server).
+                alive = sidecar.process.returncode is None
+                await trio.to_thread.run_sync(self._kill_sync, sidecar, alive)
                 with trio.move_on_after(5):
                     await sidecar.process.wait()
                 await trio.to_thread.run_sync(_remove_tree, sidecar.directory)
@@ -510,9 +513,9 @@ class LocalExecutor:
                 self._free_uids.append(sidecar.uid)
 
     @staticmethod
-    def _kill_sync(sidecar: _Sidecar) -> None:
+    def _kill_sync(sidecar: _Sidecar, alive: bool) -> None:
         pid = sidecar.process.pid
-        if sidecar.process.returncode is None:
+        if alive:
             try:
                 os.kill(pid, signal.SIGSTOP)  # frozen: it cannot start anything new meanwhile
             except OSError:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Any
 
 from .languages import SOURCE_FILES
 from .model import GeneratedFile, RunResult
@@ -73,3 +74,15 @@ def select_outputs(
             continue
         kept.append(item)
     return kept, notes
+
+
+def artifact_delivery(attempted: int, delivered: int) -> dict[str, Any] | None:
+    """Contract §4.1: outputs produced but not stored, in the only shape the client accepts
+    (``failed > 0``, ``attempted == delivered + failed``, ``failed`` ⇒ ``delivered == 0``,
+    ``partial`` ⇒ ``delivered > 0``); ``None`` (field omitted) when every file was delivered."""
+    delivered = max(0, min(delivered, attempted))
+    failed = attempted - delivered
+    if failed <= 0:
+        return None
+    return {"code": "artifact_delivery_failed", "status": "partial" if delivered else "failed",
+            "attempted": attempted, "delivered": delivered, "failed": failed}

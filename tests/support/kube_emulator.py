@@ -34,6 +34,10 @@ pulls), :attr:`~KubeEmulator.node_labels` (a pod whose ``nodeSelector`` does not
 :meth:`~KubeEmulator.send_bookmarks`, :meth:`oom_kill`, :meth:`evict`, and a real ``kill -9`` of
 :meth:`main_pid`.
 
+Container mode: pass ``pod_command=ContainerPods()`` (:mod:`tests.support.container_pod`) and each
+pod becomes a podman container of its image, with the pod spec's user, read-only root, emptyDirs,
+env and args, and no network but its container port (``tests/integration/images``).
+
 Built on the standard library's threading HTTP server: the emulator is infrastructure beside the
 code under test, independent of the test's Trio loop, and must keep serving while a test blocks.
 """
