@@ -286,7 +286,7 @@ class PtcRoutes:
                 raise ValueError("malformed tool request")
             keys = [f"{ident}.{i}" for i in range(len(calls))]
             run.requests[ident] = _Request(reply, keys)
-            return [{"key": k, "name": str(c.get("name")), "input": c.get("input")} for k, c in zip(keys, calls)]
+            return [{"key": k, "name": str(c.get("name")), "input": c.get("input")} for k, c in zip(keys, calls, strict=True)]
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             reply = f"r.{ident}" if ident.startswith("b") else "r.py"
             run.fail(ident, reply, 1, f"invalid tool request: {exc}")

@@ -15,7 +15,6 @@ from typing import Any
 from kcr_trio.core.errors import ApiError
 from kcr_trio.core.ids import new_id
 
-
 MAX_ERROR_BODY = 32 * 1024  # the client ignores bodies over 64 KiB; stay far below
 MAX_MESSAGE_CHARS = 4096
 

@@ -21,6 +21,7 @@ Quirks that cannot be fixed from our side are documented in the chart README ("R
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import httpx
@@ -42,8 +43,8 @@ class RunnerSandbox(SidecarSandbox):
         super().__init__(base_url, client=client, timeout_cap=runner_cap, **kw)
         self.runner_cap = runner_cap
 
-    async def run(self, code: str, *, timeout: float, request_id: str) -> RunResult:
-        result = await super().run(code, timeout=timeout, request_id=request_id)
+    async def run(self, code: str, *, timeout: float, request_id: str, args: Sequence[str] = ()) -> RunResult:
+        result = await super().run(code, timeout=timeout, request_id=request_id, args=args)
         if timeout > self.runner_cap and result.timed_out and result.failure is None:
             note = (f"Note: the execution image stops programs after {self.runner_cap:g} s "
                     f"(its MAX_EXECUTION_TIME), below the configured limit of {timeout:g} s.")
