@@ -29,7 +29,7 @@ import trio
 
 from . import output
 from .errors import ApiError
-from .exec import ExecRequest, ExecService
+from .exec import ExecRequest, ExecService, _mounts
 from .ids import new_id
 from .model import FileRef
 from .ptc_state import CANCELLED, TOKEN_TTL, CallRecord, PtcStart, PtcState, Replayer
@@ -188,7 +188,7 @@ class PtcEngine:
         inputs = await svc._find_inputs(req, session, notes)
         language = "py" if state.lang == "python" else "bash"
         async with svc.executor.sandbox(language, wait=svc.limits.acquire_timeout) as sandbox:
-            await svc._send_inputs(sandbox, inputs, notes)
+            await svc._send_inputs(sandbox, _mounts(inputs, None), notes)
             body = {
                 "lang": state.lang, "code": state.code, "request_id": f"{state.execution_id}-{state.generation}",
                 "tools": [{"name": t.name, "ident": t.ident, "description": t.description, "params": t.params}
@@ -264,7 +264,8 @@ class PtcEngine:
     async def _finish(self, state: PtcState, sandbox: Any, raw: dict[str, Any], notes: list[str]) -> dict[str, Any]:
         svc = self.service
         result = self._run_result(raw)
-        files = await svc._collect_outputs(sandbox, result, state.out_session_id or "", notes)
+        generated = await svc._generated(sandbox, result)
+        files, _attempted, _stored = await svc._collect_outputs(sandbox, generated, state.out_session_id or "", notes)
         stdout, stderr = output.shape_output(result, limit=svc.limits.max_output_chars, timeout=state.timeout)
         if notes:
             stderr = "\n".join([stderr, *notes]).strip()
