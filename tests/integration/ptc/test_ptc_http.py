@@ -147,7 +147,9 @@ def test_exec_accepts_timeout_in_ms(ptc_server: ServerProcess) -> None:
     assert json.loads(resp.content.strip())["stdout"] == "1\n"  # capped by MAX_EXECUTION_TIME, not refused
     resp = httpx.post(ptc_server.url + "/exec", json={"lang": "py", "code": "print(1)", "timeout": -5},
                       headers=H, timeout=60)
-    assert json.loads(resp.content.strip())["stdout"] == "1\n"  # an unusable value is ignored, never refused
+    # as the official /exec (contract §1.1): a value <= 0 is a 400 with its message, never a 422
+    assert resp.status_code == 400
+    assert json.loads(resp.content)["error"] == "timeout must be a positive number of milliseconds"
 
 
 def test_cancel_of_a_continuation_invalidates_the_token(ptc_server: ServerProcess) -> None:
