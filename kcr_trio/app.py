@@ -114,6 +114,10 @@ async def open_services(settings: Settings, *, executor: Any = None) -> AsyncIte
         background = await stack.enter_async_context(trio.open_nursery())
         stack.callback(background.cancel_scope.cancel)  # runs first on exit: stop the loop, then close
         await background.start(run_session_cleanup, sessions, files, settings)
+        if settings.kcr_orphan_sweep:
+            from kcr_trio.backends.orphan_sweeper import run_orphan_sweeper
+
+            await background.start(run_orphan_sweeper, sessions, files, settings)
 
         yield Services(
             settings=settings,

@@ -101,3 +101,42 @@ def test_delete_during_an_s3_outage_is_not_half_applied(live: Stack) -> None:
     live.s3.start()  # (moto keeps nothing across a restart: the bucket comes back empty)
     r = httpx.delete(live.server.url + f"/files/{sid}/{fid}", headers=H, timeout=60)
     assert r.status_code == 200 and _listed(live, sid) == []
+
+
+def test_objects_without_metadata_are_swept(live: Stack) -> None:
+    sid, fid = _upload(live, "kept.txt", b"kept")
+    client = live.s3.client()
+    orphan = "sessions/AAAAAAAAAAAAAAAAAAAAA/uploads/BBBBBBBBBBBBBBBBBBBBB"
+    foreign = ["states/AAAAAAAAAAAAAAAAAAAAA/state.dat", "health_check/test_1.txt"]
+    for key in [orphan, *foreign]:
+        client.put_object(Bucket=BUCKET, Key=key, Body=b"x")
+    # Past KCR_ORPHAN_MIN_AGE (2 s) the orphan goes; the upload (older still) and keys outside our
+    # layout stay.
+    wait_until(lambda: orphan not in live.keys(), 30, interval=0.2, message="orphan swept")
+    assert f"sessions/{sid}/uploads/{fid}" in live.keys()
+    assert all(key in live.s3.list_keys(BUCKET) for key in foreign)
+    r = httpx.get(live.server.url + f"/download/{sid}/{fid}", headers=H, timeout=30)
+    assert r.status_code == 200 and r.content == b"kept"
+
+
+def test_no_orphan_and_no_half_visible_file_after_outages(live: Stack) -> None:
+    """After a Redis outage during uploads and runs, every object has metadata and every listed
+    file has its bytes, once the sweeper has run past the age."""
+    sid, fid = _upload(live, "before.txt", b"b")
+    live.redis.kill()
+    code = "open('made.txt', 'w').write('m')\nprint('ran')"
+    r = httpx.post(live.server.url + "/exec", headers=H, timeout=60,
+                   json={"lang": "py", "code": code, "session_id": sid})
+    assert r.status_code in (200, 503)
+    r = httpx.post(live.server.url + "/upload", files={"file": ("during.txt", b"d")}, headers=H, timeout=30)
+    assert r.status_code == 503
+    live.redis.start()  # (no persistence: the metadata written before the outage is gone too)
+    sid2, fid2 = _upload(live, "after.txt", b"a")
+
+    def consistent() -> bool:
+        keys = live.keys()
+        return keys == [f"sessions/{sid2}/uploads/{fid2}"]
+
+    wait_until(consistent, 30, interval=0.2, message="only objects with metadata remain")
+    r = httpx.get(live.server.url + f"/download/{sid2}/{fid2}", headers=H, timeout=30)
+    assert r.status_code == 200 and r.content == b"a"
