@@ -101,3 +101,19 @@ async def test_too_many_file_refs_is_413(tmp_path: Path) -> None:
             assert r.json()["error"] == "Too many files: at most 5 file references per request"
             r = await client.post(url + "/exec", json={"code": "x", "lang": "py", "files": refs[:5]}, headers=H)
             assert r.status_code == 200
+
+
+# -- finding 10: bounded metrics labels -----------------------------------------------------------
+
+
+async def test_random_methods_do_not_mint_metric_series(tmp_path: Path) -> None:
+    async with ops_server(tmp_path, kcr_metrics_auth=False) as (url, _, _):
+        async with httpx.AsyncClient(timeout=10) as client:
+            for i in range(20):
+                await client.request(f"X{i}RANDOM", url + "/files/x", headers=H)
+            text = (await client.get(url + "/metrics")).text
+        methods = set()
+        for line in text.splitlines():
+            if line.startswith("kcr_http_requests_total{"):
+                methods.add(line.split('method="', 1)[1].split('"', 1)[0])
+        assert "other" in methods and not any("RANDOM" in m for m in methods)
