@@ -29,6 +29,7 @@ from kcr_trio.api.metrics import Metrics
 from kcr_trio.api.ratelimit import RateLimiter
 from kcr_trio.api.routes import Services, create_app, render_metrics
 from kcr_trio.api.scope import RequestScopeMiddleware
+from kcr_trio.api.wire import CloseAmbiguousFraming, install_json_rejections
 from kcr_trio.config import Settings
 from kcr_trio.core.exec import ExecLimits, ExecService
 from kcr_trio.logs import setup_logging
@@ -158,7 +159,8 @@ def hypercorn_config(settings: Settings) -> HypercornConfig:
 
 def build_asgi(svc: Services) -> Any:
     on_finish = svc.metrics.on_finish if svc.metrics is not None else None
-    return RequestScopeMiddleware(create_app(svc), on_finish=on_finish)
+    install_json_rejections()
+    return CloseAmbiguousFraming(RequestScopeMiddleware(create_app(svc), on_finish=on_finish))
 
 
 def metrics_asgi(svc: Services) -> Any:

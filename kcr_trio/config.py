@@ -36,6 +36,7 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "json"
     enable_docs: bool = True
+    kcr_cors_origins: str = ""  # CORS on /download for these origins ("*" = any); empty = off
     kcr_data_dir: Path = Field(default_factory=_default_data_dir)
 
     # --- authentication -----------------------------------------------------------------------

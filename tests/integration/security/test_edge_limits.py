@@ -117,3 +117,50 @@ async def test_random_methods_do_not_mint_metric_series(tmp_path: Path) -> None:
             if line.startswith("kcr_http_requests_total{"):
                 methods.add(line.split('method="', 1)[1].split('"', 1)[0])
         assert "other" in methods and not any("RANDOM" in m for m in methods)
+
+
+# -- finding 12: protocol edges -------------------------------------------------------------------
+
+
+async def test_protocol_edges(tmp_path: Path) -> None:
+    async with ops_server(tmp_path) as (url, _, _):
+        port = port_of(url)
+        async with httpx.AsyncClient(timeout=10) as client:
+            r = await client.put(url + "/exec", headers=H)
+            assert r.status_code == 405 and r.json()["error_type"] == "validation"
+            # CORS is off by default: no Access-Control-* anywhere.
+            for r in (await client.options(url + "/download/a/b", headers={"Origin": "https://evil.example"}),
+                      await client.get(url + "/download/a/b", headers={**H, "Origin": "https://evil.example"})):
+                assert not any(k.lower().startswith("access-control") for k in r.headers)
+        # Both Content-Length and Transfer-Encoding: answered, then the connection is closed.
+        body = json.dumps({"code": "x", "lang": "py"}).encode()
+        request = (b"POST /exec HTTP/1.1\r\nHost: t\r\nX-API-Key: " + TEST_KEY.encode() +
+                   b"\r\nContent-Type: application/json\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n" +
+                   b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+        stream = await raw(port, request)
+        data = b""
+        with trio.fail_after(10):
+            while chunk := await stream.receive_some(65536):  # ends only if the server closes
+                data += chunk
+        assert data.startswith(b"HTTP/1.1 200") and b"connection: close" in data.lower()
+        # What h11 itself refuses is answered with a JSON body too.
+        for bad, status in ((b"NOT HTTP AT ALL\r\n\r\n", 400),
+                            (b"GET / HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n", 431),
+                            (b"POST /exec HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip\r\n\r\n", 501)):
+            stream = await raw(port, bad)
+            data = b""
+            with trio.fail_after(10):
+                while chunk := await stream.receive_some(65536):
+                    data += chunk
+            head, _, payload = data.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 %d" % status), data[:200]
+            assert b"application/json" in head.lower() and json.loads(payload)["error"]
+
+
+async def test_cors_when_configured(tmp_path: Path) -> None:
+    async with ops_server(tmp_path, kcr_cors_origins="https://app.example") as (url, _, _):
+        async with httpx.AsyncClient(timeout=10) as client:
+            r = await client.options(url + "/download/a/b", headers={"Origin": "https://app.example"})
+            assert r.status_code == 204 and r.headers["access-control-allow-origin"] == "https://app.example"
+            r = await client.options(url + "/download/a/b", headers={"Origin": "https://evil.example"})
+            assert "access-control-allow-origin" not in r.headers
