@@ -29,7 +29,7 @@ from kcr_trio.api.metrics import Metrics
 from kcr_trio.api.ratelimit import RateLimiter
 from kcr_trio.api.routes import Services, create_app, render_metrics
 from kcr_trio.api.scope import RequestScopeMiddleware
-from kcr_trio.api.wire import CloseAmbiguousFraming, install_json_rejections
+from kcr_trio.api.wire import CloseAmbiguousFraming, install_half_close_support, install_json_rejections
 from kcr_trio.config import Settings
 from kcr_trio.core.exec import ExecLimits, ExecService
 from kcr_trio.logs import setup_logging
@@ -160,6 +160,7 @@ def hypercorn_config(settings: Settings) -> HypercornConfig:
 def build_asgi(svc: Services) -> Any:
     on_finish = svc.metrics.on_finish if svc.metrics is not None else None
     install_json_rejections()
+    install_half_close_support()
     return CloseAmbiguousFraming(RequestScopeMiddleware(create_app(svc), on_finish=on_finish))
 
 

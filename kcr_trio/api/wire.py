@@ -7,6 +7,7 @@ requests whose framing is ambiguous.
   deserve the same here: :func:`install_json_rejections` makes Hypercorn's error responses carry one.
   It replaces one method of Hypercorn's HTTP/1.1 protocol class, process-wide; the sidecar's own
   HTTP server does not use Hypercorn and is unaffected.
+* **Half-closed clients get their answer** (:func:`install_half_close_support`).
 * **Content-Length together with Transfer-Encoding** (RFC 9112 §6.3): the body is read as chunked,
   but such a request is how request smuggling starts, and the RFC says the connection must be
   closed after the response. :class:`CloseAmbiguousFraming` adds ``Connection: close``.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import time
 from itertools import chain
+from math import inf
 from typing import Any
 
 from kcr_trio.core.ids import new_id
@@ -84,3 +86,98 @@ class CloseAmbiguousFraming:
             await send(message)
 
         await self.app(scope, receive, closing_send)
+
+
+# -- half-closed clients --------------------------------------------------------------------------
+
+# A half-closed client is waited for at most this long (the app's own deadlines end sooner).
+HALF_CLOSE_MAX_WAIT = 900.0
+_POLL = 0.1
+_TCP_CLOSE = 7  # tcp_info.tcpi_state after the peer reset the connection
+
+
+def install_half_close_support() -> None:
+    """Answer clients that half-close (``shutdown(SHUT_WR)``) after sending their request.
+
+    Hypercorn treats end-of-input as a disconnect and cancels the request, so such a client (41 of
+    224 in the audit) never got its answer. TCP cannot tell a half-close from a full close: both
+    are a FIN. So when input ends while a complete request awaits its response, we keep serving,
+    send an interim ``100 Continue`` and watch the socket: a client that really left answers that
+    byte with a reset within a round trip (``tcp_info`` shows it) and the request is cancelled, as
+    before. Once the final response has started, a departed client is noticed at the next byte
+    written (a heartbeat within ``KCR_HEARTBEAT_INTERVAL``). Plain TCP only (TLS keeps Hypercorn's
+    behaviour).
+    """
+    import socket as socket_module
+
+    import h11
+    import trio
+    from hypercorn.events import Closed, RawData
+    from hypercorn.trio import tcp_server
+
+    server_class = tcp_server.TCPServer
+    if getattr(server_class, "_kcr_half_close", False):
+        return
+
+    def h11_of(server: Any) -> Any:
+        inner = getattr(getattr(server, "protocol", None), "protocol", None)
+        return inner if inner is not None and hasattr(inner, "connection") else None
+
+    def awaiting_response(server: Any) -> bool:
+        proto = h11_of(server)
+        if proto is None or proto.stream is None or not isinstance(proto.connection, h11.Connection):
+            return False
+        conn = proto.connection
+        return conn.their_state is h11.DONE and conn.our_state in (h11.SEND_RESPONSE, h11.SEND_BODY)
+
+    def reset(sock: Any) -> bool:
+        try:
+            return sock.getsockopt(socket_module.IPPROTO_TCP, socket_module.TCP_INFO, 1)[0] == _TCP_CLOSE
+        except OSError:
+            return True
+
+    async def probe(server: Any) -> None:
+        """Make a peer that really left say so now: an unsolicited ``100 Continue`` (every HTTP/1.1
+        client must accept 1xx responses it did not ask for, RFC 9110 §15.2) reaches a closed
+        socket and comes back as a reset within a round trip. Only before the final response."""
+        proto = h11_of(server)
+        if proto is not None and proto.connection.our_state is h11.SEND_RESPONSE:
+            try:
+                await proto._send_h11_event(
+                    h11.InformationalResponse(status_code=100, headers=proto.config.response_headers("h11"))
+                )
+            except h11.LocalProtocolError:  # the final response started meanwhile: nothing to do
+                pass
+
+    async def wait_for_answer(server: Any) -> bool:
+        """Wait while the answer is pending; True if the peer reset (it really left)."""
+        sock = getattr(server.stream, "socket", None)
+        if sock is None:
+            return True
+        await probe(server)
+        with trio.move_on_after(HALF_CLOSE_MAX_WAIT):
+            while awaiting_response(server):
+                if reset(sock):
+                    return True
+                await trio.sleep(_POLL)
+        return False
+
+    async def _read_data(self: Any) -> None:
+        while True:
+            try:
+                with trio.fail_after(self.config.read_timeout or inf):
+                    data = await self.stream.receive_some(tcp_server.MAX_RECV)
+            except (trio.ClosedResourceError, trio.BrokenResourceError, trio.TooSlowError):
+                break
+            if data == b"" and awaiting_response(self) and await wait_for_answer(self):
+                break  # the client left: Hypercorn's own handling (cancel the request)
+            await self.protocol.handle(RawData(bytes(data)))
+            if data == b"":
+                break
+        await self.protocol.handle(Closed())
+        # Input is over: no further request can come, so the keep-alive timer must not hold the
+        # connection open (the client of a half-close reads until we close).
+        await self.idle_task.stop()
+
+    server_class._read_data = _read_data  # type: ignore[method-assign]
+    server_class._kcr_half_close = True  # type: ignore[attr-defined]

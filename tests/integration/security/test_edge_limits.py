@@ -164,3 +164,39 @@ async def test_cors_when_configured(tmp_path: Path) -> None:
             assert r.status_code == 204 and r.headers["access-control-allow-origin"] == "https://app.example"
             r = await client.options(url + "/download/a/b", headers={"Origin": "https://evil.example"})
             assert "access-control-allow-origin" not in r.headers
+
+
+async def test_half_closed_client_gets_its_answer(tmp_path: Path) -> None:
+    async with ops_server(tmp_path) as (url, program, _):
+        body = json.dumps({"code": "sleep:1.5", "lang": "py"}).encode()
+        for path, payload in (("/exec", body), ("/health", b"")):
+            method = b"POST" if payload else b"GET"
+            request = (method + b" " + path.encode() + b" HTTP/1.1\r\nHost: t\r\nX-API-Key: " + TEST_KEY.encode() +
+                       b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(payload) + payload)
+            stream = await raw(port_of(url), request)
+            await stream.send_eof()  # shutdown(SHUT_WR): the client still reads
+            data = b""
+            with trio.fail_after(20):
+                while chunk := await stream.receive_some(65536):
+                    data += chunk
+            # An interim 100 Continue may come first (the server's check that the client is there).
+            if data.startswith(b"HTTP/1.1 100"):
+                data = data.partition(b"\r\n\r\n")[2]
+            assert data.startswith(b"HTTP/1.1 200"), data[:200]
+            if path == "/exec":
+                assert b'"stdout":"done\\n"' in data  # (the heartbeat answer is chunked)
+        assert program.cancelled == 0
+
+
+@pytest.mark.parametrize("heartbeat", [True, False])
+async def test_a_client_that_really_leaves_is_still_cancelled(tmp_path: Path, heartbeat: bool) -> None:
+    """TCP cannot tell a half-close from a close; the interim-response probe tells them apart, so a
+    client that left is noticed before anything of the answer was written (also without heartbeat)."""
+    async with ops_server(tmp_path, kcr_heartbeat_grace=0.2, kcr_heartbeat=heartbeat) as (url, program, executor):
+        body = json.dumps({"code": "forever", "lang": "py"}).encode()
+        request = (b"POST /exec HTTP/1.1\r\nHost: t\r\nX-API-Key: " + TEST_KEY.encode() +
+                   b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        stream = await raw(port_of(url), request)
+        await await_until(lambda: program.running == 1, 10, message="run started")
+        await stream.aclose()
+        await await_until(lambda: program.cancelled == 1, 10, message="run cancelled after the client left")
