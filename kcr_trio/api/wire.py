@@ -132,7 +132,8 @@ def install_half_close_support() -> None:
 
     def reset(sock: Any) -> bool:
         try:
-            return sock.getsockopt(socket_module.IPPROTO_TCP, socket_module.TCP_INFO, 1)[0] == _TCP_CLOSE
+            state: int = sock.getsockopt(socket_module.IPPROTO_TCP, socket_module.TCP_INFO, 1)[0]
+            return state == _TCP_CLOSE
         except OSError:
             return True
 

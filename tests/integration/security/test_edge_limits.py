@@ -93,7 +93,7 @@ async def test_unauthenticated_bodies_share_one_global_budget(tmp_path: Path) ->
 
 
 async def test_too_many_file_refs_is_413(tmp_path: Path) -> None:
-    async with ops_server(tmp_path, kcr_max_file_refs=5) as (url, program, _):
+    async with ops_server(tmp_path, kcr_max_file_refs=5) as (url, _, _):
         refs = [{"id": f"f{i:020d}", "session_id": f"s{i:020d}", "name": f"{i}.csv"} for i in range(6)]
         async with httpx.AsyncClient(timeout=10) as client:
             r = await client.post(url + "/exec", json={"code": "x", "lang": "py", "files": refs}, headers=H)
@@ -158,12 +158,12 @@ async def test_protocol_edges(tmp_path: Path) -> None:
 
 
 async def test_cors_when_configured(tmp_path: Path) -> None:
-    async with ops_server(tmp_path, kcr_cors_origins="https://app.example") as (url, _, _):
-        async with httpx.AsyncClient(timeout=10) as client:
-            r = await client.options(url + "/download/a/b", headers={"Origin": "https://app.example"})
-            assert r.status_code == 204 and r.headers["access-control-allow-origin"] == "https://app.example"
-            r = await client.options(url + "/download/a/b", headers={"Origin": "https://evil.example"})
-            assert "access-control-allow-origin" not in r.headers
+    async with ops_server(tmp_path, kcr_cors_origins="https://app.example") as (url, _, _), \
+            httpx.AsyncClient(timeout=10) as client:
+        r = await client.options(url + "/download/a/b", headers={"Origin": "https://app.example"})
+        assert r.status_code == 204 and r.headers["access-control-allow-origin"] == "https://app.example"
+        r = await client.options(url + "/download/a/b", headers={"Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in r.headers
 
 
 async def test_half_closed_client_gets_its_answer(tmp_path: Path) -> None:
@@ -192,7 +192,7 @@ async def test_half_closed_client_gets_its_answer(tmp_path: Path) -> None:
 async def test_a_client_that_really_leaves_is_still_cancelled(tmp_path: Path, heartbeat: bool) -> None:
     """TCP cannot tell a half-close from a close; the interim-response probe tells them apart, so a
     client that left is noticed before anything of the answer was written (also without heartbeat)."""
-    async with ops_server(tmp_path, kcr_heartbeat_grace=0.2, kcr_heartbeat=heartbeat) as (url, program, executor):
+    async with ops_server(tmp_path, kcr_heartbeat_grace=0.2, kcr_heartbeat=heartbeat) as (url, program, _):
         body = json.dumps({"code": "forever", "lang": "py"}).encode()
         request = (b"POST /exec HTTP/1.1\r\nHost: t\r\nX-API-Key: " + TEST_KEY.encode() +
                    b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)

@@ -31,7 +31,7 @@ class Stack:
     redis: RedisServer
     s3: S3Server
 
-    def keys(self, prefix: str = "sessions/") -> list[str]:
+    def stored_keys(self, prefix: str = "sessions/") -> list[str]:
         return self.s3.list_keys(BUCKET, prefix)
 
 
@@ -65,19 +65,19 @@ def live(stack: Stack) -> Iterator[Stack]:
 
 def test_output_is_kept_when_the_session_store_dies_after_the_commit(live: Stack) -> None:
     code = "print('hello', flush=True)\nopen('out.txt', 'w').write('o')\nimport time\ntime.sleep(3)\nprint('bye')"
-    with httpx.Client(timeout=60) as client:
-        with client.stream("POST", live.server.url + "/exec", json={"lang": "py", "code": code}, headers=H) as r:
-            assert r.status_code == 200
-            chunks = r.iter_bytes()
-            first = next(chunks)
-            assert first.startswith(b" ")  # the heartbeat committed the 200: the run is under way
-            live.redis.kill()
-            body = json.loads(first + b"".join(chunks))
+    with httpx.Client(timeout=60) as client, \
+            client.stream("POST", live.server.url + "/exec", json={"lang": "py", "code": code}, headers=H) as r:
+        assert r.status_code == 200
+        chunks = r.iter_bytes()
+        first = next(chunks)
+        assert first.startswith(b" ")  # the heartbeat committed the 200: the run is under way
+        live.redis.kill()
+        body = json.loads(first + b"".join(chunks))
     assert body["stdout"] == "hello\nbye\n"
     assert body["session_id"] and body["files"] == []
     assert "out.txt" in body["stderr"] and "not saved" in body["stderr"]
     # The output's bytes went with it: nothing is left in S3 without metadata.
-    assert [k for k in live.keys() if "/outputs/" in k] == []
+    assert [k for k in live.stored_keys() if "/outputs/" in k] == []
 
 
 def _upload(stack: Stack, name: str, data: bytes) -> tuple[str, str]:
@@ -112,8 +112,8 @@ def test_objects_without_metadata_are_swept(live: Stack) -> None:
         client.put_object(Bucket=BUCKET, Key=key, Body=b"x")
     # Past KCR_ORPHAN_MIN_AGE (2 s) the orphan goes; the upload (older still) and keys outside our
     # layout stay.
-    wait_until(lambda: orphan not in live.keys(), 30, interval=0.2, message="orphan swept")
-    assert f"sessions/{sid}/uploads/{fid}" in live.keys()
+    wait_until(lambda: orphan not in live.stored_keys(), 30, interval=0.2, message="orphan swept")
+    assert f"sessions/{sid}/uploads/{fid}" in live.stored_keys()
     assert all(key in live.s3.list_keys(BUCKET) for key in foreign)
     r = httpx.get(live.server.url + f"/download/{sid}/{fid}", headers=H, timeout=30)
     assert r.status_code == 200 and r.content == b"kept"
@@ -122,7 +122,7 @@ def test_objects_without_metadata_are_swept(live: Stack) -> None:
 def test_no_orphan_and_no_half_visible_file_after_outages(live: Stack) -> None:
     """After a Redis outage during uploads and runs, every object has metadata and every listed
     file has its bytes, once the sweeper has run past the age."""
-    sid, fid = _upload(live, "before.txt", b"b")
+    sid, _ = _upload(live, "before.txt", b"b")
     live.redis.kill()
     code = "open('made.txt', 'w').write('m')\nprint('ran')"
     r = httpx.post(live.server.url + "/exec", headers=H, timeout=60,
@@ -134,7 +134,7 @@ def test_no_orphan_and_no_half_visible_file_after_outages(live: Stack) -> None:
     sid2, fid2 = _upload(live, "after.txt", b"a")
 
     def consistent() -> bool:
-        keys = live.keys()
+        keys = live.stored_keys()
         return keys == [f"sessions/{sid2}/uploads/{fid2}"]
 
     wait_until(consistent, 30, interval=0.2, message="only objects with metadata remain")
