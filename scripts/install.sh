@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install everything kcr-trio's test suite needs on a fresh Debian 12 machine:
 # the Python package with its test extras, the 13 language toolchains, redis-server, bubblewrap,
-# and the Node clients the keep-alive tests drive. Idempotent; run as root or with sudo.
+# podman with runc and mmdebstrap (the image tests build images from Debian packages), and the Node
+# clients the keep-alive tests drive. Idempotent; run as root or with sudo.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,6 +14,8 @@ APT_PACKAGES=(
   redis-server bubblewrap procps
   # language toolchains (py is the running Python; js/ts use the machine's Node)
   gcc g++ golang-go default-jdk-headless php-cli rustc r-base-core gfortran ldc
+  # container images: build and run them (tests/integration/images, scripts/build-images.sh)
+  podman runc mmdebstrap
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

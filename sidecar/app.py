@@ -97,6 +97,14 @@ class App:
             if self.runner.ready:
                 return await send_json(send, 200, {"status": "ready"})
             return await send_json(send, 503, {"status": "not ready"})
+        if path == "/reset":
+            if method != "POST":
+                raise HTTPError(405, "Method Not Allowed")
+            try:
+                await self.runner.reset()
+            except Conflict as exc:
+                raise HTTPError(409, str(exc)) from None
+            return await send_json(send, 200, {"status": "reset", "runs": self.runner.runs})
         if path == "/execute":
             if method != "POST":
                 raise HTTPError(405, "Method Not Allowed")

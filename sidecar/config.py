@@ -41,8 +41,11 @@ class Config:
     max_open_files: int = 256
     max_file_size_mb: int = 100  # RLIMIT_FSIZE for user code and the upload size limit
     disk_quota_mb: int = 512  # bytes a run may add to working dir + private tmp
+    compile_file_size_mb: int = 2048  # RLIMIT_FSIZE for compile steps (linkers write big files)
+    compile_cpu_factor: int = 4  # compile steps: RLIMIT_CPU = factor x the run's (threaded compilers)
     max_files: int = 4096  # directory entries a run may create
     prewarm: bool = True
+    reset_between_runs: bool = False  # the next interpreter waits for POST /reset (local executor)
     python_preimports: str = ""
     python: str | None = None  # interpreter for user code (default: python3 on the fixed PATH)
     node_path: str | None = None  # NODE_PATH for ts (where the `typescript` package lives)
@@ -85,9 +88,15 @@ _HELP = {
     "max_pids": "RLIMIT_NPROC for programs",
     "max_open_files": "RLIMIT_NOFILE for programs",
     "max_file_size_mb": "RLIMIT_FSIZE for programs, and the upload size limit",
+    "compile_file_size_mb": "RLIMIT_FSIZE for compile steps (trusted compilers and linkers; "
+                            "the program keeps max_file_size_mb)",
+    "compile_cpu_factor": "compile steps get this many times the program's CPU-seconds limit",
     "disk_quota_mb": "bytes a run may add to working dir + private temp dir",
     "max_files": "directory entries a run may create",
     "prewarm": "keep the next interpreter started while idle (py js ts bash)",
+    "reset_between_runs": "serve many runs, one at a time: after each run the next interpreter is "
+                          "started only by POST /reset, which first kills every process of the run "
+                          "(tree and uid sweep) and replaces the working directory with a fresh one",
     "python_preimports": "comma-separated modules the pre-warmed Python imports",
     "python": "interpreter for user Python code (default: python3 on the fixed PATH)",
     "node_path": "NODE_PATH for programs; must contain the typescript package for ts",

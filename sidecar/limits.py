@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-import trio
+from .spawn import Child, open_child
 
 if TYPE_CHECKING:
     from .sandbox import Sandbox
@@ -147,8 +147,11 @@ class SpawnSpec:
     tmp: str | None = None  # the run's private temp dir (mounted at /run/kcr when sandboxed)
 
 
-async def spawn_user(spec: SpawnSpec) -> trio.Process:
-    """Start one user process with stdout/stderr pipes. Raises OSError if it cannot start."""
+async def spawn_user(spec: SpawnSpec) -> Child:
+    """Start one user process with stdout/stderr pipes. Raises OSError if it cannot start.
+
+    Started from the Trio thread itself (``spawn.open_child``), never a worker thread: bubblewrap's
+    ``--die-with-parent`` binds the sandbox's life to the thread that forked it."""
     import subprocess
 
     kwargs: dict[str, object] = {}
@@ -168,7 +171,7 @@ async def spawn_user(spec: SpawnSpec) -> trio.Process:
     else:
         argv = command
         kwargs["preexec_fn"] = _preexec(spec.limits)
-    return await trio.lowlevel.open_process(
+    return await open_child(
         argv,
         stdin=spec.stdin if spec.stdin is not None else subprocess.DEVNULL,
         stdout=subprocess.PIPE,

@@ -20,6 +20,7 @@ import tempfile
 import trio
 
 from .limits import Identity
+from .spawn import Child
 
 
 def make_private_tmp(root: str, identity: Identity) -> str:
@@ -59,7 +60,7 @@ def remove_tree(path: str) -> None:
 class Warm:
     """One started interpreter waiting for its program."""
 
-    def __init__(self, process: trio.Process, sock: trio.socket.SocketType, tmp: str) -> None:
+    def __init__(self, process: Child, sock: trio.socket.SocketType, tmp: str) -> None:
         self.process = process
         self.sock = sock
         self.tmp = tmp

@@ -166,7 +166,10 @@ def kill_uid(uid: int, gid: int) -> None:
         except BaseException:
             pass
         os._exit(0)
-    os.waitpid(pid, 0)
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:  # reaped meanwhile by reap_orphans (it runs on the Trio thread)
+        pass
 
 
 def kill_tree(

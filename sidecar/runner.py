@@ -140,6 +140,10 @@ class Runner:
         self._housekeeping: trio.Event | None = None
         self.warm_broken = False
         self.sandbox: Sandbox | None = None  # set by the server when user code runs in bubblewrap
+        # ``reset_between_runs``: set after every run, cleared by ``reset``. While set, no
+        # interpreter is started (it would share the uid and the directory with what the last run
+        # may have left: the sweep must come first).
+        self.awaiting_reset = False
 
     # --- pre-warm --------------------------------------------------------------------------
     @property
@@ -188,11 +192,19 @@ class Runner:
             uid = self.identity.uid if self.identity.switching else os.getuid()
             nproc += proctree.count_tasks_of_uid(uid)  # type: ignore[arg-type]
         mem = step.address_space_mb or self.cfg.max_memory_mb
+        cpu, fsize = cpu_limit_for(timeout), self.cfg.max_file_size_mb
+        if step.compile:
+            # Compile steps are trusted tools with limits of their own: a linker writes files far
+            # larger than MAX_FILE_SIZE_MB allows the program (rustc's ld died of SIGXFSZ at the
+            # default 10 MB), and threaded compilers burn CPU seconds faster than wall seconds.
+            # The wall clock (the run's timeout) and the disk quota still bind them.
+            cpu *= max(1, self.cfg.compile_cpu_factor)
+            fsize = max(fsize, self.cfg.compile_file_size_mb)
         return Limits(
-            cpu_seconds=cpu_limit_for(timeout),
+            cpu_seconds=cpu,
             address_space_mb=mem,
             nproc=nproc,
-            file_size_mb=self.cfg.max_file_size_mb,
+            file_size_mb=fsize,
             open_files=self.cfg.max_open_files,
         )
 
@@ -294,7 +306,7 @@ class Runner:
         spawn, as it would for any interpreter still starting."""
         if self._nursery is None or self.busy or self._housekeeping is not None:
             return
-        if not self._trash and not (self.prewarm_enabled and self.warm is None):
+        if not self._trash and not self._wants_warm:
             return
         self._hurry, self._housekeeping = trio.Event(), trio.Event()
         self._nursery.start_soon(self._keep_house, self._hurry, self._housekeeping)
@@ -303,7 +315,7 @@ class Runner:
         try:
             with trio.move_on_after(HOUSEKEEPING_DELAY):
                 await hurry.wait()
-            if self.prewarm_enabled and self.warm is None:
+            if self._wants_warm:
                 await self._spawn_warm()
         finally:
             self._hurry = self._housekeeping = None
@@ -311,6 +323,47 @@ class Runner:
         trash, self._trash = self._trash, []
         for path in trash:
             await trio.to_thread.run_sync(remove_tree, path)
+
+    @property
+    def _wants_warm(self) -> bool:
+        return self.prewarm_enabled and self.warm is None and not self.awaiting_reset
+
+    async def reset(self) -> None:
+        """Make this sidecar as good as a new one for the next run (``reset_between_runs``).
+
+        In order: finish the housekeeping of the last run, kill every process below the sidecar
+        and (with an exclusive uid) every process of the run uid, replace the working directory
+        with a fresh, empty one (new inode: no file, ACL or mode a run set survives), remove the
+        finished runs' temp dirs, and only then start the next pre-warmed interpreter. A new
+        sidecar process would give the next run nothing more: its own interpreter, directory,
+        bubblewrap namespaces and temp dir are all fresh per run already.
+        Raises ``Conflict`` while a run is in progress.
+        """
+        if self.busy:
+            raise Conflict("An execution is running in this sidecar")
+        self.busy = True
+        try:
+            if self._housekeeping is not None:
+                self._hurry.set()  # type: ignore[union-attr]
+                await self._housekeeping.wait()
+            await self._discard_warm()
+            await trio.to_thread.run_sync(self._fresh_start)
+        finally:
+            self.busy = False
+        self.awaiting_reset = False
+        if self.prewarm_enabled:
+            await self._spawn_warm()
+
+    def _fresh_start(self) -> None:
+        self._kill_all(final=True)  # no warm interpreter now: the uid sweep runs too
+        wd = self.cfg.working_dir
+        remove_tree(wd)
+        os.mkdir(wd, 0o700)
+        if self.identity.switching:
+            os.chown(wd, self.identity.uid, self.identity.gid)  # type: ignore[arg-type]
+        trash, self._trash = self._trash, []
+        for path in trash:
+            remove_tree(path)
 
     async def _take_warm(self) -> Warm | None:
         if self._housekeeping is not None:  # the next interpreter is about to be started: now
@@ -387,6 +440,8 @@ class Runner:
                         await self._discard_warm()
                 if tmp is not None and (warm is None or warm.used):
                     self._trash.append(tmp)  # removed after the response (see replenish)
+                if self.cfg.reset_between_runs:
+                    self.awaiting_reset = True
                 if not finished:
                     log("execution_cancelled", request_id=request_id, language=self.spec.code,
                         reason="client_disconnected_or_cancelled",
@@ -551,9 +606,14 @@ class Runner:
                     with trio.move_on_after(2):
                         await (warm.exited.wait() if warm is not None else proc.wait())
                 self.tracked.discard(proc.pid)
+        # The status the interpreter reported is the run's status: killing what the program left
+        # behind (daemon threads still spinning while the interpreter exits, children) must never
+        # turn a reported 0 into the SIGTERM/SIGKILL the reaper then sees.
+        if reported is not None:
+            return reported
         if proc.returncode is not None:
             return proc.returncode
-        return reported if reported is not None else -signal.SIGKILL
+        return -signal.SIGKILL
 
     async def _pump(self, stream: trio.abc.ReceiveStream | None, cap: Capture, state: RunState) -> None:
         if stream is None:

@@ -116,6 +116,9 @@ def pod_manifest(
             {"name": "SIDECAR_PORT", "value": str(template.port)},
             {"name": "HOME", "value": "/mnt/data"},
         ]
+        # Our images write only to /mnt/data and /tmp (per-run temp dirs): the root stays read-only.
+        container["securityContext"]["readOnlyRootFilesystem"] = True
+        container["volumeMounts"].append({"name": "tmp", "mountPath": "/tmp"})
     elif language in RUNNER_LANGUAGE_ARGS:
         container["args"] = [f"LANGUAGE={language}", RUNNER_BINARY]
     spec: dict[str, Any] = {
@@ -133,6 +136,8 @@ def pod_manifest(
         "containers": [container],
         "volumes": [{"name": "data", "emptyDir": {"sizeLimit": template.data_size_limit}}],
     }
+    if template.protocol == "kcr-trio":
+        spec["volumes"].append({"name": "tmp", "emptyDir": {"sizeLimit": template.data_size_limit}})
     if template.runtime_class_name:
         spec["runtimeClassName"] = template.runtime_class_name
     if template.node_selector:

@@ -92,6 +92,8 @@ class KubernetesSettings(BaseSettings):
     kcr_pod_name_prefix: str = "trio-pool"
     kcr_pod_protocol: Literal["kcr-trio", "kcr-runner"] = "kcr-trio"
     kcr_sidecar_port: int = Field(8080, ge=1, le=65535)
+    # MAX_EXECUTION_TIME the KubeCodeRun runner images were built with (they clamp to it silently).
+    kcr_runner_max_execution_time: float = Field(120.0, gt=0)
     kcr_cold_pod_fallback: bool = False
     kcr_cold_pod_max: int = Field(4, ge=1)  # cold pods starting at once
     kcr_pod_ready_timeout: float = Field(120.0, gt=0)  # creation → Ready, else the pod is replaced
@@ -228,6 +230,16 @@ def _sidecar_sandbox(client: httpx.AsyncClient, base_url: str) -> Sandbox:
     return SidecarSandbox(base_url, client=client)
 
 
+def _protocol_sandbox_factory(k: KubernetesSettings) -> SandboxFactory:
+    """Our sidecar, or KubeCodeRun's runner with its quirks handled (:mod:`.kube_runner`)."""
+    if k.kcr_pod_protocol != "kcr-runner":
+        return _sidecar_sandbox
+    from .kube_runner import RunnerSandbox
+
+    cap = k.kcr_runner_max_execution_time
+    return lambda client, base_url: RunnerSandbox(base_url, client=client, runner_cap=cap)
+
+
 class PodSandbox:
     """A sidecar sandbox on one pod, which turns "the pod died" into a readable result."""
 
@@ -263,12 +275,32 @@ class PodSandbox:
                 error = exc
             nursery.cancel_scope.cancel()
         if result is not None and result.failure is None:
+            if self._executor.k.kcr_pod_protocol == "kcr-runner" and result.exit_code == -1 and not result.timed_out:
+                return await self._signal_death(result)
             return result
         # The pod died, or the sidecar could not be reached: say why, from the pod's status.
         cause: BaseException | str | None = error or (result.failure if result else None)
         reason = await self._executor._failure_reason(self.pod, cause)
         code_ = self.pod.view.exit_code if self.pod.view and self.pod.view.exit_code is not None else -1
         return RunResult(exit_code=code_, stdout="", stderr=reason, failure=reason)
+
+    async def _signal_death(self, result: RunResult) -> RunResult:
+        """KubeCodeRun's runner answers -1 with empty stderr when the program died of a signal. If
+        the whole container went (an OOM kill of the pod), its status says why; otherwise say
+        what we know."""
+        with trio.move_on_after(1.0):
+            await self.pod.wait_for(lambda p: p.failure is not None)
+        if self.pod.failure:
+            code_ = self.pod.view.exit_code if self.pod.view and self.pod.view.exit_code is not None else -1
+            return RunResult(exit_code=code_, stdout=result.stdout, stderr=self.pod.failure, failure=self.pod.failure,
+                             duration_ms=result.duration_ms)
+        memory = self._executor.k.resources(self.pod.language)["limits"]["memory"]
+        from .kube_runner import append_line
+
+        result.stderr = append_line(result.stderr, (
+            "The program was killed by a signal. The execution image (KubeCodeRun's runner) does not "
+            f"report which signal; running out of memory (limit {memory}) is the usual cause."))
+        return result
 
     async def generated_files(self) -> list[GeneratedFile]:
         try:
@@ -292,13 +324,13 @@ class KubernetesExecutor:
         api: KubeApi,
         http: httpx.AsyncClient,
         *,
-        sandbox_factory: SandboxFactory = _sidecar_sandbox,
+        sandbox_factory: SandboxFactory | None = None,
     ) -> None:
         self.settings = settings
         self.k = ksettings
         self.api = api
         self.http = http
-        self.sandbox_factory = sandbox_factory
+        self.sandbox_factory = sandbox_factory or _protocol_sandbox_factory(ksettings)
         self.owner_uid = ksettings.kcr_pod_owner_uid or str(uuid.uuid4())
         self.owner_is_pod = bool(ksettings.kcr_pod_owner_uid)
         self.template = kube_pods.PodTemplate(
@@ -330,8 +362,9 @@ class KubernetesExecutor:
     @asynccontextmanager
     async def sandbox(self, language: str, *, wait: float) -> AsyncIterator[Sandbox]:
         """A ready pod of ``language`` for one run (see ``Executor.sandbox``). Leaving the context —
-        also by cancellation — deletes the pod at once (shielded, bounded); its replacement was
-        already started when the pod was taken."""
+        also by cancellation — hands the pod's deletion to the executor's nursery (shielded,
+        bounded), so the answer does not wait for it; the pod counts as in use until the delete
+        was sent. Its replacement was already started when the pod was taken."""
         pool = self.pools.get(language)
         if pool is None:
             raise Unavailable(f"Unsupported language for the Kubernetes executor: {language}")
@@ -342,9 +375,22 @@ class KubernetesExecutor:
             yield PodSandbox(self, pod, inner)
         finally:
             released = time.monotonic()
-            with trio.CancelScope(shield=True):
-                with trio.move_on_after(self.k.kcr_k8s_cleanup_timeout):
-                    await self._discard(pool, pod, released)
+            if not self._release_after_answer(pool, pod, released):
+                await self._release(pool, pod, released)
+
+    def _release_after_answer(self, pool: _Pool, pod: _Pod, released: float) -> bool:
+        if self._nursery is None:
+            return False
+        try:
+            self._nursery.start_soon(self._release, pool, pod, released)
+        except RuntimeError:  # the nursery is closed: release inline
+            return False
+        return True
+
+    async def _release(self, pool: _Pool, pod: _Pod, released: float) -> None:
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(self.k.kcr_k8s_cleanup_timeout):
+                await self._discard(pool, pod, released)
 
     async def status(self) -> dict[str, Any]:
         await trio.lowlevel.checkpoint()
@@ -462,9 +508,11 @@ class KubernetesExecutor:
 
     async def _discard(self, pool: _Pool, pod: _Pod, released: float) -> None:
         """After one use: delete the pod now. Shielded by the caller, bounded by its timeout."""
-        pool.in_use -= 1
-        await self._delete(pod)
-        self.reclaims.append({"released": released, "delete_sent": time.monotonic()})
+        try:
+            await self._delete(pod)
+            self.reclaims.append({"released": released, "delete_sent": time.monotonic()})
+        finally:
+            pool.in_use -= 1
 
     async def _delete(self, pod: _Pod) -> None:
         if pod.gone:
@@ -536,7 +584,6 @@ class KubernetesExecutor:
                 pool.failures_in_a_row = 0
                 pool.last_error = None
                 pool.offer(pod)
-                return
             pool.last_error = pod.failure or (
                 f"Execution pod {pod.name} did not become ready within {self.k.kcr_pod_ready_timeout:g}s"
             )
@@ -549,6 +596,11 @@ class KubernetesExecutor:
                     await self._delete(pod)
             elif not ok:
                 self._pods.pop(pod.name, None)
+        if ok:
+            # This slot is free again: start the next pod if the pool is still short (a pool larger
+            # than KCR_POD_CREATE_PARALLEL fills in waves without waiting for traffic).
+            self._replenish(pool)
+            return
         # Failed: back off (capped) before this slot tries again, so a broken image or an
         # unreachable API does not turn into a busy loop.
         log.warning("pool %s: %s", pool.language, pool.last_error)
@@ -718,7 +770,7 @@ async def open_kubernetes_executor(
     settings: Settings,
     ksettings: KubernetesSettings | None = None,
     *,
-    sandbox_factory: SandboxFactory = _sidecar_sandbox,
+    sandbox_factory: SandboxFactory | None = None,
 ) -> AsyncIterator[KubernetesExecutor]:
     """Connect, sweep orphans, start warming the pools, and yield the executor at once (``/ready``
     reports warmth; use ``wait_warm()`` to block on it). On exit the background work stops and our

@@ -1,4 +1,4 @@
-"""``LocalExecutor``: warm pools of local sidecar processes, one execution each.
+"""``LocalExecutor``: warm pools of local sidecar processes, each serving many runs one at a time.
 
 The embedded default executor. Each sandbox is a ``python -m sidecar`` process with its own working
 directory under ``<KCR_DATA_DIR>/sandboxes/`` and (when we run as root) its own uid, so concurrent
@@ -8,16 +8,26 @@ Start-up cannot race: the executor binds the listening socket itself and passes 
 (``--fd``); a request sent before the child runs simply waits in the kernel's accept backlog. The
 child prints one JSON line once it serves and its interpreter is pre-warmed.
 
+Why sidecars are reused: starting one costs a Python import of the sidecar (~0.4 s of CPU here),
+which capped the embedded default at ~5 exec/s. What makes a run's sandbox fresh is not the sidecar
+process (trusted code, never reachable by user code) but what the sidecar creates per run: new
+bubblewrap namespaces and mounts, a new interpreter, a new private temp dir. Between two runs the
+sidecar's ``POST /reset`` kills every process of the run (tree, then the uid sweep), replaces the
+working directory with a new empty one and only then starts the next interpreter, so the next run
+starts exactly as it would in a new sidecar.
+
 Lifecycle and cancellation:
 
 * ``open_local_executor(settings)`` owns a nursery with one replenisher task per language whose
-  pool target (``POD_POOL_<LANG>``) is above zero. Leaving it (also by cancellation) stops the
-  replenishers and then, shielded and bounded, kills every sidecar it ever started.
+  pool target (``POD_POOL_<LANG>``) is above zero, and every release task. Leaving it (also by
+  cancellation) stops the replenishers, lets the (shielded, bounded) releases end and then, shielded
+  and bounded, kills every sidecar it ever started.
 * ``sandbox(lang, wait=…)`` waits at most ``wait`` seconds for one of
-  ``MAX_CONCURRENT_EXECUTIONS`` slots (else ``errors.Busy``), takes a warm sidecar or starts one
-  cold, and on exit (also by cancellation) destroys it under a shielded scope with its own timeout:
-  SIGSTOP the sidecar, kill its whole process tree, SIGKILL it, sweep its uid, remove its directory.
-  The replenisher then starts a replacement in the background.
+  ``MAX_CONCURRENT_EXECUTIONS`` slots (else ``errors.Busy``) and takes a warm sidecar or starts one
+  cold. Leaving it (also by cancellation) returns at once: the release runs in the executor's
+  nursery, so the answer never waits for a teardown. The release resets the sidecar and returns it
+  to its pool, or destroys it (SIGSTOP, kill its whole process tree, SIGKILL, sweep its uid, remove
+  its directory); the slot counts as busy until the release ends.
 """
 
 from __future__ import annotations
@@ -50,7 +60,9 @@ from sidecar.prewarm import remove_tree
 from kcr_trio.core.errors import Busy, Unavailable, unsupported_language
 from kcr_trio.core.languages import LANGUAGES
 from sidecar import proctree
+from sidecar.languages import Toolchain
 from sidecar.limits import reachable_by
+from sidecar.toolchains import availability
 
 from .sidecar_client import SidecarSandbox
 
@@ -75,6 +87,9 @@ class LocalExecutorSettings(BaseSettings):
     # always visible.
     kcr_local_sandbox_ro_paths: str = ""
     kcr_local_bwrap: str = ""  # the bwrap executable (default: bwrap on the standard PATH)
+    # One sidecar serves many runs, one at a time, reset in between (see LocalExecutor._reset).
+    kcr_local_max_runs_per_sidecar: int = 1000
+    kcr_local_reset_timeout: float = 10.0
 
 
 class SandboxUnavailable(RuntimeError):
@@ -153,6 +168,7 @@ class _Sidecar:
     port: int
     directory: Path
     uid: int | None
+    runs: int = 0
 
     @property
     def url(self) -> str:
@@ -185,6 +201,10 @@ class LocalExecutor:
         self._node_path = _node_path(local)
         self._package_parent = str(Path(proctree.__file__).resolve().parents[1])
         self.sandboxed = True  # set from decide_sandbox() before the replenishers start
+        # {language: why it cannot run here}, from sidecar.toolchains at start-up (blocking stats).
+        self.missing: dict[str, str] = {
+            code: why for code, why in availability(Toolchain(local.kcr_local_python, self._node_path)).items()
+            if why}
 
     # --- Executor protocol ----------------------------------------------------------------
     @asynccontextmanager
@@ -194,6 +214,9 @@ class LocalExecutor:
             raise unsupported_language(language)
         if self._closing:
             raise Unavailable("The executor is shutting down")
+        missing = self.missing.get(lang)
+        if missing:
+            raise Unavailable(f"Language {lang!r} is not available on this server: {missing}")
         with trio.move_on_after(wait) as waited:
             await self._slots.acquire()
         if waited.cancelled_caught:
@@ -212,16 +235,77 @@ class LocalExecutor:
             self._wake[lang].set()
             if sidecar is None:
                 sidecar = await self._start(lang)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                if sidecar is not None:
+                    await self._destroy(sidecar)
+                self._free_slot()
+            raise
+        try:
             # The sidecar refuses timeouts above MAX_EXECUTION_TIME (422); callers never ask for more,
             # but a clamp keeps a rounding slip from becoming an error.
             yield SidecarSandbox(sidecar.url, client=self._http,
                                  timeout_cap=float(self.settings.max_execution_time))
         finally:
+            self._hand_back(sidecar)
+
+    def _hand_back(self, sidecar: _Sidecar) -> None:
+        """Leave the release to the executor's nursery: the caller answers now, the slot stays
+        counted busy until ``_release`` ends (capacity is never overstated)."""
+        try:
+            self._nursery.start_soon(self._release, sidecar)
+        except RuntimeError:  # the nursery is closed (shutdown): aclose() kills every sidecar
+            self._free_slot()
+
+    def _free_slot(self) -> None:
+        self.in_use -= 1
+        self._slots.release()
+
+    async def _release(self, sidecar: _Sidecar) -> None:
+        """Reset the sidecar for its next run, or destroy it; then free the slot. Shielded (a
+        shutdown must not leave a used sandbox in a pool) and bounded; never raises."""
+        try:
             with trio.CancelScope(shield=True):
-                if sidecar is not None:
+                if await self._reset(sidecar):
+                    sidecar.runs += 1
+                    self._pools[sidecar.language].append(sidecar)
+                else:
                     await self._destroy(sidecar)
-                self.in_use -= 1
-                self._slots.release()
+        finally:
+            self._free_slot()
+
+    def _keep(self, sidecar: _Sidecar) -> bool:
+        """Whether a used sidecar goes back to its pool (after a reset) rather than away.
+
+        Each language keeps at most ``max(target, capacity)`` idle sidecars, and all languages
+        together at most ``capacity`` beyond their targets, so a burst of rare languages cannot
+        pin memory; ``kcr_local_max_runs_per_sidecar`` bounds any slow leak in a sidecar."""
+        lang = sidecar.language
+        if self._closing or sidecar.process.returncode is not None:
+            return False
+        if sidecar.runs + 1 >= self.local.kcr_local_max_runs_per_sidecar:
+            return False
+        pool, target = self._pools[lang], self._targets[lang]
+        if len(pool) >= max(target, self.capacity):
+            return False
+        extra = sum(max(0, len(self._pools[c]) - self._targets[c]) for c in LANGUAGES)
+        return len(pool) < target or extra < self.capacity
+
+    async def _reset(self, sidecar: _Sidecar) -> bool:
+        """``POST /reset``: the sidecar kills everything of the last run, replaces its working
+        directory and starts a fresh interpreter (``sidecar.runner.Runner.reset``)."""
+        if not self._keep(sidecar):
+            return False
+        with trio.move_on_after(self.local.kcr_local_reset_timeout):
+            try:
+                resp = await self._http.post(f"{sidecar.url}/reset")
+            except httpx.HTTPError as exc:
+                log.warning("sidecar reset failed: %s", exc)
+                return False
+            if resp.status_code == 200:
+                return not self._closing
+            log.warning("sidecar reset answered %s", resp.status_code)
+        return False
 
     async def status(self) -> dict[str, Any]:
         await trio.lowlevel.checkpoint()
@@ -234,12 +318,19 @@ class LocalExecutor:
             "in_use": self.in_use,
             "capacity": self.capacity,
             "sandbox": "bwrap" if self.sandboxed else "none",
+            "languages": {code: ({"available": False, "reason": self.missing[code]} if code in self.missing
+                                 else {"available": True}) for code in LANGUAGES},
         }
 
     # --- pools ----------------------------------------------------------------------------
     def start_replenishers(self) -> None:
         for code, target in self._targets.items():
-            if target > 0:
+            if code in self.missing:
+                if target > 0:
+                    log.warning("language %s is not available (%s); its pool stays empty", code,
+                                self.missing[code])
+                self._filled.add(code)
+            elif target > 0:
                 self._nursery.start_soon(self._replenish, code, target)
 
     async def _replenish(self, lang: str, target: int) -> None:
@@ -302,7 +393,7 @@ class LocalExecutor:
             "--max-memory-mb", str(s.max_memory_mb), "--max-pids", str(s.max_pids),
             "--max-open-files", str(s.max_open_files), "--max-file-size-mb", str(s.max_file_size_mb),
             "--disk-quota-mb", str(max(self.local.kcr_local_disk_quota_mb, 2 * s.max_file_size_mb)),
-            "--prewarm", "true" if s.kcr_sidecar_prewarm else "false",
+            "--prewarm", "true" if s.kcr_sidecar_prewarm else "false", "--reset-between-runs", "true",
             "--python-preimports", s.kcr_python_preimports,
         ]
         if uid is not None:

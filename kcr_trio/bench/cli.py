@@ -6,6 +6,7 @@
     kcr-trio bench list                # the scenarios
     kcr-trio bench prewarm ...         # sidecar pre-warm latency (sidecar.bench)
     kcr-trio bench k8s-reclaim ...     # Kubernetes disconnect-to-pod-deleted (kcr_trio.bench.kube_reclaim)
+    kcr-trio bench engine ...          # /exec latency, exec/s, idle CPU (kcr_trio.bench.engine)
 
 There is no default target: without ``--target`` the bench refuses to run. Every loop is bounded by
 a count and a deadline, and the whole run by ``--max-time``.
@@ -27,6 +28,7 @@ from kcr_trio.bench.targets import TargetError, parse_targets
 DELEGATES = {
     "prewarm": ("sidecar.bench", "sidecar pre-warm latency benchmark"),
     "k8s-reclaim": ("kcr_trio.bench.kube_reclaim", "Kubernetes disconnect-to-pod-deleted benchmark"),
+    "engine": ("kcr_trio.bench.engine", "execution engine: /exec latency vs bare start, exec/s, idle CPU"),
 }
 MAX_SIZE = 100 * 1024 * 1024
 

@@ -8,7 +8,8 @@ HTTP edge cancels when the client disconnects (and which carries the request's o
     stream inputs   store → sandbox   (concurrently, a few at a time)
     run the code                      (cancelling this kills the program's whole process tree)
     collect outputs sandbox → store   (bytes first, metadata last; concurrently)
-    release the sandbox               (the executor does it, shielded, whatever happened)
+    release the sandbox               (handed to the executor's own nursery: the answer does not
+                                       wait for the teardown, which is shielded and bounded there)
 
 A cancelled request therefore stops every phase at once and leaves no half-visible file: bytes that
 were written without their metadata are invisible and are deleted in a shielded ``finally``.

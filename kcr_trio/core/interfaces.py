@@ -107,8 +107,10 @@ class Executor(Protocol):
         """A fresh sandbox for ``language``.
 
         Raises ``errors.Busy`` when none frees up within ``wait`` seconds. Leaving the context, also
-        by cancellation, destroys the sandbox (killing anything still running in it) under a
-        shielded scope with its own timeout, and lets the pool replace it in the background.
+        by cancellation, releases the sandbox *after the answer*: it returns at once and the
+        executor destroys (or resets) the sandbox in its own nursery, killing anything still
+        running in it, shielded and bounded by its own timeout. The slot stays counted as in use
+        (``status()["in_use"]``) until that release ends, so capacity is never overstated.
         """
 
     async def status(self) -> dict[str, Any]:

@@ -16,7 +16,8 @@ by the kubeconfig :meth:`KubeEmulator.write_kubeconfig` writes) cannot tell it f
 * ``GET    /api/v1/namespaces/{ns}/pods/{name}/log`` the container's output
 
 The emulated kubelet runs every pod as a real process: by default the project's sidecar
-(``python -m sidecar``) listening on the pod's own loopback address (``127.A.B.C``, a block chosen at
+(``python -m sidecar``), or for KubeCodeRun runner pods (no ``env`` in the container) the runner
+double :mod:`tests.support.kcr_runner_double`, listening on the pod's own loopback address (``127.A.B.C``, a block chosen at
 random per emulator so parallel emulators do not collide) and the container port from the pod spec.
 The process is started under ``pod_init.py``, a container-like init that takes the whole process
 tree down with it. Status follows Kubernetes: ``Pending`` → ``Running`` (``podIP`` set) → ``Ready``
@@ -59,6 +60,7 @@ from pathlib import Path
 from typing import Any
 
 POD_INIT = str(Path(__file__).with_name("pod_init.py"))
+RUNNER_DOUBLE = Path(__file__).with_name("kcr_runner_double.py")
 _NAME_CHARS = "bcdfghjklmnpqrstvwxz2456789"  # what the API server uses for generateName suffixes
 
 
@@ -160,7 +162,10 @@ class KubeEmulator:
         self.work_root = Path(work_root)
         self.namespaces = set(namespaces)
         self.token = secrets.token_urlsafe(16)
-        self.pod_command = pod_command or default_pod_command
+        self.pod_command = pod_command or self._default_pod_command
+        # Environment of KubeCodeRun runner images (as their ``env -i`` entrypoint would set it),
+        # e.g. ``{"MAX_EXECUTION_TIME": "2"}`` for an image built with a short cap.
+        self.runner_env: dict[str, str] = {}
         self.probe_interval = probe_interval
         self.max_grace = max_grace
         # Image names containing any of these substrings fail to pull.
@@ -540,8 +545,42 @@ class KubeEmulator:
             self._update(ns, name, terminated)
 
 
+    def _default_pod_command(self, pod: dict[str, Any], ip: str, port: int, workdir: Path) -> list[str]:
+        """KubeCodeRun runner pods (no ``env`` in the container: the language image bakes its
+        configuration in) get the runner double; every other pod runs the project's sidecar."""
+        if is_runner_pod(pod):
+            return runner_pod_command(pod, ip, port, workdir, self.runner_env)
+        return default_pod_command(pod, ip, port, workdir)
+
+
 # --------------------------------------------------------------------------------------------
 # helpers
+
+
+def is_runner_pod(pod: dict[str, Any]) -> bool:
+    container = pod["spec"]["containers"][0]
+    return not any(e.get("name") == "LANGUAGE" for e in container.get("env") or [])
+
+
+def runner_pod_command(
+    pod: dict[str, Any], ip: str, port: int, workdir: Path, extra_env: dict[str, str] | None = None
+) -> list[str]:
+    """The runner double, configured as a KubeCodeRun 3.x image would be: ``LANGUAGE`` baked in
+    by image (TypeScript's image says ``js``, C++'s says ``c``), overridden by a ``LANGUAGE=<x>``
+    in the pod's ``args`` (the image's ``env`` entrypoint applies it last)."""
+    from .kcr_runner_double import baked_language
+
+    container = pod["spec"]["containers"][0]
+    env = {"LANGUAGE": baked_language(container.get("image", ""))
+           or (pod["metadata"].get("labels") or {}).get("kubecoderun.io/language", "py")}
+    env.update(extra_env or {})
+    for arg in container.get("args") or []:
+        key, sep, value = arg.partition("=")
+        if sep and key.isupper():
+            env[key] = value
+    assignments = [f"{k}={v}" for k, v in env.items()]
+    return ["/usr/bin/env", *assignments, sys.executable, str(RUNNER_DOUBLE),
+            "--host", ip, "--port", str(port), "--working-dir", str(workdir)]
 
 
 def default_pod_command(pod: dict[str, Any], ip: str, port: int, workdir: Path) -> list[str]:

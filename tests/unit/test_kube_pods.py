@@ -102,3 +102,16 @@ def test_settings_per_language(monkeypatch):
 )
 def test_emulator_label_selectors(selector, labels, expected):
     assert parse_selector(selector)(labels) is expected
+
+
+def test_our_pods_have_a_read_only_root_with_writable_data_and_tmp():
+    c_ours = kube_pods.pod_manifest(kube_pods.PodTemplate(), name="n", language="py", image="i", resources={})
+    main = c_ours["spec"]["containers"][0]
+    assert main["securityContext"]["readOnlyRootFilesystem"] is True
+    mounts = {m["mountPath"]: m["name"] for m in main["volumeMounts"]}
+    assert mounts == {"/mnt/data": "data", "/tmp": "tmp"}
+    assert {v["name"] for v in c_ours["spec"]["volumes"] if "emptyDir" in v} == {"data", "tmp"}
+    # KubeCodeRun's runner images are not ours to change: their pods stay as they were.
+    runner = kube_pods.pod_manifest(kube_pods.PodTemplate(protocol="kcr-runner"), name="n", language="py",
+                                    image="i", resources={})["spec"]["containers"][0]
+    assert "readOnlyRootFilesystem" not in runner["securityContext"] and len(runner["volumeMounts"]) == 1

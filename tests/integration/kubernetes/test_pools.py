@@ -3,6 +3,8 @@ replenishment, cold pods, and the pod template's labels and security settings.""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import pytest
@@ -155,3 +157,18 @@ async def test_cold_pod_with_a_missing_image_fails_clearly(emulator, kubeconfig)
                 pass
         assert "registry.test/kcr-trio-go:test" in str(info.value)
         await until(lambda: not emulator.pods(NS, "kubecoderun.io/language=go"), 10, "failed cold pod deleted")
+
+
+async def test_pool_larger_than_create_parallelism_fills_and_stays_full_without_traffic(emulator, kubeconfig):
+    """Pods start at most ``KCR_POD_CREATE_PARALLEL`` at a time; each one that becomes ready frees
+    its slot for the next, so the pool reaches its size with no request at all."""
+    async with executor_for(kubeconfig, {"py": 5}, kcr_pod_create_parallel=2) as ex:
+        assert await ex.wait_warm(60)
+        assert len(ready_pods(emulator, "py")) == 5
+        assert emulator.requests["CREATE", "pod"] == 5
+        # An idle pod dies: the pool is topped up again, still without traffic.
+        (victim, *_) = ready_pods(emulator, "py")
+        os.kill(emulator.main_pid(NS, victim["metadata"]["name"]), signal.SIGKILL)
+        await until(lambda: emulator.pod(NS, victim["metadata"]["name"]) is None, 15, "dead pod deleted")
+        await until(lambda: ex.snapshot()["pools"]["py"]["ready"] == 5, 30, "pool full again")
+        assert emulator.requests["CREATE", "pod"] == 6

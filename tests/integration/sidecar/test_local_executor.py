@@ -59,6 +59,8 @@ async def test_run_through_the_executor_and_replenish(data_dir: str) -> None:
         assert status["ready"] is True and status["capacity"] == 1 and status["in_use"] == 0
         assert status["pools"]["py"] == {"warm": 1, "target": 1}
         first = next(iter(ex._live))
+        interpreter = proctree.descendants(first.process.pid)
+        assert interpreter  # the pre-warmed interpreter (bwrap, its reaper, python)
         async with ex.sandbox("py", wait=5) as sb:
             assert (await ex.status())["in_use"] == 1
             await sb.put_file("in.txt", chunks(b"from upload"))
@@ -72,10 +74,18 @@ async def test_run_through_the_executor_and_replenish(data_dir: str) -> None:
             with pytest.raises(NotFound):
                 async with sb.open_file("missing.txt"):
                     pass
-        # one execution per sidecar: it is gone with its directory, and a fresh one is warming
-        assert pid_gone(first.process.pid) and not first.directory.exists()
-        assert await warm(ex)
-        assert first not in ex._live
+        # The release runs after the answer, in the executor's nursery; the slot stays in use
+        # until it ends. It resets the sidecar for its next run: every process of the run gone,
+        # a new, empty working directory, and a new interpreter (one run per interpreter).
+        assert await wait_until(lambda: ex.in_use == 0, timeout=15)
+        assert first in ex._pools["py"] and first.runs == 1
+        assert all(pid_gone(p) for p in interpreter)
+        assert list((first.directory / "wd").iterdir()) == []
+        assert await wait_until(lambda: bool(proctree.descendants(first.process.pid)), timeout=15)
+        assert not proctree.descendants(first.process.pid) & interpreter
+        async with ex.sandbox("py", wait=5) as sb:
+            res = await sb.run("import os; print(sorted(os.listdir('.')))", timeout=10, request_id="rq-2")
+            assert res.exit_code == 0 and res.stdout == "['code.py']\n", res  # only its own program
 
 
 async def test_busy_when_no_slot_frees_up(data_dir: str) -> None:
@@ -120,7 +130,7 @@ async def test_cancelling_run_kills_the_program_and_frees_the_slot(data_dir: str
             # the sandbox is still held: only the dropped connection can have killed the program
             assert await wait_until(lambda: all(pid_gone(p) for p in victims), timeout=5)
             assert sidecar.process.returncode is None
-        assert (await ex.status())["in_use"] == 0
+        assert await wait_until(lambda: ex.in_use == 0, timeout=15)  # released after the answer
         async with ex.sandbox("py", wait=1) as sb:
             assert (await sb.run("print('again')", timeout=10, request_id="x")).stdout == "again\n"
 
