@@ -101,12 +101,12 @@ def install_half_close_support() -> None:
 
     Hypercorn treats end-of-input as a disconnect and cancels the request, so such a client (41 of
     224 in the audit) never got its answer. TCP cannot tell a half-close from a full close: both
-    are a FIN. So when input ends while a complete request awaits its response, we keep serving,
-    send an interim ``100 Continue`` and watch the socket: a client that really left answers that
-    byte with a reset within a round trip (``tcp_info`` shows it) and the request is cancelled, as
-    before. Once the final response has started, a departed client is noticed at the next byte
-    written (a heartbeat within ``KCR_HEARTBEAT_INTERVAL``). Plain TCP only (TLS keeps Hypercorn's
-    behaviour).
+    are a FIN. So when input ends while a complete request awaits a response that has not started,
+    we keep serving, send an interim ``100 Continue`` and watch the socket: a client that really
+    left answers that byte with a reset within a round trip (``tcp_info`` shows it) and the request
+    is cancelled, as before. Input that ends once the response has started (a heartbeat committed;
+    LibreChat's hang-up timer fires there) is a disconnect at once, as in Hypercorn, so a departed
+    client is never noticed later than before. Plain TCP only (TLS keeps Hypercorn's behaviour).
     """
     import socket as socket_module
 
@@ -123,12 +123,14 @@ def install_half_close_support() -> None:
         inner = getattr(getattr(server, "protocol", None), "protocol", None)
         return inner if inner is not None and hasattr(inner, "connection") else None
 
-    def awaiting_response(server: Any) -> bool:
+    def awaiting_response(server: Any, *, started: bool = True) -> bool:
+        """A complete request whose answer is not finished (``started=False``: not even begun)."""
         proto = h11_of(server)
         if proto is None or proto.stream is None or not isinstance(proto.connection, h11.Connection):
             return False
         conn = proto.connection
-        return conn.their_state is h11.DONE and conn.our_state in (h11.SEND_RESPONSE, h11.SEND_BODY)
+        states = (h11.SEND_RESPONSE, h11.SEND_BODY) if started else (h11.SEND_RESPONSE,)
+        return conn.their_state is h11.DONE and conn.our_state in states
 
     def reset(sock: Any) -> bool:
         try:
@@ -170,7 +172,7 @@ def install_half_close_support() -> None:
                     data = await self.stream.receive_some(tcp_server.MAX_RECV)
             except (trio.ClosedResourceError, trio.BrokenResourceError, trio.TooSlowError):
                 break
-            if data == b"" and awaiting_response(self) and await wait_for_answer(self):
+            if data == b"" and awaiting_response(self, started=False) and await wait_for_answer(self):
                 break  # the client left: Hypercorn's own handling (cancel the request)
             await self.protocol.handle(RawData(bytes(data)))
             if data == b"":

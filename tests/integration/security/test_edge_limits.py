@@ -200,3 +200,20 @@ async def test_a_client_that_really_leaves_is_still_cancelled(tmp_path: Path, he
         await await_until(lambda: program.running == 1, 10, message="run started")
         await stream.aclose()
         await await_until(lambda: program.cancelled == 1, 10, message="run cancelled after the client left")
+
+
+async def test_a_client_leaving_after_the_commit_is_noticed_at_once(tmp_path: Path) -> None:
+    """Input ending once the answer has started is a disconnect, not a half-close to wait out: the
+    run is cancelled well before the next heartbeat byte (4 s here) would have revealed it."""
+    async with ops_server(tmp_path, kcr_heartbeat_grace=0.2, kcr_heartbeat_interval=4.0) as (url, program, _):
+        body = json.dumps({"code": "forever", "lang": "py"}).encode()
+        request = (b"POST /exec HTTP/1.1\r\nHost: t\r\nX-API-Key: " + TEST_KEY.encode() +
+                   b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        stream = await raw(port_of(url), request)
+        data = b""
+        with trio.fail_after(10):
+            while not data.endswith(b"1\r\n \r\n"):  # the head and the first heartbeat byte
+                data += await stream.receive_some(65536)
+        assert data.startswith(b"HTTP/1.1 200")  # committed: the heartbeat answer has started
+        await stream.aclose()  # nothing unread: a plain FIN, like a half-close
+        await await_until(lambda: program.cancelled == 1, 3.0, message="run cancelled before the next heartbeat")
