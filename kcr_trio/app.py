@@ -29,7 +29,11 @@ from kcr_trio.api.metrics import Metrics
 from kcr_trio.api.ratelimit import RateLimiter
 from kcr_trio.api.routes import Services, create_app, render_metrics
 from kcr_trio.api.scope import RequestScopeMiddleware
-from kcr_trio.api.wire import CloseAmbiguousFraming, install_half_close_support, install_json_rejections
+from kcr_trio.api.wire import (
+    CloseAmbiguousFraming,
+    install_half_close_support,
+    install_json_rejections,
+)
 from kcr_trio.config import Settings
 from kcr_trio.core.exec import ExecLimits, ExecService
 from kcr_trio.logs import setup_logging
