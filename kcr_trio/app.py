@@ -70,6 +70,47 @@ def ensure_keys(settings: Settings) -> tuple[str, ...]:
     return (key,)
 
 
+def runtime_store(settings: Settings, sessions: Any, files: Any) -> Any:
+    """The stateful profile's workspaces, when ``KCR_EXECUTION_PROFILES`` serves it."""
+    from kcr_trio.api.profiles import served_profiles
+    from kcr_trio.core.runtime import RuntimeLimits, RuntimeStore
+
+    if "stateful" not in served_profiles(settings):
+        return None
+    return RuntimeStore(sessions, files, RuntimeLimits(
+        ttl_seconds=settings.kcr_runtime_session_ttl_hours * 3600,
+        max_bytes=settings.kcr_runtime_session_max_mb * 1024 * 1024,
+        max_files=settings.kcr_runtime_session_max_files,
+        lock_wait=settings.kcr_runtime_session_lock_wait,
+        lock_ttl=settings.max_execution_time + settings.kcr_exec_overhead + 10.0,
+    ))
+
+
+def build_authenticator(settings: Settings) -> Authenticator:
+    """API keys, LibreChat JWTs or both (``KCR_AUTH_PROVIDER``); a bad JWT setup stops start-up."""
+    from kcr_trio.api.jwt_auth import JwtVerifier
+
+    mode = settings.auth_provider
+    verifier = None
+    if mode in ("librechat-jwt", "both"):
+        verifier = JwtVerifier(
+            public_key_file=settings.kcr_jwt_public_key_file,
+            jwks_file=settings.kcr_jwt_jwks_file,
+            audience=settings.kcr_jwt_audience,
+            issuer=settings.kcr_jwt_issuer,
+            algorithms=[a.strip() for a in settings.kcr_jwt_algorithms.split(",") if a.strip()],
+            max_lifetime=settings.kcr_jwt_max_lifetime,
+            leeway=settings.kcr_jwt_leeway,
+        )
+    return Authenticator(
+        ensure_keys(settings) if mode != "librechat-jwt" else (),
+        settings.auth_trusted_networks,
+        exempt=() if settings.kcr_metrics_auth else ("/metrics",),
+        jwt=verifier,
+        accept_keys=mode != "librechat-jwt",
+    )
+
+
 @asynccontextmanager
 async def open_services(settings: Settings, *, executor: Any = None) -> AsyncIterator[Services]:
     """Open every backend the settings select; ``executor`` overrides the executor (tests)."""
@@ -124,17 +165,20 @@ async def open_services(settings: Settings, *, executor: Any = None) -> AsyncIte
 
             await background.start(run_orphan_sweeper, sessions, files, settings)
 
+        exec_service = ExecService(sessions, files, executor, exec_limits(settings),
+                                   runtime=runtime_store(settings, sessions, files))
+        from kcr_trio.api.ptc_http import open_ptc
+
+        ptc, ptc_client = await stack.enter_async_context(open_ptc(settings, sessions, exec_service, background))
         yield Services(
             settings=settings,
             sessions=sessions,
             files=files,
             executor=executor,
-            exec_service=ExecService(sessions, files, executor, exec_limits(settings)),
-            auth=Authenticator(
-                ensure_keys(settings),
-                settings.auth_trusted_networks,
-                exempt=() if settings.kcr_metrics_auth else ("/metrics",),
-            ),
+            exec_service=exec_service,
+            ptc=ptc,
+            ptc_http=ptc_client,
+            auth=build_authenticator(settings),
             spool_dir=spool_dir,
             warnings=warnings,
             metrics=Metrics() if settings.kcr_metrics else None,
@@ -233,6 +277,8 @@ async def serve(
                 binds = binds + await nursery.start(
                     partial(hypercorn_serve, metrics_asgi(svc), metrics_config, shutdown_trigger=shutdown.wait)
                 )
+            if svc.ptc is not None and not settings.kcr_ptc_advertise_url:  # where other replicas forward continuations
+                svc.ptc.url = binds[0].replace("://0.0.0.0:", "://127.0.0.1:")
             log.info("serving", extra={"binds": binds})
             task_status.started(binds)
             await shutdown.wait()
@@ -282,9 +328,11 @@ def serve_main(argv: list[str]) -> int:
 def _startup_refusal(exc: BaseException) -> str | None:
     """The message of a deliberate start-up refusal (e.g. no working sandbox), if that is what
     ``exc`` is or holds; such a refusal deserves one clear line, not a traceback."""
+    from kcr_trio.api.jwt_auth import JwtConfigError
+    from kcr_trio.api.profiles import ProfileConfigError
     from kcr_trio.backends.local_executor import SandboxUnavailable
 
-    if isinstance(exc, SandboxUnavailable):
+    if isinstance(exc, (SandboxUnavailable, JwtConfigError, ProfileConfigError)):
         return str(exc)
     if isinstance(exc, BaseExceptionGroup):
         for inner in exc.exceptions:
@@ -311,7 +359,13 @@ def check_main(argv: list[str]) -> int:
                     report[name] = {"error": str(exc)}
         return report
 
-    report = trio.run(probe)
+    try:
+        report = trio.run(probe)
+    except BaseException as exc:
+        refusal = _startup_refusal(exc)
+        if refusal is None:
+            raise
+        report = {"ok": False, "config": {"error": refusal}}
     json.dump(report, sys.stdout, indent=2, default=str)
     print()
     return 0 if report["ok"] else 1

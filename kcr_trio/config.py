@@ -45,6 +45,25 @@ class Settings(BaseSettings):
     api_key: str | None = None
     api_keys: str = ""  # comma-separated
     auth_trusted_networks: str = ""  # comma-separated CIDRs that skip auth (socket peer address)
+    # LibreChat's short-lived JWTs (api/jwt_auth.py). "auto": "both" when a JWT key is configured,
+    # else "api-key". "librechat-jwt" refuses API keys. Names follow LibreChat's CODEAPI_AUTH_PROVIDER.
+    kcr_auth_provider: Literal["auto", "api-key", "librechat-jwt", "both"] = "auto"
+    kcr_jwt_public_key_file: Path | None = None  # PEM (Ed25519 or RSA public key)
+    kcr_jwt_jwks_file: Path | None = None  # {"keys": [...]}, chosen by the token's "kid"
+    kcr_jwt_audience: str = "codeapi"
+    kcr_jwt_issuer: str = "librechat"
+    kcr_jwt_algorithms: str = "EdDSA,RS256"
+    kcr_jwt_max_lifetime: int = Field(300, ge=1, le=86400)  # exp - iat, seconds
+    kcr_jwt_leeway: float = Field(5.0, ge=0.0, le=60.0)  # clock skew allowed on exp/iat/nbf
+
+    # --- execution profiles (api/profiles.py, core/runtime.py) --------------------------------
+    # "default" (stateless), "stateful" (durable /mnt/data per runtime session), or both; the first
+    # is what requests without X-CodeAPI-Expected-Profile get.
+    kcr_execution_profiles: str = "default"
+    kcr_runtime_session_ttl_hours: float = Field(24.0, gt=0.0, le=8760.0)  # after the last call
+    kcr_runtime_session_max_mb: int = Field(100, ge=1, le=100_000)  # workspace bytes
+    kcr_runtime_session_max_files: int = Field(200, ge=1, le=100_000)
+    kcr_runtime_session_lock_wait: float = Field(60.0, ge=0.0)  # wait for a concurrent call, then 409
 
     # --- limits (KubeCodeRun names and ranges) ------------------------------------------------
     max_execution_time: int = Field(30, ge=1, le=600)
@@ -104,6 +123,16 @@ class Settings(BaseSettings):
     kcr_busy_retry_after: float = Field(2.0, ge=1.0)
     # Time allowed, on top of MAX_EXECUTION_TIME, for store, upload and collection phases.
     kcr_exec_overhead: float = Field(30.0, ge=1.0)
+    # Programmatic tool calling (api/ptc_http.py): keep runs suspended in their sandbox between
+    # round trips (false: replay every round, as the official server does); the URL other replicas
+    # use to forward continuations here (default: the bound address); bash batching window.
+    kcr_ptc_live: bool = True
+    kcr_ptc_advertise_url: str | None = None
+    kcr_ptc_bash_settle: float = Field(0.05, ge=0.0, le=2.0)
+    # A suspended run holds a sandbox slot: at most this many at once (default: half the executor's
+    # capacity), each at most this long; beyond either, the execution continues by replay.
+    kcr_ptc_max_suspended: int | None = Field(None, ge=0)
+    kcr_ptc_suspend_max: float = Field(120.0, gt=0.0, le=600.0)
     # Warm sandboxes per language (KubeCodeRun's POD_POOL_<LANG>); shared by local and Kubernetes.
     pod_pool_py: int = Field(2, ge=0)
     pod_pool_js: int = Field(1, ge=0)
@@ -138,6 +167,14 @@ class Settings(BaseSettings):
         keys = [self.api_key] if self.api_key else []
         keys += [k.strip() for k in self.api_keys.split(",") if k.strip()]
         return tuple(dict.fromkeys(keys))
+
+    @property
+    def auth_provider(self) -> str:
+        """The effective auth mode: ``api-key``, ``librechat-jwt`` or ``both``."""
+        if self.kcr_auth_provider != "auto":
+            return self.kcr_auth_provider
+        jwt_key = self.kcr_jwt_public_key_file is not None or self.kcr_jwt_jwks_file is not None
+        return "both" if jwt_key else "api-key"
 
     @property
     def max_file_bytes(self) -> int:

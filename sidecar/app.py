@@ -21,7 +21,7 @@ from typing import Any
 
 import trio
 
-from . import files
+from . import files, ptc
 from .config import Config
 from .multipart import MultipartError, Parser, boundary_of
 from .runner import Conflict, Runner, log
@@ -125,10 +125,12 @@ class App:
                     raise HTTPError(404, "File not found")
                 return await send_json(send, 200, {"deleted": name})
             raise HTTPError(405, "Method Not Allowed")
+        if path.startswith("/ptc/") and method == "POST":  # programmatic tool calling (ptc.py)
+            return await ptc.route(self, path, receive, send)
         raise HTTPError(404, "Not Found")
 
     # --- /execute ---------------------------------------------------------------------------
-    def _parse_execute(self, body: bytes) -> tuple[str, float, str | None]:
+    def _parse_execute(self, body: bytes) -> tuple[str, float, str | None, list[str]]:
         try:
             req = json.loads(body)
         except (ValueError, UnicodeDecodeError):
@@ -148,21 +150,25 @@ class App:
         if wd is not None and wd not in (self.cfg.working_dir, "/mnt/data"):
             raise _validation("working_dir", f"working_dir must be {self.cfg.working_dir}")
         rid = req.get("request_id")
-        return code, float(timeout), (rid if isinstance(rid, str) and rid else None)
+        # [args] the program's argv (contract §4.3); the API validated them, this guards the pod.
+        args = req.get("args") or []
+        if not isinstance(args, list) or not all(isinstance(a, str) and "\0" not in a for a in args):
+            raise _validation("args", "args must be a list of strings without NUL characters", "list_type")
+        return code, float(timeout), (rid if isinstance(rid, str) and rid else None), args
 
     async def execute(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         body = await read_body(receive, self.cfg.max_body_mb * 1024 * 1024)
-        code, timeout, rid = self._parse_execute(body)
+        code, timeout, rid, args = self._parse_execute(body)
         request_id = rid or _header(scope, b"x-request-id") or secrets.token_hex(8)
         if self.runner.busy:
             raise HTTPError(409, "An execution is already running in this sidecar")
         try:
-            await self._execute(code, timeout, request_id, receive, send)
+            await self._execute(code, timeout, request_id, receive, send, args)
         finally:
             self.runner.replenish()
 
     async def _execute(self, code: str, timeout: float, request_id: str, receive: Receive,
-                       send: Send) -> None:
+                       send: Send, args: list[str] | None = None) -> None:
         disconnected = False
         error: HTTPError | None = None  # raised after the nursery (inside, it would be grouped)
         async with trio.open_nursery() as nursery:
@@ -179,7 +185,7 @@ class App:
 
             nursery.start_soon(watch)
             try:
-                result = await self.runner.execute(code, timeout, request_id)
+                result = await self.runner.execute(code, timeout, request_id, args=args)
             except Conflict as exc:
                 error = HTTPError(409, str(exc))
             except OSError as exc:  # cannot write the source file, fork, ... : the sandbox is broken

@@ -41,6 +41,9 @@ class Config:
     max_open_files: int = 256
     max_file_size_mb: int = 100  # RLIMIT_FSIZE for user code and the upload size limit
     disk_quota_mb: int = 512  # bytes a run may add to working dir + private tmp
+    cgroup_version: str = ""  # v1 | v2 | "" (none): the groups below, made by the executor
+    cgroup_run: str = ""  # comma-separated group dirs the program's steps enter (one per v1 controller)
+    cgroup_compile: str = ""  # the same for compile steps
     compile_file_size_mb: int = 2048  # RLIMIT_FSIZE for compile steps (linkers write big files)
     compile_cpu_factor: int = 4  # compile steps: RLIMIT_CPU = factor x the run's (threaded compilers)
     max_files: int = 4096  # directory entries a run may create
@@ -88,6 +91,10 @@ _HELP = {
     "max_pids": "RLIMIT_NPROC for programs",
     "max_open_files": "RLIMIT_NOFILE for programs",
     "max_file_size_mb": "RLIMIT_FSIZE for programs, and the upload size limit",
+    "cgroup_version": "v1 or v2: user processes enter the control groups below (made and bounded "
+                      "by the caller), so memory and tasks are bounded for the whole run",
+    "cgroup_run": "comma-separated control group directories for the program's steps",
+    "cgroup_compile": "comma-separated control group directories for compile steps",
     "compile_file_size_mb": "RLIMIT_FSIZE for compile steps (trusted compilers and linkers; "
                             "the program keeps max_file_size_mb)",
     "compile_cpu_factor": "compile steps get this many times the program's CPU-seconds limit",

@@ -67,7 +67,7 @@ def _kcr_boot():
     path = sys.argv[1]
     cwd = os.getcwd()
     full = os.path.join(cwd, path)
-    sys.argv[:] = [path]
+    sys.argv[:] = [path] + sys.argv[4:]  # the program's own args follow the bootstrap's three
     sys.path[0] = cwd if os.access(cwd, os.R_OK | os.X_OK) else ""
     with open(path, "rb") as fh:
         src = fh.read()
@@ -147,7 +147,7 @@ _kcr_boot()
 # argv after `node -e NODE_BOOT --`: <js|ts> <handshake fd or -> <file>
 NODE_BOOT = r"""
 const fs = require('fs'), path = require('path'), Module = require('module');
-const [mode, fdArg, file] = process.argv.slice(1);
+const [mode, fdArg, file, ...userArgs] = process.argv.slice(1);
 if (mode === 'ts') {
   const ts = require('typescript');
   Module._extensions['.ts'] = function (m, filename) {
@@ -185,7 +185,7 @@ if (fdArg !== '-') {
   fs.closeSync(fd);
 }
 const full = path.resolve(file);
-process.argv = [process.argv[0], full];
+process.argv = [process.argv[0], full, ...userArgs];
 Module._load(full, null, true);  // as `node file` does for CommonJS, minus the ESM loader set-up
 """
 
@@ -344,6 +344,20 @@ LANGUAGES: dict[str, LanguageSpec] = {
 
 # Every runner source file, whatever the sidecar's language: never reported as generated.
 SOURCE_FILES = frozenset(s.source_file for s in LANGUAGES.values())
+
+
+def with_args(steps: list[Step], args: list[str]) -> list[Step]:
+    """The steps with the program's ``args`` appended to the run step's argv (contract §4.3).
+
+    Every run step ends with the program (``code.sh``, ``code.js``, the built binary, ``Code``...)
+    or with the bootstrap's own trailing arguments (``PY_BOOT``, ``NODE_BOOT``, which pass what
+    follows on to the program), so appending is all it takes; compile steps never see them.
+    """
+    if not args:
+        return steps
+    last = steps[-1]
+    return [*steps[:-1], Step([*last.argv, *args], compile=last.compile, env=last.env,
+                              address_space_mb=last.address_space_mb)]
 
 
 def lookup(code: str) -> LanguageSpec | None:

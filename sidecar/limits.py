@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+from .cgroups import enter_argv
 from .spawn import Child, open_child
 
 if TYPE_CHECKING:
@@ -145,6 +146,7 @@ class SpawnSpec:
     pass_fd: int | None = None  # an fd the child inherits under the same number (pre-warm socket)
     sandbox: "Sandbox | None" = None  # bubblewrap view (sidecar.sandbox), or None: unsandboxed
     tmp: str | None = None  # the run's private temp dir (mounted at /run/kcr when sandboxed)
+    cgroup_procs: list[str] | None = None  # cgroup.procs files to enter before exec (cgroups.py)
 
 
 async def spawn_user(spec: SpawnSpec) -> Child:
@@ -166,6 +168,8 @@ async def spawn_user(spec: SpawnSpec) -> Child:
         else:
             kwargs.update(user=spec.identity.uid, group=spec.identity.gid, extra_groups=[])
     command, env = user_command(spec)
+    if spec.cgroup_procs:  # first, as the sidecar: then nothing the run starts is outside the group
+        prefix = enter_argv(spec.cgroup_procs) + prefix
     if PRLIMIT:
         argv = prefix + _prlimit_argv(spec.limits) + command
     else:

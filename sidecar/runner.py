@@ -34,8 +34,9 @@ import trio
 
 from . import files, proctree
 from .config import Config
-from .languages import Context, LanguageSpec, SOURCE_FILES, Step, Toolchain, prewarm_step
+from .languages import Context, LanguageSpec, SOURCE_FILES, Step, Toolchain, prewarm_step, with_args
 from .limits import MB, Identity, Limits, SpawnSpec, base_env, cpu_limit_for, spawn_user
+from .cgroups import Group
 from .prewarm import Warm, make_private_tmp, remove_tree
 from .sandbox import EXTRA_PROCESSES, Sandbox, exit_signal, not_exiting, payload_pid
 
@@ -98,7 +99,7 @@ class RunState:
     out: Capture
     err: Capture
     tmp: str
-    reason: str | None = None  # timeout | output | disk | cpu | file_size | memory
+    reason: str | None = None  # timeout | output | disk | cpu | file_size | memory | oom | pids
     step_scope: trio.CancelScope | None = None
     pids: set[int] = field(default_factory=set)
     closed: bool = False  # the steps are over: watchers can no longer change the outcome
@@ -144,6 +145,12 @@ class Runner:
         # interpreter is started (it would share the uid and the directory with what the last run
         # may have left: the sweep must come first).
         self.awaiting_reset = False
+        # Control groups bounding the whole run (cgroups.py), made by the executor; None: none.
+        self.groups: dict[bool, Group] = {}
+        if cfg.cgroup_version in ("v1", "v2"):
+            for is_compile, dirs in ((False, cfg.cgroup_run), (True, cfg.cgroup_compile)):
+                if dirs:
+                    self.groups[is_compile] = Group(cfg.cgroup_version, dirs.split(","))
 
     # --- pre-warm --------------------------------------------------------------------------
     @property
@@ -210,8 +217,13 @@ class Runner:
 
     def _spec_for(self, step: Step, tmp: str, timeout: float, **extra: Any) -> SpawnSpec:
         env = base_env(f"{tmp}/home", f"{tmp}/tmp", step.env)
+        group = self.groups.get(step.compile)
         return SpawnSpec(step.argv, self.cfg.working_dir, env, self._limits(timeout, step),
-                         self.identity, sandbox=self.sandbox, tmp=tmp, **extra)
+                         self.identity, sandbox=self.sandbox, tmp=tmp,
+                         cgroup_procs=group.procs_files if group else None, **extra)
+
+    def _oom_kills(self) -> int:
+        return sum(g.oom_kills() for g in self.groups.values())
 
     async def _spawn_warm(self) -> None:
         async with self._warm_lock:
@@ -334,7 +346,8 @@ class Runner:
         In order: finish the housekeeping of the last run, kill every process below the sidecar
         and (with an exclusive uid) every process of the run uid, replace the working directory
         with a fresh, empty one (new inode: no file, ACL or mode a run set survives), remove the
-        finished runs' temp dirs, and only then start the next pre-warmed interpreter. A new
+        finished runs' temp dirs, and only then start the next pre-warmed interpreter (in the
+        background, right after the answer). A new
         sidecar process would give the next run nothing more: its own interpreter, directory,
         bubblewrap namespaces and temp dir are all fresh per run already.
         Raises ``Conflict`` while a run is in progress.
@@ -351,8 +364,9 @@ class Runner:
         finally:
             self.busy = False
         self.awaiting_reset = False
-        if self.prewarm_enabled:
-            await self._spawn_warm()
+        # The next interpreter starts in the background, after this answer: the caller frees its
+        # slot sooner, and a run that arrives first waits for it (``_take_warm``).
+        self.replenish()
 
     def _fresh_start(self) -> None:
         self._kill_all(final=True)  # no warm interpreter now: the uid sweep runs too
@@ -385,8 +399,13 @@ class Runner:
         return warm
 
     # --- execution -------------------------------------------------------------------------
-    async def execute(self, code: str, timeout: float, request_id: str) -> dict[str, Any]:
-        """Run ``code`` once. Raises ``Conflict`` if busy, ``OSError`` if the run cannot be set up."""
+    async def execute(self, code: str, timeout: float, request_id: str,
+                      args: list[str] | None = None) -> dict[str, Any]:
+        """Run ``code`` once. Raises ``Conflict`` if busy, ``OSError`` if the run cannot be set up.
+
+        ``args`` become the program's argv; a pre-warmed process was started before they were
+        known, so a run with args is a cold run (``languages.with_args``).
+        """
         if self.busy:
             raise Conflict("An execution is already running in this sidecar")
         self.busy = True
@@ -402,13 +421,14 @@ class Runner:
         started = time.perf_counter()
         exit_code = 0
         try:
-            warm = await self._take_warm() if self.prewarm_enabled else None
+            warm = await self._take_warm() if self.prewarm_enabled and not args else None
             tmp = warm.tmp if warm else make_private_tmp(self.cfg.tmp_root, self.identity)
             state = RunState(Capture(cap, cap * self.cfg.output_kill_factor),
                              Capture(cap, cap * self.cfg.output_kill_factor), tmp)
             self._write_source(code)
             before = files.snapshot(wd)
-            steps = self.spec.steps(self._context(tmp))
+            steps = with_args(self.spec.steps(self._context(tmp)), args or [])
+            oom_before = self._oom_kills()
             deadline = trio.current_time() + timeout
             # The disk watcher is owned by the runner's nursery and bound to this run by its
             # scope: the run cancels it when it ends, without waiting for it to wind down (a
@@ -425,6 +445,8 @@ class Runner:
             finally:
                 state.closed = True
                 disk.cancel()
+            if self.groups and self._oom_kills() > oom_before and state.reason is None:
+                state.reason = "oom"  # the run's control group went over its memory bound
             elapsed_ms = (time.perf_counter() - started) * 1000
             after = files.snapshot(wd)
             finished = True
@@ -486,6 +508,9 @@ class Runner:
             notes.append(f"Process stopped: file size limit exceeded ({self.cfg.max_file_size_mb} MB)")
         elif state.reason == "memory":
             notes.append(f"Memory limit exceeded ({self.cfg.max_memory_mb} MB)")
+        elif state.reason == "oom":
+            notes.append(f"Out of memory: the run's processes together used more than "
+                         f"{self.cfg.max_memory_mb} MB (MAX_MEMORY_MB), so the kernel stopped the run")
         elif state.reason == "pids":
             notes.append(f"Process limit reached ({self.cfg.max_pids} processes)")
         stderr = state.err.text()
@@ -507,6 +532,8 @@ class Runner:
             "stderr_truncated": state.err.truncated,
             "killed": state.reason,
             "generated": generated,
+            # [deleted_files] top-level files the run removed (the API reports removed inputs).
+            "removed": sorted(set(before) - set(after) - exclude),
             "request_id": request_id,
         }
 

@@ -16,9 +16,9 @@ from .languages import LANGUAGES, Toolchain
 # (tools that must all be on the fixed PATH, alternatives of which one is enough, how to install)
 _NEEDS: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {
     "js": (("node",), (), "Node.js (Debian: apt-get install nodejs)"),
-    "ts": (("node",), (), "Node.js and the TypeScript package (apt-get install nodejs npm && "
+    "ts": (("node",), (), ("Node.js and the TypeScript package (apt-get install nodejs npm && "
                           "npm install -g typescript, or point KCR_LOCAL_NODE_PATH at a "
-                          "node_modules directory that contains typescript)"),
+                          "node_modules directory that contains typescript)")),
     "go": (("go",), (), "Go (apt-get install golang-go)"),
     "java": (("javac", "java"), (), "a JDK (apt-get install default-jdk-headless)"),
     "c": (("gcc",), (), "GCC (apt-get install gcc libc6-dev)"),

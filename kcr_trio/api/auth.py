@@ -5,6 +5,10 @@ header key was sent, for JSON bodies of POST/PUT/PATCH, the first non-blank of
 ``LIBRECHAT_CODE_API_KEY``, ``api_key``, ``apiKey`` (agents 3.1.70–3.1.79 send the key only there).
 A header key always wins, so a wrong header key is a 401 even if the body holds a valid one.
 Comparison is constant-time against every configured key.
+
+A Bearer credential shaped like a JWT goes to ``api.jwt_auth`` instead when JWT auth is configured
+(``KCR_AUTH_PROVIDER`` ``librechat-jwt`` or ``both``); in ``librechat-jwt`` mode API keys are refused.
+Either way ``check`` returns the ``Principal`` (``api.principal``) the request acts as.
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ from typing import Any
 
 from kcr_trio.core.errors import Unauthorized
 
+from .jwt_auth import JwtVerifier, looks_like_jwt
+from .principal import Principal
+
 log = logging.getLogger("kcr_trio.auth")
 
 EXEMPT_PATHS = frozenset({"/health", "/ready", "/docs", "/redoc", "/openapi.json"})
@@ -24,9 +31,21 @@ BODY_KEY_FIELDS = ("LIBRECHAT_CODE_API_KEY", "api_key", "apiKey")
 
 
 class Authenticator:
-    def __init__(self, keys: Iterable[str], trusted_networks: str = "", *, exempt: Iterable[str] = ()) -> None:
-        """``exempt``: more paths that need no key (``/metrics`` when ``KCR_METRICS_AUTH=false``)."""
-        self._keys = [k.encode() for k in keys]
+    def __init__(
+        self,
+        keys: Iterable[str],
+        trusted_networks: str = "",
+        *,
+        exempt: Iterable[str] = (),
+        jwt: JwtVerifier | None = None,
+        accept_keys: bool = True,
+    ) -> None:
+        """``exempt``: more paths that need no key (``/metrics`` when ``KCR_METRICS_AUTH=false``).
+
+        ``jwt``: verifies Bearer JWTs when set; ``accept_keys=False`` refuses API keys (JWT only).
+        """
+        self._keys = [k.encode() for k in keys] if accept_keys else []
+        self.jwt = jwt
         self._exempt = EXEMPT_PATHS | frozenset(exempt)
         self._networks = []
         for item in trusted_networks.split(","):
@@ -68,13 +87,16 @@ class Authenticator:
                 return value.strip()
         return None
 
-    def check(self, key: str | None) -> None:
-        """Raise ``Unauthorized`` unless ``key`` is one of the configured keys."""
+    def check(self, key: str | None) -> Principal:
+        """The principal ``key`` (an API key or a JWT) authenticates; ``Unauthorized`` otherwise."""
         if not key:
             raise Unauthorized("Missing API key")
+        if self.jwt is not None and looks_like_jwt(key):
+            return self.jwt.verify(key)
         candidate = key.encode()
         ok = False
         for valid in self._keys:  # no early exit: timing does not reveal which key matched
             ok |= hmac.compare_digest(candidate, valid)
         if not ok:
             raise Unauthorized("Invalid API key")
+        return Principal.for_key(key)

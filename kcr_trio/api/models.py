@@ -25,7 +25,9 @@ class ExecBody(BaseModel):
 
     code: str
     lang: str
-    args: Any = None
+    args: Any = None  # checked by api.exec_fields (400, not 422, like the official server)
+    timeout: Any = None  # milliseconds
+    runtime_session_hint: Any = None  # validated only in the stateful profile (api.profiles)
     user_id: str | None = None
     entity_id: str | None = Field(None, max_length=40, pattern=r"^[A-Za-z0-9_-]+$")
     session_id: str | None = None

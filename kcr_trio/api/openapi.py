@@ -41,10 +41,16 @@ class ErrorDetail(_Out):
 
 
 class Error(_Out):
-    """Shape A (middleware errors: 401, 415, 429) or shape B (everything else)."""
+    """Shape A (middleware errors: 401, 415), shape B (most others), or a coded body whose ``error``
+    is a machine code (429 ``rate_limited``, 409 ``execution_profile_mismatch``, 400
+    ``invalid_execution_profile``) with a readable ``message``."""
 
     error: str
     timestamp: float
+    message: str | None = None
+    retry_after_seconds: int | None = None
+    expected_profile: str | None = None
+    actual_profile: str | None = None
     error_type: str | None = None
     details: list[ErrorDetail] | None = None
     request_id: str | None = None
@@ -58,9 +64,18 @@ class ExecFile(_Out):
     storage_session_id: str | None = None
 
 
+class ArtifactDelivery(_Out):
+    code: Literal["artifact_delivery_failed"]
+    status: Literal["partial", "failed"]
+    attempted: int
+    delivered: int
+    failed: int
+
+
 class ExecResponse(_Out):
     """Program failures and timeouts are 200s too, with the text in ``stderr``. A slow run's body
-    starts with spaces (heartbeat, ``keepalive.md``): still valid JSON."""
+    starts with spaces (heartbeat, ``keepalive.md``): still valid JSON. ``deleted_files``,
+    ``artifact_delivery`` and the runtime session fields appear only when they say something."""
 
     session_id: str
     files: list[ExecFile]
@@ -69,6 +84,10 @@ class ExecResponse(_Out):
     has_state: bool
     state_size: int | None = None
     state_hash: str | None = None
+    deleted_files: list[str] | None = None
+    artifact_delivery: ArtifactDelivery | None = None
+    runtime_session_id: str | None = None
+    runtime_status: Literal["new", "reused"] | None = None
 
 
 class UploadedFile(_Out):
@@ -186,10 +205,13 @@ def _errors(*statuses: int) -> dict[str, Any]:
         404: "Not found",
         405: "Method not allowed",
         408: "The request body did not arrive within KCR_BODY_TIMEOUT",
+        409: "X-CodeAPI-Expected-Profile names a profile this deployment does not serve "
+             "(execution_profile_mismatch), or the runtime session stayed busy",
         413: "Body, code or file too large",
         415: "Unsupported content type",
         422: "Request validation failed",
-        429: "Rate limited (shape A, with Retry-After and X-RateLimit-* headers)",
+        429: "Rate limited: {error: rate_limited, message, retry_after_seconds}, with Retry-After and "
+             "X-RateLimit-* headers",
         503: "No execution capacity or a dependency unavailable (Retry-After when busy)",
         504: "The handler's deadline (KCR_REQUEST_TIMEOUT) passed",
     }
@@ -216,16 +238,83 @@ MULTIPART = {
     },
 }
 
+_PTC_CALL = {"type": "object", "required": ["id", "name", "input"], "properties": {
+    "id": {"type": "string", "pattern": "^call_\\d{3,6}$"}, "name": {"type": "string"}, "input": {}}}
+_PTC_BODY = {"oneOf": [
+    {"type": "object", "title": "First request", "required": ["code", "tools"], "properties": {
+        "code": {"type": "string", "pattern": "\\S"},
+        "tools": {"type": "array", "minItems": 1, "maxItems": 100, "items": {"type": "object", "required": ["name"],
+                  "properties": {"name": {"type": "string", "pattern": "[A-Za-z0-9]"},
+                                 "description": {"type": ["string", "null"]},
+                                 "parameters": {"type": ["object", "null"]}}}},
+        "lang": {"enum": ["python", "py", "bash", None]}, "language": {"enum": ["python", "py", "bash", None]},
+        "timeout": {"type": ["number", "null"], "exclusiveMinimum": 0, "description": "ms of run time, capped by MAX_EXECUTION_TIME"},
+        "session_id": {"type": ["string", "null"]}, "files": {"type": ["array", "null"]},
+        "runtime_session_hint": {"type": ["string", "null"]}}},
+    {"type": "object", "title": "Continuation", "required": ["continuation_token", "tool_results"], "properties": {
+        "continuation_token": {"type": "string", "minLength": 1},
+        "tool_results": {"type": "array", "minItems": 1, "maxItems": 200, "uniqueItems": True, "items": {
+            "type": "object", "required": ["call_id", "result"], "properties": {
+                "call_id": {"type": "string", "pattern": "^call_[0-9]{3,6}$"}, "result": {}, "is_error": {"type": "boolean"},
+                "error_message": {"type": ["string", "null"]}}}}}},
+]}
+_PTC_ANSWER = {"type": "object", "required": ["status"], "properties": {
+    "status": {"enum": ["tool_call_required", "completed", "error"]},
+    "continuation_token": {"type": "string"}, "tool_calls": {"type": "array", "items": _PTC_CALL},
+    "stdout": {"type": "string"}, "stderr": {"type": "string"}, "error": {"type": "string"},
+    "files": {"type": "array"}, "session_id": {"type": "string"}}}
+
+
+def _ptc_errors(**extra: str) -> dict[str, Any]:
+    text = {"400": "Invalid request, token or tool results", "401": "Missing or invalid API key",
+            "403": "The execution or request id belongs to another principal", **extra,
+            "408": "The request body did not arrive within KCR_BODY_TIMEOUT", "415": "Unsupported content type",
+            "413": "Body, a result or the execution state too large", "429": "Rate limited",
+            "503": "The state store is unavailable, or no sandbox is free"}
+    return {s: _json(_ref("Error"), t) for s, t in sorted(text.items())}
+
+
 OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
+    ("post", "/exec/programmatic"): {
+        "summary": "Programmatic tool calling: run code that calls the agent's tools",
+        "description": "First request `{code, tools, timeout, ...}` or continuation `{continuation_token, "
+        "tool_results}`. Answers `tool_call_required` (the run stays suspended in its sandbox until the "
+        "results arrive; a continuation may reach any replica), `completed` or `error`. Header "
+        "`X-LibreChat-Code-Request-ID` names the POST for cancel.",
+        "security": AUTH,
+        "requestBody": {"required": True, "content": {"application/json": {"schema": _PTC_BODY}}},
+        "responses": {"200": _json(_PTC_ANSWER, "The next step of the execution"),
+                      **_ptc_errors(**{"404": "Execution not found or expired",
+                                       "409": "A continuation in progress, a different re-sent result, or a "
+                                              "reused request id"})},
+    },
+    ("post", "/exec/programmatic/cancel"): {
+        "summary": "Cancel the programmatic execution a POST started",
+        "security": AUTH,
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {
+            "type": "object", "required": ["request_id"], "properties": {
+                "request_id": {"type": "string", "pattern": "^[A-Za-z0-9_-]{16,128}$"}}}}}},
+        "responses": {
+            "200": _json({"type": "object", "properties": {"status": {"const": "already_completed"}}},
+                         "That POST has already been answered"),
+            "202": _json({"type": "object", "properties": {"status": {"const": "cancellation_requested"}}},
+                         "Stopped (or remembered, if its POST has not arrived yet)"),
+            **_ptc_errors(),
+        },
+    },
     ("post", "/exec"): {
         "summary": "Run code",
         "description": "Runs `code` once in a fresh sandbox. Slow runs commit 200 after a short grace "
         "and send spaces until the JSON is ready. The API key may also come in the body "
-        "(`LIBRECHAT_CODE_API_KEY`, `api_key`, `apiKey`) when no header carries one.",
+        "(`LIBRECHAT_CODE_API_KEY`, `api_key`, `apiKey`) when no header carries one. Also accepted: "
+        "`timeout` (positive number of milliseconds, capped at MAX_EXECUTION_TIME; 400 otherwise) and "
+        "`runtime_session_hint` (stateful profile only: 1-128 characters of `A-Za-z0-9._:-`, required "
+        "there; ignored in the default profile). The `X-CodeAPI-Expected-Profile` header selects the "
+        "profile (400 unknown, 409 not served).",
         "security": AUTH,
         "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("ExecBody")}}},
         "responses": {"200": _json(_ref("ExecResponse"), "The run's result"),
-                      **_errors(400, *AUTHED, 408, 413, 415, 422, 503)},
+                      **_errors(400, *AUTHED, 408, 409, 413, 415, 422, 503)},
     },
     ("post", "/upload"): {
         "summary": "Upload input file(s)",
@@ -236,7 +325,13 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
                               "session_id": "$response.body#/session_id",
                               "file_id": "$response.body#/files/0/fileId"}},
                           "list": {"operationId": "get_list_files", "parameters": {
-                              "session_id": "$response.body#/session_id"}}}},
+                              "session_id": "$response.body#/session_id"}},
+                          "freshness": {"operationId": "get_freshness", "parameters": {
+                              "session_id": "$response.body#/session_id",
+                              "file_id": "$response.body#/files/0/fileId"}},
+                          "delete": {"operationId": "delete_delete_file", "parameters": {
+                              "session_id": "$response.body#/session_id",
+                              "file_id": "$response.body#/files/0/fileId"}}}},
                       **_errors(400, *AUTHED, 408, 413, 415, 422, 503, 504)},
     },
     ("post", "/upload/batch"): {
@@ -333,6 +428,15 @@ def _component_schemas() -> dict[str, Any]:
                                   "description": "Language code, case-insensitive"}
     body["properties"]["code"] = {"type": "string", "pattern": r"\S",
                                   "description": "Program text; at most KCR_MAX_CODE_BYTES bytes"}
+    body["properties"]["args"] = {
+        "anyOf": [{"type": "array", "items": {"type": "string", "pattern": "^[^\\x00]*$"}, "maxItems": 256},
+                  {"type": "null"}],
+        "description": "The program's command-line arguments (argv); at most 64 KiB in total"}
+    # ``timeout`` (ms) and ``runtime_session_hint`` are described in the operation's text instead:
+    # as schema properties they steer the fuzzer into runs that time out at once, which starves
+    # its stateful phase of the files the freshness and delete routes need.
+    body["properties"].pop("timeout", None)
+    body["properties"].pop("runtime_session_hint", None)
     return schemas
 
 

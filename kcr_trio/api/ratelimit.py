@@ -38,19 +38,25 @@ from dataclasses import dataclass
 
 import trio
 
-from kcr_trio.core.errors import ApiError
 from kcr_trio.core.interfaces import SessionStore
+
+from .errors import CodedError
 
 WINDOWS = {"minute": 60, "hour": 3600}
 STORE_TIMEOUT = 1.0  # seconds one counter update may take before we let the request through
 log = logging.getLogger("kcr_trio.ratelimit")
 
 
-class RateLimited(ApiError):
-    status = 429
+class RateLimited(CodedError):
+    """429 ``{"error": "rate_limited", "message", "retry_after_seconds"}`` beside ``Retry-After``.
+
+    The body is what LibreChat's agents 3.9.x read (they ignore the header; contract §1.0.1) and
+    what the official server sends; the model is then told how long to wait.
+    """
 
     def __init__(self, message: str, *, limit: str, headers: dict[str, str]) -> None:
-        super().__init__(message, headers=headers, shape="A")
+        retry = int(headers.get("Retry-After", "1"))
+        super().__init__("rate_limited", message, status=429, headers=headers, retry_after_seconds=retry)
         self.limit = limit
 
 

@@ -32,13 +32,18 @@ from kcr_trio.core.interfaces import Executor, FileStore, SessionStore
 from kcr_trio.core.model import FileRecord, FileRef, utcnow
 from kcr_trio.core.names import content_disposition, guess_content_type, sanitize_filename
 
+from . import ptc_http
 from .anonymous import UnauthBudget
 from .auth import Authenticator
 from .errors import dumps, error_body
+from .exec_fields import parse_args, parse_timeout_ms
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .models import ExecBody, validation_details
 from .openapi import docs_page, openapi_document
+from .principal import TRUSTED
+from .profiles import install as install_profiles
+from .profiles import runtime_session_for
 from .ratelimit import RateLimited, RateLimiter
 from .scope import current
 from .uploads import ParsedForm, parse_multipart, spooled_chunks
@@ -87,6 +92,8 @@ class Services:
     warnings: list[str]
     metrics: Metrics | None = None
     limiter: RateLimiter | None = None
+    ptc: Any = None  # core.ptc_engine.PtcEngine (programmatic tool calling)
+    ptc_http: Any = None  # httpx client that forwards continuations to the owning replica
 
 
 def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -95,7 +102,7 @@ def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = 
 
 # Routes that need no handler deadline: /exec has its own; /health touches nothing that can hang
 # (and is the liveness probe, so it stays as cheap as it can be).
-_OWN_DEADLINE = frozenset({"/exec", "/health"})
+_OWN_DEADLINE = frozenset({"/exec", "/health", "/exec/programmatic"})
 
 
 class KcrQuart(QuartTrio):
@@ -176,7 +183,7 @@ def create_app(svc: Services) -> QuartTrio:
         requests are throttled (429 once their address has used up its failures).
         """
         try:
-            svc.auth.check(key)
+            g.principal = principal = svc.auth.check(key)
         except Unauthorized:
             if limiter is not None and key:
                 peer = (request.scope.get("client") or (None,))[0]
@@ -184,7 +191,7 @@ def create_app(svc: Services) -> QuartTrio:
                 await limiter.auth_failed(peer)
             raise
         if limiter is not None and limiter.limits:
-            g.quotas = await limiter.check_key(key or "")
+            g.quotas = await limiter.check_key(principal.id)  # a JWT principal outlives its tokens
 
     @app.before_request
     async def _content_type_and_auth() -> None:
@@ -200,6 +207,7 @@ def create_app(svc: Services) -> QuartTrio:
             return
         peer = (request.scope.get("client") or (None,))[0]
         if svc.auth.is_trusted(peer):
+            g.principal = TRUSTED
             return
         key = svc.auth.header_key(request.headers)
         if key is not None:
@@ -208,6 +216,8 @@ def create_app(svc: Services) -> QuartTrio:
             g.auth_pending = True  # the handler checks the key in the JSON body
         else:
             await authenticate(None)
+
+    install_profiles(app, settings)  # X-CodeAPI-Expected-Profile: checked after authentication
 
     @app.after_request
     async def _headers(response: Response) -> Response:
@@ -244,6 +254,9 @@ def create_app(svc: Services) -> QuartTrio:
             entity_id=body.entity_id,
             user_id=_user_id(body.user_id),
             files=[FileRef(f.id, f.session_id, f.name) for f in body.files],
+            args=parse_args(body.args),
+            timeout=parse_timeout_ms(body.timeout),
+            runtime_session_id=runtime_session_for(body.runtime_session_hint),
         )
         return await _respond_exec(req)
 
@@ -651,6 +664,9 @@ def create_app(svc: Services) -> QuartTrio:
             body["warnings"] = svc.warnings
         return json_response(body, 200 if ok else 503)
 
+    if svc.ptc is not None:  # POST /exec/programmatic and /exec/programmatic/cancel
+        ptc_http.register(app)
+
     # -- operations: metrics, OpenAPI, docs ---------------------------------------------------
 
     if svc.metrics is not None and settings.kcr_metrics_port is None:
@@ -708,8 +724,12 @@ def _lone_surrogate(value: Any, where: str) -> str | None:
 def _user_id(given: str | None) -> str | None:
     """The requesting user: ``user_id`` from the body or form, else LibreChat's ``User-Id`` header.
 
+    A verified JWT's subject (LibreChat's user id) wins over both, since those are only asserted.
     Only used to tell one user's uploads from another's; bounded so it cannot bloat metadata.
     """
+    principal = g.get("principal")
+    if principal is not None and principal.scheme == "jwt" and principal.subject:
+        return str(principal.subject)[:256]
     value = (given if isinstance(given, str) and given.strip() else request.headers.get("user-id", "")).strip()
     return value[:256] or None
 

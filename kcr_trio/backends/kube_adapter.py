@@ -7,7 +7,7 @@ works on the wire format, never on the client's generated model classes.
 
 Cancellation semantics:
 
-* Unary calls (create/get/list/delete/log) run in threads started with ``abandon_on_cancel=True``:
+* Unary calls (create/list/delete) run in threads started with ``abandon_on_cancel=True``:
   a cancelled caller returns at once; the abandoned thread finishes on its own within its request
   timeout and its result is dropped. Callers that must know the outcome of a create therefore name
   pods themselves (no ``generateName``) and sweep by label at shutdown.
@@ -35,12 +35,20 @@ _SA_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
 
 class KubeError(Unavailable):
-    """A Kubernetes API call failed; ``status`` is the HTTP status (0 when unreachable)."""
+    """A Kubernetes API call failed; ``status`` is the HTTP status (0 when unreachable), and
+    ``retry_after`` the seconds the API server asked us to wait (429 and 5xx answers)."""
 
-    def __init__(self, message: str, *, status: int = 0, reason: str = "") -> None:
+    def __init__(self, message: str, *, status: int = 0, reason: str = "", retry_after: float | None = None) -> None:
         super().__init__(message)
         self.http_status = status
         self.reason = reason
+        self.retry_after = retry_after
+
+    @property
+    def refused(self) -> bool:
+        """The API server answered and rejected the request (4xx other than a timeout or a rate
+        limit): nothing was created, and repeating the request unchanged will not help soon."""
+        return 400 <= self.http_status < 500 and self.http_status not in (408, 429)
 
 
 def load_api_client(kubeconfig: str | None = None, *, pool_size: int = 32) -> Any:
@@ -49,15 +57,20 @@ def load_api_client(kubeconfig: str | None = None, *, pool_size: int = 32) -> An
     Blocking (reads files); call it in a thread. Retries are limited to one so that a dead API
     server costs at most about two connect timeouts per call.
     """
+    import urllib3
     from kubernetes import client, config
 
     cfg = client.Configuration()
     if os.environ.get("KUBERNETES_SERVICE_HOST") and not kubeconfig:
-        config.load_incluster_config(client_configuration=cfg)
+        config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
     else:
-        config.load_kube_config(config_file=kubeconfig or None, client_configuration=cfg)
+        config.load_kube_config(config_file=kubeconfig or None, client_configuration=cfg)  # type: ignore[no-untyped-call]
     cfg.connection_pool_maxsize = pool_size
-    cfg.retries = 1
+    # One retry for connection errors only. urllib3 would otherwise retry a 429/503 carrying
+    # Retry-After itself, sleeping in the worker thread and then raising MaxRetryError without the
+    # status; we want the answer, and wait (cancellably) in Trio instead.
+    cfg.retries = urllib3.util.Retry(total=1, status=0, redirect=0, respect_retry_after_header=False,
+                                     raise_on_status=False)
     return client.ApiClient(configuration=cfg)
 
 
@@ -131,15 +144,8 @@ class KubeApi:
             raise _as_kube_error(exc) from exc
 
     async def create_pod(self, manifest: dict[str, Any]) -> dict[str, Any]:
-        return await self._call(self._core.create_namespaced_pod, self.namespace, manifest)
-
-    async def get_pod(self, name: str, namespace: str | None = None) -> dict[str, Any] | None:
-        try:
-            return await self._call(self._core.read_namespaced_pod, name, namespace or self.namespace)
-        except KubeError as exc:
-            if exc.http_status == 404:
-                return None
-            raise
+        created: dict[str, Any] = await self._call(self._core.create_namespaced_pod, self.namespace, manifest)
+        return created
 
     async def list_pods(
         self, selector: str | None = None, namespace: str | None = None
@@ -159,24 +165,6 @@ class KubeApi:
                 return False
             raise
         return True
-
-    async def read_log(self, name: str, *, tail_lines: int = 20) -> str:
-        """The container's last lines of output (``pods/log``), for failure messages."""
-
-        def call() -> str:
-            resp = self._core.read_namespaced_pod_log(
-                name, self.namespace, tail_lines=tail_lines, _preload_content=False,
-                _request_timeout=self._timeout,
-            )
-            try:
-                return resp.data.decode("utf-8", "replace")
-            finally:
-                resp.release_conn()
-
-        try:
-            return await trio.to_thread.run_sync(call, abandon_on_cancel=True, limiter=self._limiter)
-        except Exception as exc:
-            raise _as_kube_error(exc) from exc
 
     # ------------------------------------------------------------------ watch
 
@@ -241,9 +229,10 @@ class PodWatch:
         if not line.strip():
             return await self.next()
         try:
-            return json.loads(line)
+            event: dict[str, Any] = json.loads(line)
         except ValueError as exc:
             raise KubeError(f"bad watch event from the Kubernetes API: {line[:200]!r}") from exc
+        return event
 
     def _read(self) -> bytes | None:
         return next(self._segments, None)
@@ -269,5 +258,24 @@ def _as_kube_error(exc: BaseException) -> KubeError:
             message, reason = body.get("message") or message, body.get("reason") or ""
         except (ValueError, TypeError):
             pass
-        return KubeError(f"Kubernetes API answered {exc.status}: {message}", status=exc.status or 0, reason=reason)
+        return KubeError(f"Kubernetes API answered {exc.status}: {message}", status=exc.status or 0, reason=reason,
+                         retry_after=_retry_after((exc.headers or {}).get("Retry-After")))
     return KubeError(f"Kubernetes API unreachable: {type(exc).__name__}: {exc}")
+
+
+def _retry_after(value: str | None) -> float | None:
+    """``Retry-After`` in seconds (delta-seconds or an HTTP date), capped at five minutes."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        from email.utils import parsedate_to_datetime
+
+        try:
+            import datetime as dt
+
+            seconds = (parsedate_to_datetime(value) - dt.datetime.now(dt.UTC)).total_seconds()
+        except (TypeError, ValueError):
+            return None
+    return min(300.0, max(0.0, seconds))

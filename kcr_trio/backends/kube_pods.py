@@ -164,12 +164,12 @@ class PodView:
     terminating: bool
     failure: str | None  # set when the pod can no longer serve, with a readable reason
     exit_code: int | None
+    started: bool = False  # scheduled, image pulled, container started (or finished)
+    waiting: str | None = None  # why a pod that may still start is waiting (unschedulable, pull retries)
 
 
 # Waiting reasons after which a container will not start without outside help.
 _FATAL_WAITING = {
-    "ErrImagePull": "the image could not be pulled",
-    "ImagePullBackOff": "the image could not be pulled",
     "InvalidImageName": "the image name is invalid",
     "ErrImageNeverPull": "the image is not present and the pull policy is Never",
     "CreateContainerConfigError": "the container configuration is invalid",
@@ -177,6 +177,14 @@ _FATAL_WAITING = {
     "RunContainerError": "the container could not be started",
     "CrashLoopBackOff": "the container keeps crashing",
 }
+
+
+# Image pull errors the kubelet keeps retrying (ErrImagePull, then ImagePullBackOff): a registry
+# hiccup or rate limit passes, so the pod is given until its start timeout; these messages mean
+# the image cannot be pulled however long we wait, so the pod is given up at once.
+_PULL_ERRORS = ("ErrImagePull", "ImagePullBackOff")
+_PERMANENT_PULL = ("not found", "manifest unknown", "unauthorized", "denied", "forbidden", "no such image",
+                   "invalid reference")
 
 
 def view(pod: dict[str, Any]) -> PodView:
@@ -187,6 +195,8 @@ def view(pod: dict[str, Any]) -> PodView:
     statuses = status.get("containerStatuses") or []
     main = next((c for c in statuses if c.get("name") == "main"), statuses[0] if statuses else {})
     ready = phase == "Running" and conditions.get("Ready") == "True" and bool(main.get("ready", True))
+    state = main.get("state") or {}
+    started = phase in ("Running", "Succeeded", "Failed") or "running" in state or "terminated" in state
     failure, exit_code = describe_failure(pod)
     return PodView(
         name=meta.get("name", ""),
@@ -196,7 +206,26 @@ def view(pod: dict[str, Any]) -> PodView:
         terminating=bool(meta.get("deletionTimestamp")),
         failure=failure,
         exit_code=exit_code,
+        started=started,
+        waiting=None if failure or started else describe_waiting(pod),
     )
+
+
+def describe_waiting(pod: dict[str, Any]) -> str | None:
+    """Why a pod that may still start is not running yet, when Kubernetes says more than
+    "starting": the scheduler's message, or a pull error the kubelet is retrying."""
+    name = (pod.get("metadata") or {}).get("name", "?")
+    status = pod.get("status") or {}
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
+            why = cond.get("message") or cond.get("reason") or "no node fits"
+            return f"Execution pod {name} cannot be scheduled ({cond.get('reason') or 'Pending'}): {why}"
+    for cs in status.get("containerStatuses") or []:
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in _PULL_ERRORS:
+            msg = f": {waiting['message']}" if waiting.get("message") else ""
+            return f"Execution pod {name} is retrying its image pull ({waiting['reason']}){msg}"
+    return None
 
 
 def describe_failure(pod: dict[str, Any]) -> tuple[str | None, int | None]:
@@ -205,7 +234,7 @@ def describe_failure(pod: dict[str, Any]) -> tuple[str | None, int | None]:
     name = (pod.get("metadata") or {}).get("name", "?")
     status = pod.get("status") or {}
     phase = status.get("phase") or "Pending"
-    limits = {}
+    limits: dict[str, Any] = {}
     for c in (pod.get("spec") or {}).get("containers") or []:
         if c.get("name") == "main":
             limits = (c.get("resources") or {}).get("limits") or {}
@@ -229,6 +258,9 @@ def describe_failure(pod: dict[str, Any]) -> tuple[str | None, int | None]:
             detail = f": {term['message']}" if term.get("message") else ""
             return f"Execution pod {name} stopped unexpectedly ({reason}, {how}){detail}", code
         waiting = state.get("waiting") or {}
+        message = str(waiting.get("message") or "")
+        if waiting.get("reason") in _PULL_ERRORS and any(p in message.lower() for p in _PERMANENT_PULL):
+            return f"Execution pod {name} cannot start, the image could not be pulled ({waiting['reason']}): {message}", None
         if waiting.get("reason") in _FATAL_WAITING:
             what = _FATAL_WAITING[waiting["reason"]]
             msg = f": {waiting['message']}" if waiting.get("message") else ""

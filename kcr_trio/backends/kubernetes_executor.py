@@ -21,9 +21,18 @@ How it works:
   tree when that happens; the pod deletion then takes the container down too.
 * **Pod failures** (OOMKilled, evicted, killed, image pull errors) are read from the pod status:
   a run on a pod that dies returns a ``RunResult`` whose ``failure`` and ``stderr`` say why.
+* **Starting pods** (``_bring_up``): creation → container started is bounded by
+  ``KCR_POD_START_TIMEOUT`` (scheduling, first image pulls), started → Ready by
+  ``KCR_POD_READY_TIMEOUT``. Unschedulable pods and image pulls the kubelet retries are waited on
+  with their reason shown; permanent errors give the pod up at once. A create the API refused (403
+  from RBAC, Pod Security or a quota; 429) is not followed by a DELETE; failures back off together
+  (one probe pod at a time, never sooner than ``Retry-After``).
+* **Readiness** (``snapshot()``): "can serve" — the pod list is synced, no language is still warming
+  without a problem, one language is available; each language reports its status and reason.
 * **Start-up sweep**: pods of ours whose owner (an API replica's pod UID) no longer exists —
   a crashed replica — and pods carrying our own UID from an earlier run of this same pod (a
-  container restart) are deleted before warming up.
+  container restart) are deleted before warming up. If the API pods cannot be listed, only our
+  own leftovers go; a failed sweep is retried in the background.
 * **Shutdown**: the nursery is cancelled (watch and pod creations stop within milliseconds), then
   every pod with our owner UID is deleted, shielded and bounded.
 
@@ -40,7 +49,7 @@ import string
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -96,7 +105,11 @@ class KubernetesSettings(BaseSettings):
     kcr_runner_max_execution_time: float = Field(120.0, gt=0)
     kcr_cold_pod_fallback: bool = False
     kcr_cold_pod_max: int = Field(4, ge=1)  # cold pods starting at once
-    kcr_pod_ready_timeout: float = Field(120.0, gt=0)  # creation → Ready, else the pod is replaced
+    # Creation → container started: scheduling (an autoscaler adding a node) and the image pull (a
+    # first pull of a multi-GB image takes minutes). Pull errors the kubelet retries and an
+    # Unschedulable pod are waited on, with their reason shown, until this passes.
+    kcr_pod_start_timeout: float = Field(600.0, gt=0)
+    kcr_pod_ready_timeout: float = Field(120.0, gt=0)  # container started → Ready, else replaced
     kcr_pod_delete_grace: int = Field(1, ge=0)  # gracePeriodSeconds when deleting a used pod
     kcr_pod_create_parallel: int = Field(5, ge=1)  # pods starting at once per language
     kcr_k8s_request_timeout: float = Field(15.0, gt=0)  # read timeout of one API call
@@ -153,12 +166,15 @@ class _Pod:
     created: float = field(default_factory=time.monotonic)
     view: kube_pods.PodView | None = None
     gone: bool = False  # DELETED seen (or never existed)
-    delete_requested: float | None = None
+    first_failure: str | None = None
     deleted_at: float | None = None
     changed: trio.Event = field(default_factory=trio.Event)
 
     def update(self, view: kube_pods.PodView | None, *, gone: bool = False) -> None:
         self.view = view or self.view
+        if view is not None and view.failure and self.first_failure is None:
+            # Kept: the kubelet follows a permanent pull error with a bare "Back-off pulling image".
+            self.first_failure = view.failure
         if gone and not self.gone:
             self.gone = True
             self.deleted_at = time.monotonic()
@@ -173,6 +189,8 @@ class _Pod:
     def failure(self) -> str | None:
         if self.view and self.view.failure:
             return self.view.failure
+        if self.first_failure:
+            return self.first_failure
         if self.gone or (self.view and self.view.terminating):
             return f"Execution pod {self.name} was deleted while in use"
         return None
@@ -198,8 +216,10 @@ class _Pool:
     in_use: int = 0
     waiters: deque[_Waiter] = field(default_factory=deque)
     warmed: bool = False  # reached its target at least once
-    last_error: str | None = None
+    last_error: str | None = None  # why the last pod failed to start
+    waiting: str | None = None  # why a starting pod is still waiting (unschedulable, pull retries)
     failures_in_a_row: int = 0
+    retry_scheduled: bool = False  # a failed start is backing off; it will replenish
     refilled: trio.Event = field(default_factory=trio.Event)  # set whenever a pod becomes ready
 
     def offer(self, pod: _Pod) -> None:
@@ -259,7 +279,7 @@ class PodSandbox:
             reason = await self._executor._failure_reason(self.pod, exc)
             raise Unavailable(reason) from exc
 
-    async def run(self, code: str, *, timeout: float, request_id: str) -> RunResult:
+    async def run(self, code: str, *, timeout: float, request_id: str, args: Sequence[str] = ()) -> RunResult:
         result: RunResult | None = None
         error: Unavailable | None = None
         async with trio.open_nursery() as nursery:
@@ -270,7 +290,7 @@ class PodSandbox:
 
             nursery.start_soon(on_pod_death)
             try:
-                result = await self._inner.run(code, timeout=timeout, request_id=request_id)
+                result = await self._inner.run(code, timeout=timeout, request_id=request_id, args=args)
             except Unavailable as exc:
                 error = exc
             nursery.cancel_scope.cancel()
@@ -331,6 +351,10 @@ class KubernetesExecutor:
         self.api = api
         self.http = http
         self.sandbox_factory = sandbox_factory or _protocol_sandbox_factory(ksettings)
+        if ksettings.kcr_pod_protocol == "kcr-runner" and settings.max_execution_time > ksettings.kcr_runner_max_execution_time:
+            log.warning("MAX_EXECUTION_TIME=%s is above the runner images' cap of %gs "
+                        "(KCR_RUNNER_MAX_EXECUTION_TIME): longer runs stop at the cap, and their stderr says so",
+                        settings.max_execution_time, ksettings.kcr_runner_max_execution_time)
         self.owner_uid = ksettings.kcr_pod_owner_uid or str(uuid.uuid4())
         self.owner_is_pod = bool(ksettings.kcr_pod_owner_uid)
         self.template = kube_pods.PodTemplate(
@@ -354,6 +378,7 @@ class KubernetesExecutor:
         self._watch_synced = trio.Event()
         self.watch_connected = False
         self._watch_error: str | None = None
+        self.watch_rv = ""  # the resourceVersion the watch resumes from (BOOKMARKs advance it)
         self._cold = trio.CapacityLimiter(ksettings.kcr_cold_pod_max)
         self.reclaims: deque[dict[str, float]] = deque(maxlen=256)  # timings for the benchmark
 
@@ -397,9 +422,22 @@ class KubernetesExecutor:
         return self.snapshot()
 
     def snapshot(self) -> dict[str, Any]:
-        """``status()`` without an await (for metrics and tests)."""
-        pools = {
-            lang: {
+        """``status()`` without an await (for metrics and tests).
+
+        ``ready`` means "can serve": the pod list is synced, no language is still warming up
+        without a problem, and at least one language is available. A language whose pods cannot
+        start (image missing, pods forbidden or unschedulable) is reported per language with its
+        reason and counted in ``unavailable_languages``, instead of holding every replica NotReady.
+        """
+        pools: dict[str, dict[str, Any]] = {}
+        for lang, p in self.pools.items():
+            if not (p.target or p.in_use or p.starting):
+                continue
+            status, reason = self._language_status(p)
+            pools[lang] = {
+                "status": status,
+                "reason": reason,
+                "available": status == "available",
                 "target": p.target,
                 "ready": len(p.ready),
                 "starting": p.starting,
@@ -408,13 +446,25 @@ class KubernetesExecutor:
                 "warmed": p.warmed or p.target == 0,
                 "last_error": p.last_error,
             }
-            for lang, p in self.pools.items()
-            if p.target or p.in_use or p.starting
-        }
-        warmed = all(p["warmed"] for p in pools.values())
+        synced = self._watch_synced.is_set()
+        by_status: dict[str, list[str]] = {"available": [], "warming": [], "unavailable": []}
+        for lang, fields in pools.items():
+            by_status[fields["status"]].append(lang)
+        ready = synced and not by_status["warming"] and (bool(by_status["available"]) or not pools)
+        reason = None
+        if not synced:
+            reason = self._watch_error or "listing execution pods"
+        elif by_status["warming"]:
+            reason = "warming up: " + ", ".join(
+                f"{lang} ({pools[lang]['ready']}/{pools[lang]['target']} ready)" for lang in by_status["warming"])
+        elif not ready:
+            reason = "no language can run code: " + "; ".join(
+                f"{lang}: {pools[lang]['reason']}" for lang in by_status["unavailable"])
         return {
-            "ready": warmed and self._watch_synced.is_set(),
+            "ready": ready,
+            "reason": reason,
             "warm": all(p["ready"] >= p["target"] for p in pools.values()),
+            "unavailable_languages": len(by_status["unavailable"]),
             "executor": "kubernetes",
             "namespace": self.api.namespace,
             "protocol": self.k.kcr_pod_protocol,
@@ -423,6 +473,19 @@ class KubernetesExecutor:
             "watch_error": self._watch_error,
             "pools": pools,
         }
+
+    def _language_status(self, pool: _Pool) -> tuple[str, str | None]:
+        """``(available|warming|unavailable, reason)`` for one language's pool."""
+        problem = pool.waiting or (pool.last_error if pool.failures_in_a_row else None)
+        if pool.ready:
+            return "available", problem
+        if problem:
+            return "unavailable", problem
+        if pool.warmed or pool.target == 0:
+            return "available", None  # every pod is in use or being replaced: requests wait
+        if not self.watch_connected and self._watch_error:
+            return "unavailable", self._watch_error
+        return "warming", None
 
     async def wait_warm(self, timeout: float | None = None) -> bool:
         """Wait until every pool reached its target once (``True``), or the timeout passes."""
@@ -489,22 +552,11 @@ class KubernetesExecutor:
         """Start a pod for this request alone (no warm one is available)."""
         async with self._cold:
             pod = self._register(pool.language)
-            try:
-                with trio.move_on_after(self.k.kcr_pod_ready_timeout):
-                    await self.api.create_pod(self._manifest(pod, kind="cold"))
-                    await pod.wait_for(lambda p: p.ready or p.failure is not None)
-                if pod.ready:
-                    pool.in_use += 1
-                    return pod
-                reason = pod.failure or f"Execution pod {pod.name} did not become ready in time"
-            except BaseException:
-                with trio.CancelScope(shield=True):
-                    with trio.move_on_after(self.k.kcr_k8s_cleanup_timeout):
-                        await self._delete(pod)
-                raise
-            with trio.CancelScope(shield=True), trio.move_on_after(self.k.kcr_k8s_cleanup_timeout):
-                await self._delete(pod)
-            raise Unavailable(reason)
+            failed = await self._bring_up(pod, kind="cold")
+            if failed is not None:
+                raise Unavailable(failed[0])
+            pool.in_use += 1
+            return pod
 
     async def _discard(self, pool: _Pool, pod: _Pod, released: float) -> None:
         """After one use: delete the pod now. Shielded by the caller, bounded by its timeout."""
@@ -518,7 +570,6 @@ class KubernetesExecutor:
         if pod.gone:
             self._pods.pop(pod.name, None)
             return
-        pod.delete_requested = time.monotonic()
         try:
             gone = not await self.api.delete_pod(pod.name, grace_seconds=self.k.kcr_pod_delete_grace)
         except KubeError as exc:
@@ -561,52 +612,108 @@ class KubernetesExecutor:
         )
 
     def _replenish(self, pool: _Pool) -> None:
-        """Start as many pods as the pool lacks (bounded per language). Never blocks."""
-        if self._closing or self._nursery is None:
+        """Start as many pods as the pool lacks (bounded per language; one at a time while the
+        pool's pods keep failing, so a broken image or a refusing API costs one attempt per
+        back-off). Never blocks."""
+        if self._closing or self._nursery is None or pool.retry_scheduled:
             return
         missing = pool.target - len(pool.ready) - pool.starting
-        room = self.k.kcr_pod_create_parallel - pool.starting
+        parallel = 1 if pool.failures_in_a_row else self.k.kcr_pod_create_parallel
+        room = parallel - pool.starting
         for _ in range(max(0, min(missing, room))):
             pool.starting += 1
             self._nursery.start_soon(self._start_pod, pool)
 
     async def _start_pod(self, pool: _Pool) -> None:
-        pod = self._register(pool.language)
-        ok = attempted = False
+        failed: tuple[str, float | None] | None = ("not started", None)
         try:
             await self._watch_synced.wait()
-            with trio.move_on_after(self.k.kcr_pod_ready_timeout):
-                attempted = True
-                await self.api.create_pod(self._manifest(pod))
-                await pod.wait_for(lambda p: p.ready or p.failure is not None)
-            if pod.ready:
-                ok = True
-                pool.failures_in_a_row = 0
-                pool.last_error = None
-                pool.offer(pod)
-            pool.last_error = pod.failure or (
-                f"Execution pod {pod.name} did not become ready within {self.k.kcr_pod_ready_timeout:g}s"
-            )
-        except KubeError as exc:
-            pool.last_error = str(exc)
+            pod = self._register(pool.language)
+            failed = await self._bring_up(pod, kind="pool", pool=pool)
         finally:
             pool.starting -= 1
-            if not ok and attempted:
-                with trio.CancelScope(shield=True), trio.move_on_after(self.k.kcr_k8s_cleanup_timeout):
-                    await self._delete(pod)
-            elif not ok:
-                self._pods.pop(pod.name, None)
-        if ok:
+        if failed is None:
+            pool.failures_in_a_row = 0
+            pool.last_error = pool.waiting = None
+            pool.offer(pod)
             # This slot is free again: start the next pod if the pool is still short (a pool larger
             # than KCR_POD_CREATE_PARALLEL fills in waves without waiting for traffic).
             self._replenish(pool)
             return
-        # Failed: back off (capped) before this slot tries again, so a broken image or an
-        # unreachable API does not turn into a busy loop.
-        log.warning("pool %s: %s", pool.language, pool.last_error)
+        reason, retry_after = failed
+        if reason != pool.last_error:
+            log.warning("pool %s: %s", pool.language, reason)
+        pool.last_error, pool.waiting = reason, None
+        if pool.retry_scheduled:
+            return  # pods that failed together back off together: one retry for all of them
+        # Back off (capped, or as long as the API server asked) before the pool tries again.
         pool.failures_in_a_row += 1
-        await trio.sleep(min(30.0, 0.5 * 2 ** min(pool.failures_in_a_row, 6)))
+        delay = min(30.0, 0.5 * 2 ** min(pool.failures_in_a_row, 6))
+        if retry_after is not None:
+            delay = max(delay, retry_after)
+        pool.retry_scheduled = True
+        try:
+            await trio.sleep(delay)
+        finally:
+            pool.retry_scheduled = False
         self._replenish(pool)
+
+    async def _bring_up(self, pod: _Pod, *, kind: str, pool: _Pool | None = None) -> tuple[str, float | None] | None:
+        """Create ``pod`` and wait until it is Ready: ``None``, else why not and how long the API
+        server asked us to wait. On failure or cancellation a pod that may exist is deleted
+        (shielded, bounded); a create the API server refused left nothing to delete."""
+        may_exist = ok = False
+        try:
+            try:
+                may_exist = True
+                await self.api.create_pod(self._manifest(pod, kind=kind))
+            except KubeError as exc:
+                may_exist = not (exc.refused or exc.http_status == 429)
+                return self._create_error(exc), exc.retry_after
+            failure = await self._wait_ready(pod, pool)
+            ok = failure is None
+            return None if failure is None else (failure, None)
+        finally:
+            if not ok:
+                if may_exist:
+                    with trio.CancelScope(shield=True), trio.move_on_after(self.k.kcr_k8s_cleanup_timeout):
+                        await self._delete(pod)
+                else:
+                    self._pods.pop(pod.name, None)
+
+    def _create_error(self, exc: KubeError) -> str:
+        if exc.http_status == 403:
+            return (f"Kubernetes refused to create an execution pod in namespace {self.api.namespace} "
+                    f"(403 Forbidden): {exc}. Check the Role (pods: create), Pod Security admission, "
+                    "ResourceQuota and RuntimeClass of that namespace.")
+        return f"Creating an execution pod failed: {exc}"
+
+    async def _wait_ready(self, pod: _Pod, pool: _Pool | None) -> str | None:
+        """Wait for Ready with two clocks: creation → container started (scheduling and the image
+        pull: ``KCR_POD_START_TIMEOUT``), then started → Ready (``KCR_POD_READY_TIMEOUT``). A pod
+        that is Unschedulable or whose pull the kubelet is retrying is waited on (its reason shown in
+        the pool's status), not deleted and recreated: that would only fight a cluster autoscaler."""
+        start_by = trio.current_time() + self.k.kcr_pod_start_timeout
+        ready_by: float | None = None
+        while not pod.ready:
+            if pod.failure:
+                return pod.failure
+            view = pod.view
+            if view is not None and view.started and ready_by is None:
+                ready_by = trio.current_time() + self.k.kcr_pod_ready_timeout
+            if pool is not None and view is not None and view.waiting and view.waiting != pool.waiting:
+                log.warning("pool %s: %s", pool.language, view.waiting)
+                pool.waiting = view.waiting
+            changed = pod.changed
+            with trio.move_on_at(start_by if ready_by is None else ready_by):
+                await changed.wait()
+                continue
+            if ready_by is None:
+                why = f" ({view.waiting})" if view is not None and view.waiting else ""
+                return f"Execution pod {pod.name} did not start within {self.k.kcr_pod_start_timeout:g}s{why}"
+            return (f"Execution pod {pod.name} did not become ready within "
+                    f"{self.k.kcr_pod_ready_timeout:g}s of starting")
+        return None
 
     # ------------------------------------------------------------------ the watch
 
@@ -638,15 +745,23 @@ class KubernetesExecutor:
                                 break
                             raise KubeError(f"watch error: {obj.get('message')}", status=obj.get("code") or 0)
                         rv = (obj.get("metadata") or {}).get("resourceVersion") or rv
+                        self.watch_rv = rv
                         if kind != "BOOKMARK":
                             self._observe(kind, obj)
             except KubeError as exc:
-                self._watch_error = str(exc)
                 failures += 1
                 if exc.http_status == 410:
                     rv = ""
-                log.warning("pod watch interrupted: %s", exc)
-                await trio.sleep(min(10.0, 0.2 * 2 ** min(failures, 6)))
+                if exc.http_status in (401, 403):
+                    error = (f"Kubernetes refused to list/watch execution pods in namespace {self.api.namespace} "
+                             f"({exc.http_status}): {exc}. The Role must grant list and watch on pods.")
+                else:
+                    error = f"Watching execution pods failed: {exc}"
+                if error != self._watch_error:
+                    (log.error if exc.http_status in (401, 403) else log.warning)("%s", error)
+                self._watch_error = error
+                delay = min(10.0, 0.2 * 2 ** min(failures, 6))
+                await trio.sleep(max(delay, exc.retry_after or 0.0))
             finally:
                 self.watch_connected = False
 
@@ -695,22 +810,26 @@ class KubernetesExecutor:
         run of this same pod). Returns how many were deleted."""
         items, _ = await self.api.list_pods(kube_pods.selector())
         doomed = []
+        judge_owners = self.k.kcr_pod_sweep_orphans and self.owner_is_pod
         live: set[str] | None = None
         for obj in items:
             owner = (obj["metadata"].get("labels") or {}).get(kube_pods.OWNER, "")
             if owner == self.owner_uid:
                 doomed.append(obj)
                 continue
-            if not (self.k.kcr_pod_sweep_orphans and self.owner_is_pod):
-                continue  # outside a cluster we cannot tell a live owner from a dead one
+            if not judge_owners:
+                continue  # outside a cluster (or unable to list owners) we cannot tell live from dead
             if live is None:
                 try:
                     owners, _ = await self.api.list_pods(namespace=self.k.own_namespace())
                     live = {o["metadata"].get("uid") for o in owners}
                 except KubeError as exc:
-                    log.warning("orphan sweep skipped, cannot list owner pods: %s", exc)
-                    live = set()
-                    break
+                    # E.g. no Role to list pods in our own namespace when execution pods run in
+                    # another: other replicas' pods are kept, our own leftovers still go.
+                    log.warning("orphan sweep: cannot list API pods in namespace %s to tell crashed "
+                                "replicas from live ones, keeping their pods: %s", self.k.own_namespace(), exc)
+                    judge_owners = False
+                    continue
             if owner not in live:
                 doomed.append(obj)
         async with trio.open_nursery() as nursery:
@@ -719,6 +838,15 @@ class KubernetesExecutor:
         if doomed:
             log.info("swept %d orphaned execution pods", len(doomed))
         return len(doomed)
+
+    async def _sweep_later(self, retry_after: float | None) -> None:
+        for attempt in range(1, 1000):
+            await trio.sleep(max(min(60.0, 2.0 ** attempt), retry_after or 0.0))
+            try:
+                await self.sweep()
+                return
+            except KubeError as exc:
+                retry_after = exc.retry_after
 
     async def _sweep_one(self, name: str) -> None:
         try:
@@ -744,9 +872,9 @@ class KubernetesExecutor:
                 self._nursery = nursery
                 try:
                     await self.sweep()
-                except KubeError as exc:  # not fatal: the watch loop keeps retrying the API
-                    self._watch_error = str(exc)
-                    log.warning("start-up sweep failed: %s", exc)
+                except KubeError as exc:  # not fatal: retried in the background
+                    log.warning("start-up sweep failed, retrying in the background: %s", exc)
+                    nursery.start_soon(self._sweep_later, exc.retry_after)
                 nursery.start_soon(self._watch_loop)
                 for pool in self.pools.values():
                     self._replenish(pool)

@@ -47,6 +47,7 @@ import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -60,13 +61,19 @@ from sidecar.prewarm import remove_tree
 from kcr_trio.core.errors import Busy, Unavailable, unsupported_language
 from kcr_trio.core.languages import LANGUAGES
 from sidecar import proctree
+from sidecar import cgroups
+from sidecar.cgroups import Cgroups
 from sidecar.languages import Toolchain
+from sidecar.sandbox import EXTRA_PROCESSES
 from sidecar.limits import reachable_by
 from sidecar.toolchains import availability
 
 from .sidecar_client import SidecarSandbox
 
 log = logging.getLogger("kcr_trio.local_executor")
+# The release starts this long after the sandbox was handed back: the answer, already on its way
+# in the same event loop, goes out first instead of sharing the CPU with the release's HTTP call.
+RELEASE_DELAY = 0.005
 
 
 class LocalExecutorSettings(BaseSettings):
@@ -89,6 +96,10 @@ class LocalExecutorSettings(BaseSettings):
     kcr_local_bwrap: str = ""  # the bwrap executable (default: bwrap on the standard PATH)
     # One sidecar serves many runs, one at a time, reset in between (see LocalExecutor._reset).
     kcr_local_max_runs_per_sidecar: int = 1000
+    # A control group per sandbox slot bounds each run's memory (MAX_MEMORY_MB) and tasks (MAX_PIDS)
+    # as a whole (sidecar/cgroups.py); compile steps get their own group with this bound.
+    kcr_local_cgroups: bool = True
+    kcr_local_compile_memory_mb: int = 4096
     kcr_local_reset_timeout: float = 10.0
 
 
@@ -202,6 +213,7 @@ class LocalExecutor:
         self._package_parent = str(Path(proctree.__file__).resolve().parents[1])
         self.sandboxed = True  # set from decide_sandbox() before the replenishers start
         # {language: why it cannot run here}, from sidecar.toolchains at start-up (blocking stats).
+        self.cgroups = Cgroups(None, "not detected")  # set by open_local_executor
         self.missing: dict[str, str] = {
             code: why for code, why in availability(Toolchain(local.kcr_local_python, self._node_path)).items()
             if why}
@@ -266,6 +278,7 @@ class LocalExecutor:
         shutdown must not leave a used sandbox in a pool) and bounded; never raises."""
         try:
             with trio.CancelScope(shield=True):
+                await trio.sleep(RELEASE_DELAY)
                 if await self._reset(sidecar):
                     sidecar.runs += 1
                     self._pools[sidecar.language].append(sidecar)
@@ -318,6 +331,7 @@ class LocalExecutor:
             "in_use": self.in_use,
             "capacity": self.capacity,
             "sandbox": "bwrap" if self.sandboxed else "none",
+            "memory_bound": self.cgroups.status(),
             "languages": {code: ({"available": False, "reason": self.missing[code]} if code in self.missing
                                  else {"available": True}) for code in LANGUAGES},
         }
@@ -409,7 +423,26 @@ class LocalExecutor:
             argv += ["--sandbox", "none"]
         if self.local.kcr_local_python:
             argv += ["--python", self.local.kcr_local_python]
+        groups = self._make_groups(directory)
+        if groups:
+            argv += ["--cgroup-version", str(self.cgroups.version), "--cgroup-run", groups[0],
+                     "--cgroup-compile", groups[1]]
         return argv
+
+    def _group_name(self, directory: Path) -> str:
+        return f"{cgroups.PREFIX}{os.getpid()}/{directory.name}"
+
+    def _make_groups(self, directory: Path) -> tuple[str, str] | None:
+        """This slot's control groups (the run's and its compile steps'), as comma-separated dirs."""
+        if self.cgroups.version is None:
+            return None
+        s = self.settings
+        name = self._group_name(directory)
+        run = self.cgroups.create(f"{name}/run", s.max_memory_mb, s.max_pids + EXTRA_PROCESSES)
+        build = self.cgroups.create(f"{name}/compile",
+                                    max(s.max_memory_mb, self.local.kcr_local_compile_memory_mb),
+                                    max(s.max_pids, 1024) + EXTRA_PROCESSES)
+        return ",".join(run.dirs), ",".join(build.dirs)
 
     async def _start(self, lang: str) -> _Sidecar:
         """Start one sidecar and wait until it announces itself; raises ``Unavailable``."""
@@ -459,6 +492,8 @@ class LocalExecutor:
                     await self._destroy(sidecar)
             elif not any(s.directory == directory for s in self._live):
                 shutil.rmtree(directory, ignore_errors=True)
+                if self.cgroups.version is not None:
+                    self.cgroups.remove(self._group_name(directory))
                 if uid is not None:
                     self._free_uids.append(uid)
 
@@ -466,18 +501,23 @@ class LocalExecutor:
         """Kill the sidecar and everything below it, then remove its directory. Shielded, bounded."""
         with trio.CancelScope(shield=True):
             with trio.move_on_after(10):
-                await trio.to_thread.run_sync(self._kill_sync, sidecar)
+                # returncode is read here, not in the thread: on a process that already exited it
+                # closes trio's pidfd, which only works from the Trio thread (it crashed the server).
+                alive = sidecar.process.returncode is None
+                await trio.to_thread.run_sync(self._kill_sync, sidecar, alive)
                 with trio.move_on_after(5):
                     await sidecar.process.wait()
                 await trio.to_thread.run_sync(_remove_tree, sidecar.directory)
+                if self.cgroups.version is not None:
+                    await trio.to_thread.run_sync(self.cgroups.remove, self._group_name(sidecar.directory))
             self._live.discard(sidecar)
             if sidecar.uid is not None and sidecar.process.returncode is not None:
                 self._free_uids.append(sidecar.uid)
 
     @staticmethod
-    def _kill_sync(sidecar: _Sidecar) -> None:
+    def _kill_sync(sidecar: _Sidecar, alive: bool) -> None:
         pid = sidecar.process.pid
-        if sidecar.process.returncode is None:
+        if alive:
             try:
                 os.kill(pid, signal.SIGSTOP)  # frozen: it cannot start anything new meanwhile
             except OSError:
@@ -499,6 +539,8 @@ class LocalExecutor:
         async with trio.open_nursery() as nursery:
             for sidecar in live:
                 nursery.start_soon(self._destroy, sidecar)
+        if self.cgroups.version is not None:
+            self.cgroups.remove(f"{cgroups.PREFIX}{os.getpid()}")
         for fd in self._uid_locks.values():
             os.close(fd)
         self._uid_locks.clear()
@@ -521,6 +563,11 @@ async def open_local_executor(settings: Settings) -> AsyncIterator[LocalExecutor
         raise
     if sandbox_warning:
         log.warning("%s", sandbox_warning)
+    groups = await trio.to_thread.run_sync(partial(cgroups.detect, disabled=not local.kcr_local_cgroups))
+    if groups.version is None:
+        log.warning("no per-run memory bound: %s", groups.detail)
+    else:
+        await trio.to_thread.run_sync(cgroups.sweep_stale, groups)
     limits = httpx.Limits(max_connections=max(64, 4 * settings.max_concurrent_executions),
                           max_keepalive_connections=32, keepalive_expiry=5.0)
     async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(30.0, connect=5.0),
@@ -530,6 +577,9 @@ async def open_local_executor(settings: Settings) -> AsyncIterator[LocalExecutor
             async with trio.open_nursery() as nursery:
                 executor = LocalExecutor(settings, local, nursery, http)
                 executor.sandboxed = sandboxed
+                executor.cgroups = groups
+                if groups.version is None:
+                    executor.warnings.append(f"no per-run memory bound: {groups.detail}")
                 if sandbox_warning:
                     executor.warnings.append(sandbox_warning)
                 executor.start_replenishers()

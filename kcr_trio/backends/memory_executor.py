@@ -8,7 +8,7 @@ what the core's lifecycle tests need.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -24,19 +24,24 @@ class MemorySandbox:
     def __init__(self, program: Program) -> None:
         self.program = program
         self.files: dict[str, bytes] = {}
+        self.args: list[str] = []
         self._before: dict[str, bytes] = {}
         self.ran = False
 
     async def put_file(self, name: str, chunks: AsyncIterable[bytes]) -> None:
         self.files[name] = b"".join([chunk async for chunk in chunks])
 
-    async def run(self, code: str, *, timeout: float, request_id: str) -> RunResult:
+    async def run(self, code: str, *, timeout: float, request_id: str, args: Sequence[str] = ()) -> RunResult:
+        self.args = list(args)
         self._before = dict(self.files)
         self.ran = True
         with trio.move_on_after(timeout) as scope:
-            return await self.program(code, self.files)
-        assert scope.cancelled_caught
-        return RunResult(exit_code=124, stdout="", stderr="", timed_out=True)
+            result = await self.program(code, self.files)
+        if scope.cancelled_caught:
+            result = RunResult(exit_code=124, stdout="", stderr="", timed_out=True)
+        if result.removed is None:
+            result.removed = sorted(set(self._before) - set(self.files))
+        return result
 
     async def generated_files(self) -> list[GeneratedFile]:
         await trio.lowlevel.checkpoint()
@@ -59,6 +64,8 @@ class MemorySandbox:
 
 
 class MemoryExecutor:
+    ptc_capable = False  # runs no real program: no programmatic tool calling (api/ptc_http.py)
+
     def __init__(self, program: Program, *, capacity: int = 4, retry_after: float = 2.0) -> None:
         self.program = program
         self.capacity = capacity

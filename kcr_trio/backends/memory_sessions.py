@@ -26,6 +26,7 @@ class MemorySessionStore:
         self._entities: dict[str, list[str]] = {}
         self._files: dict[str, dict[str, FileRecord]] = {}
         self._counters: dict[str, tuple[int, int]] = {}  # key -> (window index, count)
+        self._locks: dict[str, tuple[str, float]] = {}  # key -> (owner, monotonic expiry)
 
     async def create_session(self, *, entity_id: str | None, user_id: str | None) -> Session:
         await trio.lowlevel.checkpoint()
@@ -104,6 +105,20 @@ class MemorySessionStore:
         if len(self._counters) > 100_000:  # bound memory: drop windows that are over
             self._counters = {k: v for k, v in self._counters.items() if v[0] >= window}
         return count
+
+    async def try_lock(self, key: str, owner: str, ttl_seconds: float) -> bool:
+        await trio.lowlevel.checkpoint()
+        now = time.monotonic()
+        held = self._locks.get(key)
+        if held is not None and held[1] > now and held[0] != owner:
+            return False
+        self._locks[key] = (owner, now + ttl_seconds)
+        return True
+
+    async def unlock(self, key: str, owner: str) -> None:
+        await trio.lowlevel.checkpoint()
+        if self._locks.get(key, ("", 0.0))[0] == owner:
+            del self._locks[key]
 
     async def expired_sessions(self) -> list[str]:
         """Ids of sessions past their expiry (for the cleanup loop)."""

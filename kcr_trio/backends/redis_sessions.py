@@ -78,6 +78,12 @@ _EMPTY_SESSION_FIELDS = {
 _ENTITY_SCAN_LIMIT = 1000  # members of one entity set examined per lookup
 _EXPIRED_SCAN_LIMIT = 5000  # sessions returned per cleanup pass
 
+# Release a lock only if its value is still our owner token (a lapsed lock may be someone else's now).
+_UNLOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
 # Read a session and, only if it exists and is active, refresh last_activity: one round trip, and
 # never creates a hash (HSET on a key that just expired would).
 _GET_AND_TOUCH = """
@@ -259,6 +265,7 @@ class RedisSessionStore:
         # instead (one operation holds at most one connection per node), within the deadline.
         self._limiter = trio.CapacityLimiter(max_connections) if cluster else None
         self._touch_script = client.register_script(_GET_AND_TOUCH)
+        self._unlock_script = client.register_script(_UNLOCK)
 
     # --- keys ------------------------------------------------------------------------------------
     def session_key(self, sid: str) -> str:
@@ -462,6 +469,15 @@ class RedisSessionStore:
             return int(count)
 
         return await self._run(op)
+
+    async def try_lock(self, key: str, owner: str, ttl_seconds: float) -> bool:
+        rkey = f"{self.prefix}kcr:lock:{key}"
+        ttl_ms = max(1, int(ttl_seconds * 1000))
+        return bool(await self._run(lambda: self._r.set(rkey, owner, nx=True, px=ttl_ms)))
+
+    async def unlock(self, key: str, owner: str) -> None:
+        rkey = f"{self.prefix}kcr:lock:{key}"
+        await self._run(lambda: self._unlock_script(keys=[rkey], args=[owner]))
 
     async def ping(self) -> dict[str, Any]:
         start = time.perf_counter()

@@ -27,7 +27,7 @@ import json
 import math
 import secrets
 import time
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import quote
@@ -103,11 +103,13 @@ class SidecarSandbox:
         self._inputs[name] = size
 
     # --- run ------------------------------------------------------------------------------
-    async def run(self, code: str, *, timeout: float, request_id: str) -> RunResult:
+    async def run(self, code: str, *, timeout: float, request_id: str, args: Sequence[str] = ()) -> RunResult:
         if self._timeout_cap is not None:
             timeout = min(timeout, self._timeout_cap)
         wire_timeout = max(1, math.ceil(timeout))  # KubeCodeRun's sidecar validates an int
-        body = {"code": code, "timeout": wire_timeout, "request_id": request_id}
+        body: dict[str, Any] = {"code": code, "timeout": wire_timeout, "request_id": request_id}
+        if args:  # [args] sent only when given: KubeCodeRun's runners never see an unknown field
+            body["args"] = list(args)
         started = time.monotonic()
         try:
             resp = await self._client.post(
@@ -147,6 +149,7 @@ class SidecarSandbox:
             if isinstance(generated, list) else None
         )
         duration = data.get("execution_time_ms")
+        removed = data.get("removed")  # our sidecar only; KubeCodeRun's runners cannot tell
         return RunResult(
             exit_code=exit_code,
             stdout=_text(data.get("stdout")),
@@ -154,6 +157,7 @@ class SidecarSandbox:
             timed_out=timed_out,
             duration_ms=float(duration) if isinstance(duration, (int, float)) else elapsed * 1000,
             generated=list(self._generated) if self._generated is not None else None,
+            removed=[n for n in removed if isinstance(n, str)] if isinstance(removed, list) else None,
         )
 
     # --- files out ------------------------------------------------------------------------

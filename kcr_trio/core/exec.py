@@ -21,6 +21,7 @@ a real status. Program failures are results (HTTP 200, text in ``stderr``), as L
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -35,7 +36,8 @@ from .ids import is_safe_id, new_id
 from .interfaces import Executor, FileStore, Sandbox, SessionStore
 from .languages import Language, lookup
 from .model import FileRecord, FileRef, GeneratedFile, RunResult, Session, utcnow
-from .names import guess_content_type, unique_name
+from .names import guess_content_type, is_plain_filename, unique_name
+from .runtime import RuntimeStore, Workspace
 
 log = logging.getLogger("kcr_trio.exec")
 
@@ -71,6 +73,9 @@ class ExecRequest:
     entity_id: str | None = None
     user_id: str | None = None
     files: list[FileRef] = field(default_factory=list)
+    args: list[str] = field(default_factory=list)  # [args] the program's argv (contract §4.3)
+    timeout: float | None = None  # seconds asked for this run; capped at MAX_EXECUTION_TIME
+    runtime_session_id: str | None = None  # the stateful profile's workspace (core.runtime)
 
 
 @dataclass(slots=True)
@@ -80,9 +85,14 @@ class ExecOutcome:
     stderr: str
     status: Literal["completed", "failed", "timeout", "error"]
     files: list[dict[str, Any]] = field(default_factory=list)
+    # Contract §4.1/§4.2/§3.2, sent only when they say something (older clients never see them).
+    deleted_files: list[str] = field(default_factory=list)
+    artifact_delivery: dict[str, Any] | None = None
+    runtime_session_id: str | None = None
+    runtime_status: Literal["new", "reused"] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        body: dict[str, Any] = {
             "session_id": self.session_id,
             "files": self.files,
             "stdout": self.stdout,
@@ -91,6 +101,14 @@ class ExecOutcome:
             "state_size": None,
             "state_hash": None,
         }
+        if self.deleted_files:
+            body["deleted_files"] = self.deleted_files
+        if self.artifact_delivery is not None:
+            body["artifact_delivery"] = self.artifact_delivery
+        if self.runtime_session_id is not None:
+            body["runtime_session_id"] = self.runtime_session_id
+            body["runtime_status"] = self.runtime_status
+        return body
 
 
 @dataclass
@@ -144,12 +162,14 @@ class ExecService:
     """Runs ``/exec`` requests against the three backends."""
 
     def __init__(
-        self, sessions: SessionStore, files: FileStore, executor: Executor, limits: ExecLimits
+        self, sessions: SessionStore, files: FileStore, executor: Executor, limits: ExecLimits,
+        runtime: RuntimeStore | None = None,
     ) -> None:
         self.sessions = sessions
         self.files = files
         self.executor = executor
         self.limits = limits
+        self.runtime = runtime  # None: the stateful profile is not served
 
     async def execute(self, req: ExecRequest, phases: Phases) -> ExecOutcome:
         """Run one request. The caller's scope cancels it; its own deadline bounds it."""
@@ -160,7 +180,15 @@ class ExecService:
         state = _State(session_id=req.session_id or "")
         with trio.CancelScope(deadline=deadline) as scope:
             try:
-                return await self._execute(req, language, phases, state, deadline)
+                if req.runtime_session_id is None:
+                    return await self._execute(req, language, phases, state, deadline, None)
+                if self.runtime is None:
+                    raise Unavailable("The stateful execution profile is not configured")
+                with phases.phase("runtime"):
+                    opened = self.runtime.open(req.runtime_session_id)
+                    ws = await opened.__aenter__()
+                async with _entered(opened, ws):
+                    return await self._execute(req, language, phases, state, deadline, ws)
             except BaseExceptionGroup as group:
                 raise _single(group) from None
         assert scope.cancelled_caught
@@ -182,6 +210,7 @@ class ExecService:
         phases: Phases,
         state: _State,
         deadline: float,
+        ws: Workspace | None,
     ) -> ExecOutcome:
         limits = self.limits
         # 1. Session and input metadata, before a sandbox is taken: a slow or huge lookup must not
@@ -203,25 +232,35 @@ class ExecService:
         async with _entered(sandbox_cm, sandbox):
             phases.durations["acquire"] = round((time.perf_counter() - acquire_started) * 1000, 2)
 
-            # 2. Inputs: store → sandbox.
+            # 2. Inputs: store → sandbox (and the runtime workspace's files, newest first).
             notes = state.notes
+            mounts = _mounts(state.inputs, ws)
             with phases.phase("upload"):
-                await self._send_inputs(sandbox, state.inputs, notes)
+                sent = await self._send_inputs(sandbox, mounts, notes)
 
             # 3. Run. The sandbox enforces the timeout; keep time for collection after it.
             run_timeout = min(
                 float(limits.max_execution_time),
                 max(1.0, deadline - trio.current_time() - limits.overhead / 2),
             )
+            if req.timeout is not None:
+                run_timeout = min(run_timeout, req.timeout)
             with phases.phase("execute"):
-                result = await sandbox.run(req.code, timeout=run_timeout, request_id=req.request_id)
+                result = await sandbox.run(req.code, timeout=run_timeout, request_id=req.request_id,
+                                           args=req.args)
 
-            # 4. Outputs: sandbox → store, then metadata.
+            # 4. Outputs: sandbox → store, then metadata; the workspace; what was deleted.
             with phases.phase("collect"):
-                files = await self._collect_outputs(sandbox, result, state.session_id, notes)
+                generated = await self._generated(sandbox, result)
+                files, attempted, stored_names = await self._collect_outputs(
+                    sandbox, generated, state.session_id, notes)
+                if ws is not None and not result.failure:
+                    await self._commit_workspace(ws, sandbox, result, generated, notes)
+                    stored_names -= set(ws.not_kept)
+            deleted = _deleted_names(req, state.inputs, sent, result)
 
         stdout, stderr = output.shape_output(
-            result, limit=limits.max_output_chars, timeout=limits.max_execution_time
+            result, limit=limits.max_output_chars, timeout=min(limits.max_execution_time, req.timeout or math.inf)
         )
         if notes:
             stderr = "\n".join([stderr, *notes]).strip()
@@ -233,7 +272,10 @@ class ExecService:
         else:
             status = "completed" if result.exit_code == 0 else "failed"
         return ExecOutcome(
-            session_id=state.session_id, stdout=stdout, stderr=stderr, status=status, files=files
+            session_id=state.session_id, stdout=stdout, stderr=stderr, status=status, files=files,
+            deleted_files=deleted, artifact_delivery=output.artifact_delivery(attempted, len(stored_names)),
+            runtime_session_id=ws.id if ws is not None else None,
+            runtime_status=ws.status if ws is not None else None,
         )
 
     # -- phase 1: session and inputs ---------------------------------------------------------
@@ -316,36 +358,54 @@ class ExecService:
 
     # -- phase 2: inputs -----------------------------------------------------------------------
 
-    async def _send_inputs(self, sandbox: Sandbox, inputs: list[FileRecord], notes: list[str]) -> None:
+    async def _send_inputs(self, sandbox: Sandbox, inputs: dict[str, str], notes: list[str]) -> set[str]:
+        """Mount ``{filename: object key}``; the names actually placed in the sandbox."""
         limiter = trio.CapacityLimiter(TRANSFER_CONCURRENCY)
+        sent: set[str] = set()
 
-        async def send(record: FileRecord) -> None:
+        async def send(filename: str, key: str) -> None:
             async with limiter:
                 try:
-                    async with self.files.open(record.object_key) as chunks:
-                        await sandbox.put_file(record.filename, chunks)
+                    async with self.files.open(key) as chunks:
+                        await sandbox.put_file(filename, chunks)
+                    sent.add(filename)
                 except NotFound:
                     # KubeCodeRun would mount placeholder text; the program is better served by the
                     # file being absent and the model being told why.
-                    notes.append(f"Input file {record.filename} could not be loaded: its content is missing")
+                    notes.append(f"Input file {filename} could not be loaded: its content is missing")
 
         try:
             async with trio.open_nursery() as nursery:
-                for record in inputs:
-                    nursery.start_soon(send, record)
+                for filename, key in inputs.items():
+                    nursery.start_soon(send, filename, key)
         except BaseExceptionGroup as group:
             raise _single(group) from None
+        return sent
 
     # -- phase 4: outputs ----------------------------------------------------------------------
 
-    async def _collect_outputs(
-        self, sandbox: Sandbox, result: RunResult, session_id: str, notes: list[str]
-    ) -> list[dict[str, Any]]:
+    async def _generated(self, sandbox: Sandbox, result: RunResult) -> list[GeneratedFile]:
         if result.failure:
             return []
-        generated: list[GeneratedFile] = (
-            result.generated if result.generated is not None else await sandbox.generated_files()
-        )
+        return result.generated if result.generated is not None else await sandbox.generated_files()
+
+    async def _commit_workspace(
+        self, ws: Workspace, sandbox: Sandbox, result: RunResult, generated: list[GeneratedFile], notes: list[str]
+    ) -> None:
+        """Stateful profile: keep what the run wrote, forget what it removed (``core.runtime``)."""
+        assert self.runtime is not None
+        changed = [(g.name, g.size) for g in generated if is_plain_filename(g.name)]
+        await self.runtime.commit(ws, sandbox, removed=set(result.removed or ()), changed=changed,
+                                  max_file_bytes=self.limits.max_file_bytes)
+        for name in ws.not_kept:
+            notes.append(f"File {name} was not kept in the runtime session: workspace limits reached")
+
+    async def _collect_outputs(
+        self, sandbox: Sandbox, generated: list[GeneratedFile], session_id: str, notes: list[str]
+    ) -> tuple[list[dict[str, Any]], int, set[str]]:
+        """The stored outputs' refs, how many outputs were attempted, and the names stored."""
+        if not generated:
+            return [], 0, set()
         kept, skipped = output.select_outputs(
             generated, max_files=self.limits.max_output_files, max_bytes=self.limits.max_file_bytes
         )
@@ -402,7 +462,7 @@ class ExecService:
         except BaseException:
             await self._discard([record for _, record in stored], metadata=True)
             raise
-        return [
+        refs = [
             {
                 "id": record.file_id,
                 "name": record.filename,
@@ -412,6 +472,8 @@ class ExecService:
             }
             for _, record in sorted(stored, key=lambda pair: pair[0])
         ]
+        # [artifact_delivery] one note per file left out for limits, so kept + skipped = attempted.
+        return refs, len(kept) + len(skipped), {record.filename for _, record in stored}
 
     async def _discard(self, records: list[FileRecord], *, metadata: bool) -> None:
         """Remove unsaved outputs, shielded and bounded: metadata first (if it may exist), then the
@@ -427,7 +489,40 @@ class ExecService:
                     log.warning("clean-up of an unsaved output failed: %s", exc.message)
 
 
+def _mounts(inputs: list[FileRecord], ws: Workspace | None) -> dict[str, str]:
+    """``{filename: object key}`` to mount: the request's inputs and, in a runtime session, its
+    workspace; for a name in both, the newer copy (a file re-uploaded after the workspace last
+    changed it wins; otherwise the workspace's own, latest, state)."""
+    mounts = {record.filename: record.object_key for record in inputs}
+    if ws is not None:
+        created = {record.filename: record.created_at.timestamp() for record in inputs}
+        for name, item in ws.files.items():
+            if name not in created or item.stored_at >= created[name]:
+                mounts[name] = item.key
+    return mounts
+
+
+def _deleted_names(req: ExecRequest, inputs: list[FileRecord], sent: set[str], result: RunResult) -> list[str]:
+    """``deleted_files`` (contract §4.2): the names of mounted inputs this run removed, as the
+    request named them (so LibreChat can match its refs), plus removed workspace files. An input
+    mounted under another name (a clash, see ``_mount_name``) is matched by its file id."""
+    removed = set(result.removed or ()) & sent
+    if not removed:
+        return []
+    mounted_as = {record.file_id: record.filename for record in inputs}
+    names: list[str] = []
+    reported: set[str] = set()
+    for ref in req.files:
+        mount = mounted_as.get(ref.id, ref.name.rsplit("/", 1)[-1])
+        if mount in removed and ref.name not in names:
+            names.append(ref.name)
+            reported.add(mount)
+    # Workspace files and session uploads mounted without a ref of their own.
+    return names + sorted(removed - reported)
+
+
 _PHASE_WORDS = {
+    "runtime": "waiting for another call of the same runtime session",
     "store": "looking up the session and input files",
     "acquire": "waiting for a sandbox",
     "upload": "copying input files into the sandbox",

@@ -17,7 +17,7 @@ Cancellation contract, shared by all implementations:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol, runtime_checkable
 
@@ -53,6 +53,13 @@ class SessionStore(Protocol):
     async def ping(self) -> dict[str, Any]:
         """Raise ``Unavailable`` if the store cannot serve; else a small status dict."""
 
+    async def try_lock(self, key: str, owner: str, ttl_seconds: float) -> bool:
+        """Take the lock ``key`` for ``owner`` unless someone holds it; it lapses after the TTL
+        (so a replica that dies holding it blocks nobody for longer). Shared by all replicas."""
+
+    async def unlock(self, key: str, owner: str) -> None:
+        """Release ``key`` if ``owner`` still holds it (never someone else's later lock)."""
+
 
 @runtime_checkable
 class FileStore(Protocol):
@@ -85,8 +92,11 @@ class Sandbox(Protocol):
     async def put_file(self, name: str, chunks: AsyncIterable[bytes]) -> None:
         """Place an input file in the working directory under ``name`` (a sanitised basename)."""
 
-    async def run(self, code: str, *, timeout: float, request_id: str) -> RunResult:
+    async def run(self, code: str, *, timeout: float, request_id: str, args: Sequence[str] = ()) -> RunResult:
         """Run ``code``. Cancelling this call kills the program's whole process tree.
+
+        ``args`` (contract §4.3) are the program's command-line arguments (``sys.argv[1:]``,
+        ``process.argv.slice(2)``, ``$1``...), passed as argv, never through a shell.
 
         Program failures (non-zero exit, timeout, limits hit) are results, not exceptions; only a
         broken sandbox raises (``errors.Unavailable``).

@@ -87,3 +87,5 @@ class RunResult:
     failure: str | None = None
     # Files created or modified by the run, when the sandbox can tell; ``None`` means "ask it to list".
     generated: list[GeneratedFile] | None = None
+    # Names present before the run and gone after it (``deleted_files``); ``None``: cannot tell.
+    removed: list[str] | None = None

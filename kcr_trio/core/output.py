@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import unicodedata
+from typing import Any
 
 from .languages import SOURCE_FILES
 from .model import GeneratedFile, RunResult
@@ -99,3 +100,15 @@ def select_outputs(
         noun = "Output file" if len(names) == 1 else "Output files"
         notes.append(f"{noun} {shown}{more} not saved: {reason}")
     return kept, notes
+
+
+def artifact_delivery(attempted: int, delivered: int) -> dict[str, Any] | None:
+    """Contract §4.1: outputs produced but not stored, in the only shape the client accepts
+    (``failed > 0``, ``attempted == delivered + failed``, ``failed`` ⇒ ``delivered == 0``,
+    ``partial`` ⇒ ``delivered > 0``); ``None`` (field omitted) when every file was delivered."""
+    delivered = max(0, min(delivered, attempted))
+    failed = attempted - delivered
+    if failed <= 0:
+        return None
+    return {"code": "artifact_delivery_failed", "status": "partial" if delivered else "failed",
+            "attempted": attempted, "delivered": delivered, "failed": failed}

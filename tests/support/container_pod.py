@@ -171,6 +171,7 @@ class ContainerPods:
 
     def __init__(self, reap_interval: float = 0.5) -> None:
         self.instance = secrets.token_hex(4)
+        self.leaked: list[str] = []
         self._stop = threading.Event()
         self._reaper = threading.Thread(target=self._reap, args=(reap_interval,), daemon=True,
                                         name="container-pod-reaper")
@@ -178,12 +179,23 @@ class ContainerPods:
 
     def _reap(self, interval: float) -> None:
         while not self._stop.wait(interval):
-            listing = podman("ps", "-a", "--filter", f"label={LABEL}={self.instance}", "--format",
-                             f'{{{{.Names}}}} {{{{index .Labels "{LAUNCHER}"}}}}', check=False).stdout
-            orphans = [name for name, _, pid in (line.partition(" ") for line in listing.splitlines())
-                       if pid.strip().isdigit() and not _alive(int(pid))]
-            if orphans:
-                podman("rm", "-f", "-t", "0", *orphans, check=False)
+            self.leaked += self._reap_once()
+
+    def _reap_once(self) -> list[str]:
+        """Remove our containers whose launcher is gone; returns those whose main process was
+        still alive then (a container that outlived its pod)."""
+        listing = podman("ps", "-a", "--filter", f"label={LABEL}={self.instance}", "--format",
+                         f'{{{{.Names}}}} {{{{index .Labels "{LAUNCHER}"}}}}', check=False).stdout
+        orphans = [name for name, _, pid in (line.partition(" ") for line in listing.splitlines())
+                   if pid.strip().isdigit() and not _alive(int(pid))]
+        leaked = []
+        for name in orphans:
+            pid = podman("inspect", "-f", "{{.State.Pid}}", name, check=False).stdout.strip()
+            if pid.isdigit() and int(pid) > 0 and _alive(int(pid)):
+                leaked.append(name)
+        if orphans:
+            podman("rm", "-f", "-t", "0", *orphans, check=False)
+        return leaked
 
     def container_name(self, namespace: str, pod_name: str) -> str:
         return f"kcr-emu-{self.instance}-{namespace}-{pod_name}"
@@ -201,14 +213,17 @@ class ContainerPods:
                 "--name", name, "--", *argv]
 
     def cleanup(self) -> list[str]:
-        """Stop the reaper and remove every container this instance created (after the emulator
-        closed, there should be none); returns the names found."""
+        """Stop the reaper and remove every container this instance created. Returns the ones
+        that outlived their pod: still running although their launcher (the pod's process) was
+        gone, or, after the emulator closed, still running at all. Stale entries of containers
+        whose processes died with their pod are only removed."""
         self._stop.set()
         self._reaper.join(timeout=30)
+        leaked = self.leaked + self._reap_once()
         found = podman("ps", "-a", "--filter", f"label={LABEL}={self.instance}", "--format", "{{.Names}}").stdout.split()
         if found:
             podman("rm", "-f", "-t", "0", *found, check=False)
-        return found
+        return leaked + found
 
 
 def main(argv: list[str]) -> int:
@@ -219,20 +234,28 @@ def main(argv: list[str]) -> int:
     host, _, port = o["--listen"].rpartition(":")
     name = o["--name"]
     run = [run[0], "--label", f"{LAUNCHER}={os.getpid()}", *run[1:]]  # for the reaper
+    stopping = threading.Event()
+    started_ok = threading.Event()
+
+    def stop() -> None:
+        subprocess.Popen([*PODMAN, "kill", "--signal", "TERM", name],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def on_term(signum: int, frame: object) -> None:
+        if not stopping.is_set():
+            stopping.set()
+            if started_ok.is_set():
+                stop()
+
+    signal.signal(signal.SIGTERM, on_term)  # before the start: a delete may come at any time
     started = subprocess.run([*PODMAN, *run], capture_output=True, text=True, check=False)
     if started.returncode != 0:
         print(f"podman run failed: {started.stderr.strip()}", file=sys.stderr, flush=True)
         subprocess.run([*PODMAN, "rm", "-f", "-t", "0", name], capture_output=True, check=False)
         return 128 if started.returncode > 127 else started.returncode or 1
-    stopping = threading.Event()
-
-    def on_term(signum: int, frame: object) -> None:
-        if not stopping.is_set():
-            stopping.set()
-            subprocess.Popen([*PODMAN, "kill", "--signal", "TERM", name],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    signal.signal(signal.SIGTERM, on_term)
+    started_ok.set()
+    if stopping.is_set():
+        stop()
     forwarder = None
     try:
         forwarder = NetnsForwarder(container_pid(name), int(o["--target-port"]), host, int(port))

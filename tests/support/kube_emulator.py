@@ -8,8 +8,9 @@ by the kubeconfig :meth:`KubeEmulator.write_kubeconfig` writes) cannot tell it f
 * ``GET    /api/v1/namespaces/{ns}/pods/{name}``    read (404 ``Status`` when missing)
 * ``GET    /api/v1[/namespaces/{ns}]/pods``         list, ``labelSelector`` with ``=``, ``==``, ``!=``,
   ``in``, ``notin``, exists and ``!key``; ``?watch=true`` streams newline-delimited JSON events
-  (``ADDED``/``MODIFIED``/``DELETED``, or ``ERROR`` 410 for an expired ``resourceVersion``) with
-  chunked transfer encoding, honouring ``resourceVersion`` and ``timeoutSeconds``
+  (``ADDED``/``MODIFIED``/``DELETED``, ``BOOKMARK`` when ``allowWatchBookmarks``, or ``ERROR`` 410
+  for an expired ``resourceVersion``) with chunked transfer encoding, honouring
+  ``resourceVersion`` and ``timeoutSeconds``
 * ``DELETE /api/v1/namespaces/{ns}/pods/{name}``    graceful delete (``gracePeriodSeconds`` in the
   query or a ``DeleteOptions`` body): the pod gets a ``deletionTimestamp``, its processes get
   SIGTERM, and ``DELETED`` is sent once they are gone
@@ -25,8 +26,17 @@ condition once the container's ``readinessProbe`` (HTTP GET) answers 200; a proc
 the pod ``Failed`` with a ``terminated`` container state (``exitCode`` 128+signal when killed).
 
 Failure injection for tests: :attr:`KubeEmulator.failing_images` (image pull errors: the pod stays
-``Pending`` with ``ErrImagePull``/``ImagePullBackOff``), :meth:`oom_kill`, :meth:`evict`, and a real
-``kill -9`` of :meth:`main_pid`.
+``Pending`` with ``ErrImagePull``/``ImagePullBackOff``), :attr:`~KubeEmulator.flaky_images`
+(transient pull errors, retried by the kubelet), :attr:`~KubeEmulator.pull_delays` (slow first
+pulls), :attr:`~KubeEmulator.node_labels` (a pod whose ``nodeSelector`` does not match stays
+``Pending``/``Unschedulable``), :meth:`~KubeEmulator.inject` (API-server errors such as 403, 429 or
+503 with ``Retry-After``, per verb and namespace), :meth:`~KubeEmulator.compact`,
+:meth:`~KubeEmulator.send_bookmarks`, :meth:`oom_kill`, :meth:`evict`, and a real ``kill -9`` of
+:meth:`main_pid`.
+
+Container mode: pass ``pod_command=ContainerPods()`` (:mod:`tests.support.container_pod`) and each
+pod becomes a podman container of its image, with the pod spec's user, read-only root, emptyDirs,
+env and args, and no network but its container port (``tests/integration/images``).
 
 Built on the standard library's threading HTTP server: the emulator is infrastructure beside the
 code under test, independent of the test's Trio loop, and must keep serving while a test blocks.
@@ -145,6 +155,21 @@ class _Watcher:
     namespace: str | None
     matches: Callable[[dict[str, str]], bool]
     events: queue.Queue[tuple[str, dict[str, Any]] | None] = field(default_factory=queue.Queue)
+    bookmarks: bool = False  # the client asked for allowWatchBookmarks
+
+
+@dataclass
+class Fault:
+    """An API-server error injected for matching requests (see :meth:`KubeEmulator.inject`)."""
+
+    verb: str  # create, get, list, watch, delete
+    status: int
+    message: str
+    reason: str = ""
+    namespace: str | None = None  # None: any namespace
+    times: int | None = None  # None: until removed
+    retry_after: float | None = None
+    hits: int = 0
 
 
 class KubeEmulator:
@@ -172,6 +197,18 @@ class KubeEmulator:
         self.failing_images: set[str] = set()
         # Counts of (method, resource) served, e.g. ("GET", "pod"), ("WATCH", "pods").
         self.requests: Counter[tuple[str, str]] = Counter()
+        # Every API call as (monotonic time, verb, namespace, HTTP status), in order.
+        self.calls: list[tuple[float, str, str | None, int]] = []
+        self.faults: list[Fault] = []
+        # The one node's labels: a pod whose nodeSelector does not match stays Pending with
+        # PodScheduled=False/Unschedulable until they do (as when an autoscaler adds a node).
+        self.node_labels: dict[str, str] = {"kubernetes.io/hostname": "emulated-node", "kubernetes.io/os": "linux"}
+        # Image substring -> seconds its pull takes (the container waits in ContainerCreating).
+        self.pull_delays: dict[str, float] = {}
+        # Image substring -> pulls that fail with a transient error before one succeeds.
+        self.flaky_images: dict[str, int] = {}
+        self.pull_backoff = 0.3  # the kubelet's back-off between pull attempts (ImagePullBackOff)
+        self.bookmark_interval = 1.0  # idle watches that allow bookmarks get one this often
         self._lock = threading.RLock()
         self._pods: dict[tuple[str, str], _Pod] = {}
         self._rv = 1000
@@ -304,10 +341,11 @@ class KubeEmulator:
         if proc and proc.poll() is None:
             proc.send_signal(signal.SIGUSR1)
 
-    def drop_watches(self, *, compact: bool = False) -> int:
+    def drop_watches(self, *, compact: bool = False, abrupt: bool = False) -> int:
         """End every open watch stream (as an API server restart or a load balancer would). With
         ``compact``, also forget the event history, so resuming from an old ``resourceVersion``
-        gets ``410 Gone`` and the client must list again. Returns how many watches were ended."""
+        gets ``410 Gone`` and the client must list again. With ``abrupt``, cut the connection in
+        the middle of an event instead of ending the stream. Returns how many watches were ended."""
         with self._lock:
             watchers = list(self._watchers)
             if compact:
@@ -315,8 +353,58 @@ class KubeEmulator:
                 self._history_floor = self._rv  # any older resourceVersion is now "too old"
                 self._history.clear()
         for w in watchers:
-            w.events.put(None)
+            w.events.put(("CUT", {}) if abrupt else None)
         return len(watchers)
+
+    def inject(self, verb: str, status: int, message: str, *, reason: str = "", namespace: str | None = None,
+               times: int | None = None, retry_after: float | None = None) -> Fault:
+        """Answer the next ``times`` (default: all) ``verb`` requests with an error ``Status``, as
+        RBAC (403 Forbidden), admission (Pod Security, quota: 403), priority and fairness (429) or
+        an overloaded API server (5xx) would; ``retry_after`` adds a ``Retry-After`` header."""
+        default_reason = {403: "Forbidden", 409: "AlreadyExists", 422: "Invalid", 429: "TooManyRequests",
+                          500: "InternalError", 503: "ServiceUnavailable", 504: "Timeout"}
+        fault = Fault(verb, status, message, reason or default_reason.get(status, "Unknown"), namespace, times,
+                      retry_after)
+        with self._lock:
+            self.faults.append(fault)
+        return fault
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self.faults.clear()
+
+    def _fault(self, verb: str, namespace: str | None) -> Fault | None:
+        with self._lock:
+            for fault in self.faults:
+                if fault.verb == verb and fault.namespace in (None, namespace):
+                    fault.hits += 1
+                    if fault.times is not None and fault.hits >= fault.times:
+                        self.faults.remove(fault)
+                    return fault
+        return None
+
+    def calls_of(self, verb: str) -> list[tuple[float, str, str | None, int]]:
+        with self._lock:
+            return [c for c in self.calls if c[1] == verb]
+
+    def send_bookmarks(self) -> int:
+        """A BOOKMARK with the current resourceVersion to every watch that allows them, as the API
+        server sends periodically. Returns how many were sent."""
+        sent = 0
+        with self._lock:
+            for w in self._watchers:
+                if w.bookmarks and w.events.empty():
+                    w.events.put(("BOOKMARK", _bookmark(self._rv)))
+                    sent += 1
+        return sent
+
+    def compact(self) -> int:
+        """Forget the event history up to now (etcd compaction): a watch resuming from any older
+        resourceVersion gets 410 Gone. Returns the current resourceVersion."""
+        with self._lock:
+            self._history_floor = self._rv
+            self._history.clear()
+            return self._rv
 
     # ---------------------------------------------------------------- internals: state changes
 
@@ -444,9 +532,24 @@ class KubeEmulator:
             image = container.get("image", "")
             run = pod.run
 
+        wanted = spec.get("nodeSelector") or {}
+        if run and not self._fits(wanted):
+            message = ("0/1 nodes are available: 1 node(s) didn't match Pod's node affinity/selector. "
+                       "preemption: 0/1 nodes are available: 1 Preemption is not helpful for scheduling.")
+
+            def unschedulable(p: _Pod) -> None:
+                p.obj["status"]["conditions"] = [_cond("PodScheduled", False, "Unschedulable", message)]
+
+            self._update(ns, name, unschedulable)
+            while not self._fits(wanted):
+                if not self._pending_sleep(ns, name, self.probe_interval):
+                    return
+
         def scheduled(p: _Pod) -> None:
             p.obj["spec"]["nodeName"] = "emulated-node"
             p.obj["status"]["conditions"] = [_cond("PodScheduled", True)]
+            if run:
+                p.obj["status"]["containerStatuses"] = [_cstatus(container, waiting={"reason": "ContainerCreating"})]
 
         self._update(ns, name, scheduled)
         if not run:
@@ -458,7 +561,7 @@ class KubeEmulator:
 
             self._update(ns, name, static_ready)
             return
-        if any(bad in image for bad in self.failing_images):
+        while any(bad in image for bad in self.failing_images):  # the kubelet retries the pull
             for reason in ("ErrImagePull", "ImagePullBackOff"):
                 def pull_failed(p: _Pod, reason: str = reason) -> None:
                     p.obj["status"]["containerStatuses"] = [
@@ -471,6 +574,9 @@ class KubeEmulator:
                     ]
 
                 self._update(ns, name, pull_failed)
+            if not self._pending_sleep(ns, name, self.pull_backoff * 3):
+                return
+        if not self._pull(ns, name, container, image):
             return
 
         port = _container_port(container)
@@ -553,8 +659,62 @@ class KubeEmulator:
         return default_pod_command(pod, ip, port, workdir)
 
 
+    def _fits(self, wanted: dict[str, str]) -> bool:
+        with self._lock:
+            return all(self.node_labels.get(k) == v for k, v in wanted.items())
+
+    def _pending_sleep(self, ns: str, name: str, seconds: float) -> bool:
+        """Sleep while the pod waits; False as soon as it is deleted (or the emulator closes)."""
+        deadline = time.monotonic() + seconds
+        while True:
+            with self._lock:
+                pod = self._pods.get((ns, name))
+                if pod is None or pod.deleting or self._closed:
+                    if pod is not None and pod.proc is None:
+                        self._remove(ns, name)
+                    return False
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return True
+            time.sleep(min(left, 0.05))
+
+    def _pull(self, ns: str, name: str, container: dict[str, Any], image: str) -> bool:
+        """The image pull: transient failures first (``flaky_images``, each followed by the
+        kubelet's back-off), then the pull itself (``pull_delays``). False if the pod went away."""
+        while True:
+            with self._lock:
+                flaky = next((sub for sub, n in self.flaky_images.items() if n > 0 and sub in image), None)
+                if flaky is not None:
+                    self.flaky_images[flaky] -= 1
+            if flaky is None:
+                break
+            for reason, wait in (("ErrImagePull", self.pull_backoff / 2), ("ImagePullBackOff", self.pull_backoff)):
+                def pull_failed(p: _Pod, reason: str = reason) -> None:
+                    message = (f'Back-off pulling image "{image}"' if reason == "ImagePullBackOff" else
+                               f'failed to pull and unpack image "{image}": failed to copy: httpReadSeeker: '
+                               "failed open: failed to do request: dial tcp 10.0.0.9:443: i/o timeout")
+                    p.obj["status"]["containerStatuses"] = [_cstatus(container, waiting={
+                        "reason": reason, "message": message})]
+
+                self._update(ns, name, pull_failed)
+                if not self._pending_sleep(ns, name, wait):
+                    return False
+        delay = max((d for sub, d in self.pull_delays.items() if sub in image), default=0.0)
+        if delay:
+            def creating(p: _Pod) -> None:
+                p.obj["status"]["containerStatuses"] = [_cstatus(container, waiting={"reason": "ContainerCreating"})]
+
+            self._update(ns, name, creating)
+            return self._pending_sleep(ns, name, delay)
+        return True
+
+
 # --------------------------------------------------------------------------------------------
 # helpers
+
+
+def _bookmark(rv: int) -> dict[str, Any]:
+    return {"kind": "Pod", "apiVersion": "v1", "metadata": {"resourceVersion": str(rv)}}
 
 
 def is_runner_pod(pod: dict[str, Any]) -> bool:
@@ -637,10 +797,12 @@ def _signal(pid: int, sig: int) -> None:
         pass
 
 
-def _cond(kind: str, ok: bool, reason: str | None = None) -> dict[str, Any]:
+def _cond(kind: str, ok: bool, reason: str | None = None, message: str | None = None) -> dict[str, Any]:
     c = {"type": kind, "status": "True" if ok else "False", "lastTransitionTime": _now()}
     if reason:
         c["reason"] = reason
+    if message:
+        c["message"] = message
     return c
 
 
@@ -676,13 +838,34 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     # -- plumbing
 
-    def _send(self, code: int, body: dict[str, Any]) -> None:
+    def _send(self, code: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+        self._record(code)
         data = json.dumps(body).encode()
         self.send_response(code)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
         self.end_headers()
         self.wfile.write(data)
+
+    def _record(self, code: int) -> None:
+        verb, ns = getattr(self, "_call", ("", None))
+        if verb:
+            with self.emu._lock:
+                self.emu.calls.append((time.monotonic(), verb, ns, code))
+            self._call = ("", None)
+
+    def _faulted(self, verb: str, ns: str | None, name: str | None = None) -> bool:
+        """Record the call; answer it with an injected fault if one matches."""
+        self._call = (verb, ns)
+        fault = self.emu._fault(verb, ns)
+        if fault is None:
+            return False
+        headers = {"Retry-After": f"{fault.retry_after:g}"} if fault.retry_after is not None else None
+        details = {"name": name} if name else {}
+        self._send(fault.status, _status(fault.status, fault.reason, fault.message, **details), headers)
+        return True
 
     def _body(self) -> Any:
         n = int(self.headers.get("Content-Length") or 0)
@@ -721,8 +904,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self._send(400, _status(400, "BadRequest", str(exc)))
                 return
             if q.get("watch") in ("true", "1"):
+                if self._faulted("watch", ns):
+                    return
                 self.emu.requests["WATCH", "pods"] += 1
                 self._watch(ns, matches, q)
+                return
+            if self._faulted("list", ns):
                 return
             self.emu.requests["LIST", "pods"] += 1
             with self.emu._lock:
@@ -750,6 +937,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(data)
             return
+        if self._faulted("get", ns, name):
+            return
         self.emu.requests["GET", "pod"] += 1
         self._send(200, obj)
 
@@ -764,6 +953,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         if m is None or m["name"] or not m["ns"]:
             self._send(405, _status(405, "MethodNotAllowed", "the server does not allow this method"))
+            return
+        if self._faulted("create", m["ns"], (body or {}).get("metadata", {}).get("name")):
             return
         self.emu.requests["CREATE", "pod"] += 1
         code, obj = self.emu._create(m["ns"], body)
@@ -780,6 +971,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if m is None or not m["name"] or not m["ns"]:
             self._send(405, _status(405, "MethodNotAllowed", "the server does not allow this method"))
             return
+        if self._faulted("delete", m["ns"], m["name"]):
+            return
         self.emu.requests["DELETE", "pod"] += 1
         grace = q.get("gracePeriodSeconds", body.get("gracePeriodSeconds"))
         code, obj = self.emu._delete(m["ns"], m["name"], None if grace is None else float(grace))
@@ -793,7 +986,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _watch(self, ns: str | None, matches: Callable[[dict[str, str]], bool], q: dict[str, str]) -> None:
         emu = self.emu
-        watcher = _Watcher(namespace=ns, matches=matches)
+        watcher = _Watcher(namespace=ns, matches=matches,
+                           bookmarks=q.get("allowWatchBookmarks") in ("true", "1"))
         rv = q.get("resourceVersion") or ""
         backlog: list[tuple[str, dict[str, Any]]] = []
         gone = False
@@ -814,6 +1008,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 ]
             if not gone:
                 emu._watchers.append(watcher)
+        self._record(200)
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Transfer-Encoding", "chunked")
@@ -826,17 +1021,29 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 return
             for kind, obj in backlog:
                 self._chunk(json.dumps({"type": kind, "object": obj}).encode() + b"\n")
+            last_sent = time.monotonic()
             while True:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 try:
-                    item = watcher.events.get(timeout=min(left, 1.0))
+                    item = watcher.events.get(timeout=min(left, 0.2, emu.bookmark_interval))
                 except queue.Empty:
+                    if watcher.bookmarks and time.monotonic() - last_sent >= emu.bookmark_interval:
+                        with emu._lock:  # events are queued under this lock: none can be missed
+                            if watcher.events.empty():
+                                watcher.events.put(("BOOKMARK", _bookmark(emu._rv)))
                     continue
+                last_sent = time.monotonic()
                 if item is None:
                     break
                 kind, obj = item
+                if kind == "CUT":  # half an event, then the connection is gone
+                    self.wfile.write(b"%x\r\n" % 200 + b'{"type":"MODIFIED","object":{"kind":"Po')
+                    self.wfile.flush()
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    self.close_connection = True
+                    return
                 self._chunk(json.dumps({"type": kind, "object": obj}).encode() + b"\n")
             self.wfile.write(b"0\r\n\r\n")
             self.wfile.flush()

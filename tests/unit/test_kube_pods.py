@@ -59,8 +59,16 @@ def test_status_reading():
     evicted = kube_pods.view(_pod({"phase": "Failed", "reason": "Evicted", "message": "low on memory"}))
     assert "evicted" in evicted.failure and "low on memory" in evicted.failure
     pull = kube_pods.view(_pod({"phase": "Pending", "containerStatuses": [
+        {"name": "main", "state": {"waiting": {"reason": "ErrImagePull", "message": 'failed to pull "x": not found'}}}]}))
+    assert "could not be pulled" in pull.failure and "ErrImagePull" in pull.failure
+    # A pull error the kubelet keeps retrying (registry hiccup) is a wait with a reason, not a failure.
+    retrying = kube_pods.view(_pod({"phase": "Pending", "containerStatuses": [
         {"name": "main", "state": {"waiting": {"reason": "ImagePullBackOff", "message": "Back-off"}}}]}))
-    assert "could not be pulled" in pull.failure and "ImagePullBackOff" in pull.failure
+    assert retrying.failure is None and not retrying.started and "ImagePullBackOff" in retrying.waiting
+    unschedulable = kube_pods.view(_pod({"phase": "Pending", "conditions": [
+        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "0/3 nodes: Insufficient cpu"}]}))
+    assert unschedulable.failure is None and "Insufficient cpu" in unschedulable.waiting
+    assert v.started and not unschedulable.started
     creating = kube_pods.view(_pod({"phase": "Pending", "containerStatuses": [
         {"name": "main", "state": {"waiting": {"reason": "ContainerCreating"}}}]}))
     assert creating.failure is None

@@ -12,11 +12,12 @@ def registry() -> dict[str, Scenario]:
     from kcr_trio.bench.scenarios.exec_latency import ExecLatency
     from kcr_trio.bench.scenarios.files_rps import FilesRps
     from kcr_trio.bench.scenarios.keepalive import KeepAlive
+    from kcr_trio.bench.scenarios.ptc import Ptc
     from kcr_trio.bench.scenarios.slow_clients import SlowClients
     from kcr_trio.bench.scenarios.upload_exec import UploadExec
 
     scenarios: list[Scenario] = [
         ExecLatency(), Concurrency(), UploadExec(), KeepAlive(), DisconnectStorm(), SlowClients(), FilesRps(),
-        ConformanceScenario(),
+        ConformanceScenario(), Ptc(),
     ]
     return {s.name: s for s in scenarios}

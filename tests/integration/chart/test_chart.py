@@ -26,6 +26,7 @@ from kcr_trio.config import Settings  # noqa: E402
 
 CHART = Path(__file__).resolve().parents[3] / "charts" / "kcr-trio"
 K8S_VERSION = "1.32.0"
+K8S_VERSIONS = ("1.32.0", "1.37.0")
 CRDS = {"ServiceMonitor"}  # not in the core schemas
 
 
@@ -77,7 +78,8 @@ def validate_all(docs: list[dict[str, Any]]) -> None:
 
 AB_VALUES = {"abMode": {"enabled": True, "kcrRelease": "kcr"}}
 FULL_VALUES = {
-    "autoscaling": {"enabled": True},
+    "autoscaling": {"enabled": True, "podsMetric": {"name": "kcr_executions_in_flight", "averageValue": "3"}},
+    "preStop": {"mode": "exec", "seconds": 15},
     "metrics": {"serviceMonitor": {"enabled": True}},
     "execution": {"namespace": "sandboxes", "networkPolicy": {"denyEgress": False},
                   "languages": {"py": {"poolSize": 4, "image": "reg/py:1",
@@ -87,11 +89,35 @@ FULL_VALUES = {
 }
 
 
-@pytest.mark.parametrize("values", [{}, FULL_VALUES, AB_VALUES], ids=["default", "everything", "ab"])
-def test_every_template_renders_and_validates(values):
+RUNNER_VALUES = {"execution": {"protocol": "kcr-runner", "imageRegistry": "aronmuon/kubecoderun", "imageTag": "3.3.3"}}
+
+
+def executor_verbs() -> set[str]:
+    """The RBAC verbs on pods that the Kubernetes adapter's calls need, read from its source so a
+    new call without a Role change fails this test."""
+    import re
+
+    from kcr_trio.backends import kube_adapter
+
+    source = Path(kube_adapter.__file__).read_text()
+    calls = set(re.findall(r"self\._core\.(\w+)", source))
+    verbs = {"create_namespaced_pod": {"create"}, "delete_namespaced_pod": {"delete"},
+             "read_namespaced_pod": {"get"}, "read_namespaced_pod_log": {"get pods/log"},
+             "list_namespaced_pod": {"list"} | ({"watch"} if '"watch": True' in source else set())}
+    assert calls <= set(verbs), calls - set(verbs)
+    return set().union(*(verbs[c] for c in calls))
+
+
+@pytest.mark.parametrize("values", [{}, FULL_VALUES, AB_VALUES, RUNNER_VALUES,
+                                    {**AB_VALUES, "preStop": {"mode": "none"}}],
+                         ids=["default", "everything", "ab", "runner", "ab-no-prestop"])
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_every_template_renders_and_validates(values, version):
     docs = render(values)
     assert docs
-    validate_all(docs)
+    for d in docs:
+        if d["kind"] not in CRDS:
+            kubernetes_validate.validate(d, version, strict=True)
     for d in docs:
         assert d["metadata"]["name"]
 
@@ -121,11 +147,10 @@ def test_default_install_has_everything_standalone_needs():
     assert env["KCR_POD_OWNER_UID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.uid"
     assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
     assert pod["spec"]["serviceAccountName"] == kinds["ServiceAccount"][0]["metadata"]["name"]
-    # RBAC: pods, their logs and events, bound to our service account.
+    # RBAC: exactly what the executor calls, bound to our service account.
     (role,) = kinds["Role"]
     rules = {tuple(r["resources"]): set(r["verbs"]) for r in role["rules"]}
-    assert {"create", "delete", "get", "list", "watch"} <= rules[("pods",)]
-    assert rules[("pods/log",)] == {"get"} and {"get", "list", "watch"} <= rules[("events",)]
+    assert rules == {("pods",): executor_verbs()}
     (binding,) = kinds["RoleBinding"]
     assert binding["subjects"][0]["name"] == pod["spec"]["serviceAccountName"]
     # Execution pods: ingress only from our API pods, on the sidecar port; no egress.
@@ -263,3 +288,45 @@ def test_execution_pods_fit_both_charts(protocol, lang):
         assert main.get("args") == ([f"LANGUAGE={lang}", "/usr/local/bin/runner"] if lang in ("ts", "cpp") else None)
     else:
         assert {"name": "LANGUAGE", "value": lang} in main["env"]
+
+
+@pytest.mark.parametrize("values", [{}, AB_VALUES, RUNNER_VALUES], ids=["standalone", "ab", "runner"])
+def test_readiness_and_rollout_settings(values):
+    kinds = by_kind(render(values))
+    (dep,) = kinds["Deployment"]
+    spec = dep["spec"]["template"]["spec"]
+    (api,) = spec["containers"]
+    # Keeps serving while endpoints are withdrawn, then drains in-flight runs within the grace period.
+    assert api["lifecycle"]["preStop"] == {"sleep": {"seconds": 10}}
+    assert spec["terminationGracePeriodSeconds"] >= 10 + 30 + 10
+    assert api["readinessProbe"]["httpGet"]["path"] == "/ready"
+    env = _config_env(kinds)
+    assert env["KCR_POD_START_TIMEOUT"] == "600" and env["KCR_POD_READY_TIMEOUT"] == "120"
+    assert env["KCR_RUNNER_MAX_EXECUTION_TIME"] == "120"
+    for k in ("KCR_POD_START_TIMEOUT", "KCR_POD_READY_TIMEOUT", "KCR_RUNNER_MAX_EXECUTION_TIME"):
+        assert k.lower() in KubernetesSettings.model_fields
+
+
+def test_prestop_exec_mode_and_metric_based_autoscaling():
+    kinds = by_kind(render(FULL_VALUES))
+    (api,) = kinds["Deployment"][0]["spec"]["template"]["spec"]["containers"]
+    assert api["lifecycle"]["preStop"] == {"exec": {"command": ["sleep", "15"]}}
+    (hpa,) = kinds["HorizontalPodAutoscaler"]
+    metrics = {m["type"]: m for m in hpa["spec"]["metrics"]}
+    assert metrics["Pods"]["pods"] == {"metric": {"name": "kcr_executions_in_flight"},
+                                       "target": {"type": "AverageValue", "averageValue": "3"}}
+    assert metrics["Resource"]["resource"]["name"] == "cpu"
+    only_metric = by_kind(render({"autoscaling": {"enabled": True, "targetCPUUtilizationPercentage": None,
+                                                  "podsMetric": {"name": "kcr_executions_in_flight"}}}))
+    (hpa,) = only_metric["HorizontalPodAutoscaler"]
+    assert [m["type"] for m in hpa["spec"]["metrics"]] == ["Pods"]
+    validate_all(list(only_metric["HorizontalPodAutoscaler"]))
+    with pytest.raises(Exception, match="preStop.mode"):
+        render({"preStop": {"mode": "wait"}})
+
+
+def test_owner_check_role_in_a_separate_execution_namespace_only_lists():
+    kinds = by_kind(render(FULL_VALUES))
+    roles = {r["metadata"].get("namespace", "librechat"): r for r in kinds["Role"]}
+    assert {tuple(r["resources"]): set(r["verbs"]) for r in roles["sandboxes"]["rules"]} == {("pods",): executor_verbs()}
+    assert roles["librechat"]["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]}]

@@ -148,3 +148,20 @@ async def test_timeout_stops_the_program_and_the_pod_is_not_reused(emulator, kub
         async with ex.sandbox("py", wait=120) as sb2:
             assert sb2.pod_name != name
             assert (await sb2.run("print('fine')", timeout=20, request_id="after")).stdout.strip() == "fine"
+
+
+@pytest.mark.parametrize(("lang", "code"), [
+    ("js", "console.log('hello', process.getuid());"),
+    ("ts", "const n: number = process.getuid();\nconsole.log('hello', n);"),
+    ("bash", "echo hello $(id -u)"),
+])
+async def test_node_and_bash_images_serve_their_languages_in_pods(emulator, kubeconfig, pods, lang, code):
+    async with executor_for(kubeconfig, {lang: 1}, **IMAGES) as ex:
+        assert await ex.wait_warm(120)
+        (container,) = running_containers(pods).values()
+        suffix = {"js": "javascript", "ts": "typescript", "bash": "bash"}[lang]
+        assert container["ImageName"] == containers.sidecar_image(suffix)
+        async with ex.sandbox(lang, wait=60) as sb:
+            r = await sb.run(code, timeout=30, request_id=f"hello-{lang}")
+        assert r.failure is None and r.exit_code == 0, r.stderr
+        assert r.stdout.split() == ["hello", "65532"]

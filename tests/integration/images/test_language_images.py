@@ -31,8 +31,9 @@ PROGRAMS = {
     "php": ("php", "<?php\necho \"hello php\\n\";\nfile_put_contents('out.txt', 'data php');\n"),
     "rs": ("rust", 'fn main() { println!("hello rs"); std::fs::write("out.txt", "data rs").unwrap(); }\n'),
     "r": ("r", 'cat("hello r\\n")\nwriteLines("data r", "out.txt", sep = "")\n'),
-    "f90": ("fortran", ("program hello\n  print '(a)', 'hello f90'\n  open(10, file='out.txt', status='replace')\n"
-                       "  write(10, '(a)', advance='no') 'data f90'\n  close(10)\nend program hello\n")),
+    "f90": ("fortran", ("program hello\n  print '(a)', 'hello f90'\n"
+                        "  open(10, file='out.txt', access='stream', status='replace')\n"
+                        "  write(10) 'data f90'\n  close(10)\nend program hello\n")),
     "d": ("d", 'import std.stdio, std.file;\nvoid main() { writeln("hello d"); std.file.write("out.txt", "data d"); }\n'),
 }
 CORE = ("py", "js", "ts", "bash")

@@ -49,8 +49,11 @@ async def test_per_key_limit_answers_429_with_real_headers(tmp_path: Path, froze
             # Over the limit, whichever route and however the key arrives (here: in the JSON body).
             r = await client.post(url + "/exec", json={"code": "x", "lang": "py", "api_key": TEST_KEY})
             assert r.status_code == 429
-            assert set(r.json()) == {"error", "timestamp"}  # KubeCodeRun's middleware shape A
-            assert r.json()["error"] == "Rate limit exceeded for minute. Limit: 3, Used: 4"
+            # The body LibreChat's agents 3.9.x classify (contract §1.0.1), and the official server's.
+            assert set(r.json()) == {"error", "message", "retry_after_seconds", "timestamp"}
+            assert r.json()["error"] == "rate_limited"
+            assert r.json()["message"] == "Rate limit exceeded for minute. Limit: 3, Used: 4"
+            assert r.json()["retry_after_seconds"] == int(r.headers["retry-after"])
             assert 1 <= int(r.headers["retry-after"]) <= 60
             assert r.headers["x-ratelimit-remaining"] == "0" and r.headers["x-ratelimit-limit"] == "3"
             assert before < int(r.headers["x-ratelimit-reset"]) <= before + 61
@@ -76,7 +79,9 @@ async def test_wrong_keys_from_one_ip_are_blocked(tmp_path: Path, frozen_store: 
             # Blocked: further wrong keys from this address get 429 until the window ends...
             r = await client.get(url + "/files/x", headers={"X-API-Key": "guess"})
             assert r.status_code == 429
-            assert r.json()["error"] == "Too many failed authentication attempts; try again later"
+            assert r.json()["error"] == "rate_limited"
+            assert r.json()["message"] == "Too many failed authentication attempts; try again later"
+            assert r.json()["retry_after_seconds"] == int(r.headers["retry-after"]) >= 1
             assert 1 <= int(r.headers["retry-after"]) <= 60 and r.headers["x-ratelimit-remaining"] == "0"
             r = await client.post(url + "/exec", json={"code": "x", "lang": "py", "api_key": "guess"})
             assert r.status_code == 429

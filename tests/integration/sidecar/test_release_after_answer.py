@@ -39,7 +39,8 @@ async def _run(settings, entered: trio.Event, let_go: trio.Event) -> None:  # ty
 
         async def slow_reset(sidecar):  # type: ignore[no-untyped-def]
             entered.set()
-            await let_go.wait()  # a deliberately slow teardown, held until the test says so
+            with trio.move_on_after(60):  # bounded even if the test fails before letting go
+                await let_go.wait()  # a deliberately slow teardown, held until the test says so
             return await real_reset(sidecar)
 
         ex._reset = slow_reset  # type: ignore[method-assign]
@@ -48,8 +49,10 @@ async def _run(settings, entered: trio.Event, let_go: trio.Event) -> None:  # ty
             async with httpx.AsyncClient(base_url=url, headers=headers, timeout=30) as client:
                 resp = await client.post("/exec", json={"lang": "py", "code": "print(6 * 7)"})
                 assert resp.status_code == 200 and resp.json()["stdout"] == "42\n", resp.text
-                # The answer is here; the teardown has started and is still held.
-                assert entered.is_set() and not let_go.is_set()
+                # The answer is here; the teardown starts (a few ms later) and is held.
+                with trio.fail_after(10):
+                    await entered.wait()
+                assert not let_go.is_set()
                 ready = (await client.get("/ready")).json()
                 assert ready["checks"]["executor"]["in_use"] == 1
                 assert ready["checks"]["executor"]["capacity"] == 1
