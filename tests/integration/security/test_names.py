@@ -40,7 +40,7 @@ def _run(client: httpx.Client, up: dict, extra_refs: list[dict] | None = None) -
 
 
 def test_unicode_names_are_kept_and_distinct(client) -> None:
-    up = _upload(client, [("数据.csv", "a,b".encode()), ("报告.csv", "c,d".encode())])
+    up = _upload(client, [("数据.csv", b"a,b"), ("报告.csv", b"c,d")])
     assert [f["filename"] for f in up["files"]] == ["数据.csv", "报告.csv"]
     body = _run(client, up)
     assert json.loads(body["stdout"]) == {"报告.csv": "c,d", "数据.csv": "a,b"}
