@@ -79,12 +79,9 @@ def select_outputs(
         name = item.name
         if name in SOURCE_FILES:
             continue
-        if _unsafe_name(name):
-            reason = "its name has characters that cannot be returned safely"
-        elif any(part.startswith(".") for part in name.split("/")):
-            reason = "hidden files are not returned"
-        elif os.path.splitext(name)[1].lower() in BLOCKED_EXTENSIONS:
-            reason = "executable and script files are not returned"
+        reason = _not_an_output(name)
+        if reason is not None:
+            pass
         elif item.size > max_bytes:
             reason = f"larger than {max_bytes // 2**20}MB"
         elif len(kept) >= max_files:
@@ -100,6 +97,25 @@ def select_outputs(
         noun = "Output file" if len(names) == 1 else "Output files"
         notes.append(f"{noun} {shown}{more} not saved: {reason}")
     return kept, notes
+
+
+def _not_an_output(name: str) -> str | None:
+    """Why a file the run left is not an output at all (never stored, whatever the limits)."""
+    if _unsafe_name(name):
+        return "its name has characters that cannot be returned safely"
+    if any(part.startswith(".") for part in name.split("/")):
+        return "hidden files are not returned"
+    if os.path.splitext(name)[1].lower() in BLOCKED_EXTENSIONS:
+        return "executable and script files are not returned"
+    return None
+
+
+def attempted_outputs(generated: list[GeneratedFile]) -> int:
+    """How many of the generated files are outputs the run tried to deliver (contract §4.1's
+    ``attempted``): everything but the runner's sources and the files that are never outputs
+    (hidden, unsafe names, blocked types), which ``select_outputs`` notes but does not count as
+    failed deliveries."""
+    return sum(1 for g in generated if g.name not in SOURCE_FILES and _not_an_output(g.name) is None)
 
 
 def artifact_delivery(attempted: int, delivered: int) -> dict[str, Any] | None:
