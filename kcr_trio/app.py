@@ -29,6 +29,11 @@ from kcr_trio.api.metrics import Metrics
 from kcr_trio.api.ratelimit import RateLimiter
 from kcr_trio.api.routes import Services, create_app, render_metrics
 from kcr_trio.api.scope import RequestScopeMiddleware
+from kcr_trio.api.wire import (
+    CloseAmbiguousFraming,
+    install_half_close_support,
+    install_json_rejections,
+)
 from kcr_trio.config import Settings
 from kcr_trio.core.exec import ExecLimits, ExecService
 from kcr_trio.core.interfaces import FileStore, SessionStore
@@ -158,6 +163,10 @@ async def open_services(settings: Settings, *, executor: Any = None) -> AsyncIte
         background = await stack.enter_async_context(trio.open_nursery())
         stack.callback(background.cancel_scope.cancel)  # runs first on exit: stop the loop, then close
         await background.start(run_session_cleanup, sessions, files, settings)
+        if settings.kcr_orphan_sweep:
+            from kcr_trio.backends.orphan_sweeper import run_orphan_sweeper
+
+            await background.start(run_orphan_sweeper, sessions, files, settings)
 
         exec_service = ExecService(sessions, files, executor, exec_limits(settings),
                                    runtime=runtime_store(settings, sessions, files))
@@ -201,7 +210,9 @@ def hypercorn_config(settings: Settings) -> HypercornConfig:
 
 def build_asgi(svc: Services) -> Any:
     on_finish = svc.metrics.on_finish if svc.metrics is not None else None
-    return RequestScopeMiddleware(create_app(svc), on_finish=on_finish)
+    install_json_rejections()
+    install_half_close_support()
+    return CloseAmbiguousFraming(RequestScopeMiddleware(create_app(svc), on_finish=on_finish))
 
 
 def metrics_asgi(svc: Services) -> Any:

@@ -36,6 +36,7 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "json"
     enable_docs: bool = True
+    kcr_cors_origins: str = ""  # CORS on /download for these origins ("*" = any); empty = off
     kcr_data_dir: Path = Field(default_factory=_default_data_dir)
 
     # --- authentication -----------------------------------------------------------------------
@@ -85,6 +86,10 @@ class Settings(BaseSettings):
     kcr_unauth_body_budget_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     session_ttl_hours: int = Field(0, ge=0, le=8760)  # 0 = sessions never expire (KubeCodeRun main)
     session_cleanup_interval_minutes: int = Field(10, ge=1)
+    # Objects without metadata (backends/orphan_sweeper.py): how often, and how old they must be.
+    kcr_orphan_sweep: bool = True
+    kcr_orphan_sweep_interval: float = Field(600.0, gt=0.0)
+    kcr_orphan_min_age: float = Field(3600.0, ge=1.0)
 
     # --- operations (metrics, rate limits, timeouts of the non-/exec routes) -------------------
     kcr_metrics: bool = True  # Prometheus /metrics (and the per-request counters behind it)

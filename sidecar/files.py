@@ -1,12 +1,12 @@
 """The working directory: listing, snapshots for generated-file detection, safe names and opens.
 
-Generated files are found by comparing ``(size, mtime_ns, inode)`` of every top-level regular file
-before and after the run: created or modified files are reported, untouched inputs are not, and a
+Generated files are found by comparing ``(size, mtime_ns, inode)`` of every regular file below the
+working directory (subdirectories included, by relative path) before and after the run: created or modified files are reported, untouched inputs are not, and a
 file rewritten via rename (new inode) counts as modified. Symlinks are never listed or served.
 
-Downloads open the name relative to a directory fd with ``O_NOFOLLOW``, after refusing anything
-that is not one plain path component, so neither ``..`` nor a symlink planted by user code can reach
-outside the working directory.
+Downloads open each path component relative to its parent's fd with ``O_NOFOLLOW``, after refusing
+anything that is not a path of plain components, so neither ``..`` nor a symlink planted by user
+code can reach outside the working directory.
 """
 
 from __future__ import annotations
@@ -58,20 +58,41 @@ def upload_name(raw: str | None) -> str | None:
     return base
 
 
+# Walking the tree is bounded: the disk quota bounds what a run can create, this bounds the work.
+MAX_WALK_ENTRIES = 20_000
+MAX_DEPTH = 16
+# Directories whose content is an interpreter's by-product, never the user's output.
+SKIP_DIRS = frozenset({"__pycache__"})
+
+
 def snapshot(directory: str) -> Snapshot:
-    """``{name: (size, mtime_ns, inode)}`` of the top-level regular files (symlinks skipped)."""
+    """``{relative path: (size, mtime_ns, inode)}`` of the regular files below ``directory``.
+
+    Files in subdirectories are keyed by their ``/``-separated path, so a program that writes
+    ``charts/plot.png`` gets it back under that name (LibreChat takes ``name`` as the path under
+    ``/mnt/data``). Symlinks are never followed or listed.
+    """
     snap: Snapshot = {}
-    try:
-        with os.scandir(directory) as it:
-            for entry in it:
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                except OSError:
-                    continue
-                if stat.S_ISREG(st.st_mode):
-                    snap[entry.name] = (st.st_size, st.st_mtime_ns, st.st_ino)
-    except OSError:
-        pass
+    stack: list[tuple[str, str, int]] = [(directory, "", 0)]
+    seen = 0
+    while stack and seen < MAX_WALK_ENTRIES:
+        path, prefix, depth = stack.pop()
+        try:
+            with os.scandir(path) as it:
+                for entry in it:
+                    seen += 1
+                    if seen > MAX_WALK_ENTRIES:
+                        break
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    if stat.S_ISREG(st.st_mode):
+                        snap[prefix + entry.name] = (st.st_size, st.st_mtime_ns, st.st_ino)
+                    elif stat.S_ISDIR(st.st_mode) and depth < MAX_DEPTH and entry.name not in SKIP_DIRS:
+                        stack.append((entry.path, prefix + entry.name + "/", depth + 1))
+        except OSError:
+            continue
     return snap
 
 
@@ -121,18 +142,39 @@ def usage(paths: list[str]) -> tuple[int, int]:
     return total, entries
 
 
+def relative_parts(name: str) -> list[str] | None:
+    """The components of a relative path below the working directory, or None if it is not one."""
+    parts = name.split("/")
+    if len(parts) > MAX_DEPTH + 1 or not all(plain_name(part) for part in parts):
+        return None
+    return parts
+
+
 def open_regular(directory: str, name: str) -> tuple[int, int] | None:
-    """``(fd, size)`` of a regular top-level file, or None. Never follows a symlink."""
-    if not plain_name(name):
+    """``(fd, size)`` of a regular file at ``name`` (a relative path), or None.
+
+    Every component is opened relative to its parent's fd with ``O_NOFOLLOW``, so neither ``..``
+    nor a symlink planted by user code (at any level) can lead outside the working directory.
+    """
+    parts = relative_parts(name)
+    if parts is None:
         return None
     try:
         dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     except OSError:
         return None
     try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
-    except OSError:
-        return None
+        for part in parts[:-1]:
+            try:
+                inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+            except OSError:
+                return None
+            os.close(dfd)
+            dfd = inner
+        try:
+            fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
+        except OSError:
+            return None
     finally:
         os.close(dfd)
     st = os.fstat(fd)

@@ -8,7 +8,7 @@ only record facts on the scope (route, outcome, phases, heartbeat, rate-limit de
 Per-request cost is a handful of dictionary lookups and lock-protected additions (a few
 microseconds, against ~700 µs for a trivial request on Quart-Trio). Label values are bounded: routes
 are the url_map's templates (``/files/<session_id>``), never raw paths; unmatched paths share one
-label.
+label, and so do HTTP methods outside the standard set (``other``).
 
 Pool gauges are not pushed: the executor's ``status()`` is read at scrape time (bounded by a short
 timeout) and rendered by a custom collector, so they are always current and cost nothing between
@@ -42,6 +42,9 @@ _FIELD = re.compile(r"[^a-z0-9_]")
 # The ``*_created`` series double the exposition and nobody graphs them.
 prometheus_client.disable_created_metrics()
 
+
+# The methods counted under their own name; everything else is "other".
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 class Metrics:
     def __init__(self) -> None:
@@ -97,7 +100,9 @@ class Metrics:
         route = rs.route or UNMATCHED
         outcome = rs.outcome or "error"
         status = str(rs.status) if rs.status is not None else "none"
-        self.requests.labels(route, scope.get("method", ""), status, outcome).inc()
+        method = scope.get("method", "")
+        # Any token is a valid HTTP method: an unknown one must not mint a new series (finding 10).
+        self.requests.labels(route, method if method in KNOWN_METHODS else "other", status, outcome).inc()
         finished = rs.finished if rs.finished is not None else rs.elapsed()
         self.latency.labels(route).observe(finished)
         if rs.bytes_in:

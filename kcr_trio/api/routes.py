@@ -54,12 +54,23 @@ JSON_TYPES = ("application/json", "multipart/form-data", "application/x-www-form
 # Paths LibreChat fetches with axios: answering them with Connection: close keeps a socket that axios
 # tainted (keepalive.md) from ever being reused for /exec.
 CLOSE_PREFIXES = ("/files/", "/download/", "/upload", "/sessions/")
+# CORS for browser downloads, only when KCR_CORS_ORIGINS names origins (off by default, as in
+# KubeCodeRun's ENABLE_CORS=false): LibreChat downloads server-side and needs none of it.
 CORS_HEADERS = {
-    "Access-Control-Allow-Origin": "*",
     "Access-Control-Allow-Methods": "GET, OPTIONS",
     "Access-Control-Allow-Headers": "x-api-key, Content-Type",
     "Access-Control-Expose-Headers": "Content-Disposition",
 }
+
+
+def cors_headers(allowed: str, origin: str | None) -> dict[str, str]:
+    """The CORS headers for a request from ``origin``, or none (CORS off or origin not allowed)."""
+    origins = {o.strip() for o in allowed.split(",") if o.strip()}
+    if "*" in origins:
+        return {"Access-Control-Allow-Origin": "*", **CORS_HEADERS}
+    if origin and origin in origins:
+        return {"Access-Control-Allow-Origin": origin, "Vary": "Origin", **CORS_HEADERS}
+    return {}
 # The access-log/metrics outcome of an /exec result (a broken sandbox is "error", not "ok").
 _OUTCOMES = {"timeout": "timeout", "error": "error"}
 SECURITY_HEADERS = {
@@ -575,14 +586,17 @@ def create_app(svc: Services) -> QuartTrio:
             "Content-Disposition": content_disposition(record.filename),
             "Cache-Control": "private, max-age=3600",
             "Content-Length": str(record.size),
-            **CORS_HEADERS,
+            **cors_headers(settings.kcr_cors_origins, request.headers.get("origin")),
         }
         return Response(body(), status=200, content_type=guess_content_type(record.filename, record.content_type),
                         headers=headers)
 
     @app.route("/download/<session_id>/<file_id>", methods=["OPTIONS"])
     async def download_options(session_id: str, file_id: str) -> Response:
-        return Response(b"", status=204, headers={**CORS_HEADERS, "Access-Control-Max-Age": "3600"})
+        cors = cors_headers(settings.kcr_cors_origins, request.headers.get("origin"))
+        if not cors:
+            return Response(b"", status=204, headers={"Allow": "GET, HEAD, OPTIONS"})
+        return Response(b"", status=204, headers={**cors, "Access-Control-Max-Age": "3600"})
 
     @app.delete("/files/<session_id>/<file_id>")
     async def delete_file(session_id: str, file_id: str) -> Response:
@@ -607,7 +621,7 @@ def create_app(svc: Services) -> QuartTrio:
             {
                 "status": "healthy",
                 "version": __version__,
-                "config": {"debug": False, "docs_enabled": settings.enable_docs, "cors_enabled": False},
+                "config": {"debug": False, "docs_enabled": settings.enable_docs, "cors_enabled": bool(settings.kcr_cors_origins.strip())},
             }
         )
 
@@ -710,8 +724,12 @@ def _lone_surrogate(value: Any, where: str) -> str | None:
 def _user_id(given: str | None) -> str | None:
     """The requesting user: ``user_id`` from the body or form, else LibreChat's ``User-Id`` header.
 
+    A verified JWT's subject (LibreChat's user id) wins over both, since those are only asserted.
     Only used to tell one user's uploads from another's; bounded so it cannot bloat metadata.
     """
+    principal = g.get("principal")
+    if principal is not None and principal.scheme == "jwt" and principal.subject:
+        return str(principal.subject)[:256]
     value = (given if isinstance(given, str) and given.strip() else request.headers.get("user-id", "")).strip()
     return value[:256] or None
 

@@ -96,6 +96,28 @@ class LocalFileStore:
             return
         await trio.to_thread.run_sync(shutil.rmtree, path, True)
 
+    async def list_objects(self, prefix: str, *, start_after: str = "", limit: int = 1000) -> list[tuple[str, float]]:
+        """Up to ``limit`` ``(key, mtime)`` under ``prefix`` after ``start_after`` (key order), for
+        the orphan sweeper. Objects are installed by rename, so a listed file is complete."""
+
+        def walk() -> list[tuple[str, float]]:
+            base = self.root / prefix.rstrip("/")
+            found: list[tuple[str, float]] = []
+            for dirpath, dirnames, filenames in os.walk(base):
+                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+                for name in filenames:
+                    path = Path(dirpath) / name
+                    key = path.relative_to(self.root).as_posix()
+                    if key > start_after:
+                        try:
+                            found.append((key, path.stat().st_mtime))
+                        except FileNotFoundError:
+                            continue
+            found.sort()
+            return found[:limit]
+
+        return await trio.to_thread.run_sync(walk)
+
     async def ping(self) -> dict[str, Any]:
         ok = await trio.to_thread.run_sync(os.access, self.root, os.W_OK)
         if not ok:

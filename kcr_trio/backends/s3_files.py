@@ -290,6 +290,25 @@ class S3FileStore:
         except NotFound:
             return 0
 
+    async def list_objects(self, prefix: str, *, start_after: str = "", limit: int = 1000) -> list[tuple[str, float]]:
+        """Up to ``limit`` ``(key, last-modified epoch)`` under ``prefix`` after ``start_after``
+        (key order), for the orphan sweeper."""
+
+        async def op() -> list[tuple[str, float]]:
+            out: list[tuple[str, float]] = []
+            kwargs = {"start_after": start_after} if start_after else {}
+            async for obj in self._client.list_objects(self.bucket, prefix=prefix, recursive=True, **kwargs):
+                if obj.last_modified is not None:
+                    out.append((obj.object_name, obj.last_modified.timestamp()))
+                if len(out) >= limit:
+                    break
+            return out
+
+        try:
+            return await self._call(op)
+        except NotFound:
+            return []
+
     async def ping(self) -> dict[str, Any]:
         start = time.perf_counter()
         self._bucket_ok = False  # re-check: readiness must notice a bucket that went away

@@ -472,8 +472,8 @@ class ExecService:
             }
             for _, record in sorted(stored, key=lambda pair: pair[0])
         ]
-        # [artifact_delivery] one note per file left out for limits, so kept + skipped = attempted.
-        return refs, len(kept) + len(skipped), {record.filename for _, record in stored}
+        # [artifact_delivery] kept + left out for limits = attempted.
+        return refs, output.attempted_outputs(generated), {record.filename for _, record in stored}
 
     async def _discard(self, records: list[FileRecord], *, metadata: bool) -> None:
         """Remove unsaved outputs, shielded and bounded: metadata first (if it may exist), then the

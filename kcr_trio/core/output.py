@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import unicodedata
 from typing import Any
 
 from .languages import SOURCE_FILES
@@ -17,6 +18,8 @@ TRUNCATION_MARKER = "\n[Output truncated - size limit exceeded]"
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 # Extensions KubeCodeRun never returns as generated files.
 BLOCKED_EXTENSIONS = frozenset({".exe", ".bat", ".cmd", ".sh", ".ps1", ".scr", ".com"})
+# Dropped outputs named per reason in stderr; beyond this, a count.
+MAX_NAMED = 10
 
 
 def clean_stream(text: str, limit: int) -> str:
@@ -50,30 +53,69 @@ def shape_output(result: RunResult, *, limit: int, timeout: float) -> tuple[str,
     return stdout, stderr
 
 
+def _unsafe_name(name: str) -> bool:
+    """Names we cannot hand back as they are: backslashes, control or format characters (bidi
+    overrides such as U+202E would let ``txt.exe`` pose as ``exe.txt`` in a chat), or a path that
+    is not plain components."""
+    if "\\" in name or any(unicodedata.category(c) in ("Cc", "Cf") for c in name):
+        return True
+    return not all(is_plain_filename(part) for part in name.split("/"))
+
+
 def select_outputs(
     generated: list[GeneratedFile], *, max_files: int, max_bytes: int
 ) -> tuple[list[GeneratedFile], list[str]]:
     """Which generated files to store, and notes on the ones left out (for ``stderr``).
 
     KubeCodeRun drops files silently; we keep its filter but say what was left out, because a
-    silently missing chart is the commonest "it said it saved the file" complaint.
+    silently missing chart is the commonest "it said it saved the file" complaint. Files in
+    subdirectories are returned under their relative path (``charts/plot.png``), which is how
+    LibreChat names files under ``/mnt/data`` (librechat-newest-contract.md §4.4). Only the runner's
+    own source files are left out without a word.
     """
     kept: list[GeneratedFile] = []
-    notes: list[str] = []
+    dropped: dict[str, list[str]] = {}
     for item in sorted(generated, key=lambda g: g.name):
         name = item.name
-        if not is_plain_filename(name) or name.startswith(".") or name in SOURCE_FILES:
+        if name in SOURCE_FILES:
             continue
-        if os.path.splitext(name)[1].lower() in BLOCKED_EXTENSIONS:
+        reason = _not_an_output(name)
+        if reason is not None:
+            pass
+        elif item.size > max_bytes:
+            reason = f"larger than {max_bytes // 2**20}MB"
+        elif len(kept) >= max_files:
+            reason = f"more than {max_files} output files"
+        else:
+            kept.append(item)
             continue
-        if item.size > max_bytes:
-            notes.append(f"Output file {name} was not saved: larger than {max_bytes // 2**20}MB")
-            continue
-        if len(kept) >= max_files:
-            notes.append(f"Output file {name} was not saved: more than {max_files} output files")
-            continue
-        kept.append(item)
+        dropped.setdefault(reason, []).append(name)
+    notes = []
+    for reason, names in dropped.items():
+        shown = ", ".join(ascii(n)[1:-1] if _unsafe_name(n) else n for n in names[:MAX_NAMED])
+        more = f" and {len(names) - MAX_NAMED} more" if len(names) > MAX_NAMED else ""
+        noun = "Output file" if len(names) == 1 else "Output files"
+        notes.append(f"{noun} {shown}{more} not saved: {reason}")
     return kept, notes
+
+
+def _not_an_output(name: str) -> str | None:
+    """Why a file the run left is not an output at all (never stored, whatever the limits)."""
+    if _unsafe_name(name):
+        return "its name has characters that cannot be returned safely"
+    if any(part.startswith(".") for part in name.split("/")):
+        return "hidden files are not returned"
+    if os.path.splitext(name)[1].lower() in BLOCKED_EXTENSIONS:
+        return "executable and script files are not returned"
+    return None
+
+
+def attempted_outputs(generated: list[GeneratedFile]) -> int:
+    """How many of the generated files are outputs the run tried to deliver (contract §4.1's
+    ``attempted``): everything but the runner's sources and the files that are never outputs
+    (hidden, unsafe names, blocked types), which ``select_outputs`` notes but does not count as
+    failed deliveries."""
+    return sum(1 for g in generated if g.name not in SOURCE_FILES and _not_an_output(g.name) is None)
 
 
 def artifact_delivery(attempted: int, delivered: int) -> dict[str, Any] | None:

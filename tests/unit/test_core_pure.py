@@ -111,3 +111,24 @@ def test_select_outputs_filters_and_explains() -> None:
     assert [k.name for k in kept] == ["f0.txt", "f1.txt", "f2.txt"]
     assert any("big.bin" in n for n in notes)
     assert any("more than 3" in n for n in notes)
+
+
+def test_select_outputs_keeps_subdirectories_and_names_every_drop() -> None:
+    """Audit finding 11: nested outputs come back by relative path; nothing is dropped silently."""
+    generated = [
+        GeneratedFile("charts/plot.png", 10),
+        GeneratedFile(".env", 1),
+        GeneratedFile("sub/.cache/x", 1),
+        GeneratedFile("a\\b.txt", 1),
+        GeneratedFile("report\u202etxt.exe", 1),
+        GeneratedFile("code.py", 1),
+    ]
+    kept, notes = output.select_outputs(generated, max_files=10, max_bytes=1000)
+    assert [k.name for k in kept] == ["charts/plot.png"]
+    text = "\n".join(notes)
+    assert ".env" in text and "sub/.cache/x" in text and "hidden" in text
+    assert "a\\\\b.txt" in text and "report\\u202etxt.exe" in text  # shown escaped, never raw
+    assert "code.py" not in text  # the runner's own source is not an output
+    many = [GeneratedFile(f".h{i}", 1) for i in range(25)]
+    _, notes = output.select_outputs(many, max_files=10, max_bytes=1000)
+    assert notes == [notes[0]] and notes[0].endswith("and 15 more not saved: hidden files are not returned")

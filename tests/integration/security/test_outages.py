@@ -18,7 +18,7 @@ import pytest
 
 from tests.support.redis_server import RedisServer, running_redis
 from tests.support.s3_server import S3Server, running_s3
-from tests.support.server import TEST_KEY, ServerProcess, server_process
+from tests.support.server import TEST_KEY, ServerProcess, server_process, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 H = {"X-API-Key": TEST_KEY}
@@ -31,7 +31,7 @@ class Stack:
     redis: RedisServer
     s3: S3Server
 
-    def keys(self, prefix: str = "sessions/") -> list[str]:
+    def stored_keys(self, prefix: str = "sessions/") -> list[str]:
         return self.s3.list_keys(BUCKET, prefix)
 
 
@@ -65,19 +65,19 @@ def live(stack: Stack) -> Iterator[Stack]:
 
 def test_output_is_kept_when_the_session_store_dies_after_the_commit(live: Stack) -> None:
     code = "print('hello', flush=True)\nopen('out.txt', 'w').write('o')\nimport time\ntime.sleep(3)\nprint('bye')"
-    with httpx.Client(timeout=60) as client:
-        with client.stream("POST", live.server.url + "/exec", json={"lang": "py", "code": code}, headers=H) as r:
-            assert r.status_code == 200
-            chunks = r.iter_bytes()
-            first = next(chunks)
-            assert first.startswith(b" ")  # the heartbeat committed the 200: the run is under way
-            live.redis.kill()
-            body = json.loads(first + b"".join(chunks))
+    with httpx.Client(timeout=60) as client, \
+            client.stream("POST", live.server.url + "/exec", json={"lang": "py", "code": code}, headers=H) as r:
+        assert r.status_code == 200
+        chunks = r.iter_bytes()
+        first = next(chunks)
+        assert first.startswith(b" ")  # the heartbeat committed the 200: the run is under way
+        live.redis.kill()
+        body = json.loads(first + b"".join(chunks))
     assert body["stdout"] == "hello\nbye\n"
     assert body["session_id"] and body["files"] == []
     assert "out.txt" in body["stderr"] and "not saved" in body["stderr"]
     # The output's bytes went with it: nothing is left in S3 without metadata.
-    assert [k for k in live.keys() if "/outputs/" in k] == []  # noqa: SIM118 - live is not a dict
+    assert [k for k in live.stored_keys() if "/outputs/" in k] == []
 
 
 def _upload(stack: Stack, name: str, data: bytes) -> tuple[str, str]:
@@ -101,3 +101,42 @@ def test_delete_during_an_s3_outage_is_not_half_applied(live: Stack) -> None:
     live.s3.start()  # (moto keeps nothing across a restart: the bucket comes back empty)
     r = httpx.delete(live.server.url + f"/files/{sid}/{fid}", headers=H, timeout=60)
     assert r.status_code == 200 and _listed(live, sid) == []
+
+
+def test_objects_without_metadata_are_swept(live: Stack) -> None:
+    sid, fid = _upload(live, "kept.txt", b"kept")
+    client = live.s3.client()
+    orphan = "sessions/AAAAAAAAAAAAAAAAAAAAA/uploads/BBBBBBBBBBBBBBBBBBBBB"
+    foreign = ["states/AAAAAAAAAAAAAAAAAAAAA/state.dat", "health_check/test_1.txt"]
+    for key in [orphan, *foreign]:
+        client.put_object(Bucket=BUCKET, Key=key, Body=b"x")
+    # Past KCR_ORPHAN_MIN_AGE (2 s) the orphan goes; the upload (older still) and keys outside our
+    # layout stay.
+    wait_until(lambda: orphan not in live.stored_keys(), 30, interval=0.2, message="orphan swept")
+    assert f"sessions/{sid}/uploads/{fid}" in live.stored_keys()
+    assert all(key in live.s3.list_keys(BUCKET) for key in foreign)
+    r = httpx.get(live.server.url + f"/download/{sid}/{fid}", headers=H, timeout=30)
+    assert r.status_code == 200 and r.content == b"kept"
+
+
+def test_no_orphan_and_no_half_visible_file_after_outages(live: Stack) -> None:
+    """After a Redis outage during uploads and runs, every object has metadata and every listed
+    file has its bytes, once the sweeper has run past the age."""
+    sid, _ = _upload(live, "before.txt", b"b")
+    live.redis.kill()
+    code = "open('made.txt', 'w').write('m')\nprint('ran')"
+    r = httpx.post(live.server.url + "/exec", headers=H, timeout=60,
+                   json={"lang": "py", "code": code, "session_id": sid})
+    assert r.status_code in (200, 503)
+    r = httpx.post(live.server.url + "/upload", files={"file": ("during.txt", b"d")}, headers=H, timeout=30)
+    assert r.status_code == 503
+    live.redis.start()  # (no persistence: the metadata written before the outage is gone too)
+    sid2, fid2 = _upload(live, "after.txt", b"a")
+
+    def consistent() -> bool:
+        keys = live.stored_keys()
+        return keys == [f"sessions/{sid2}/uploads/{fid2}"]
+
+    wait_until(consistent, 30, interval=0.2, message="only objects with metadata remain")
+    r = httpx.get(live.server.url + f"/download/{sid2}/{fid2}", headers=H, timeout=30)
+    assert r.status_code == 200 and r.content == b"a"

@@ -1,0 +1,186 @@
+"""Protocol edges below the app (audit finding 12): answers Hypercorn gives on its own, and
+requests whose framing is ambiguous.
+
+* **Rejections have JSON bodies.** Hypercorn answers what h11 refuses to parse (400 malformed,
+  431 header block too large, 501 unknown transfer coding) with an empty body. Every other error of
+  ours is a JSON body in KubeCodeRun's shape B, and clients (and the model reading a tool error)
+  deserve the same here: :func:`install_json_rejections` makes Hypercorn's error responses carry one.
+  It replaces one method of Hypercorn's HTTP/1.1 protocol class, process-wide; the sidecar's own
+  HTTP server does not use Hypercorn and is unaffected.
+* **Half-closed clients get their answer** (:func:`install_half_close_support`).
+* **Content-Length together with Transfer-Encoding** (RFC 9112 §6.3): the body is read as chunked,
+  but such a request is how request smuggling starts, and the RFC says the connection must be
+  closed after the response. :class:`CloseAmbiguousFraming` adds ``Connection: close``.
+"""
+
+from __future__ import annotations
+
+import time
+from itertools import chain
+from math import inf
+from typing import Any
+
+from kcr_trio.core.ids import new_id
+
+from .errors import dumps
+
+_REJECTIONS = {
+    400: ("Malformed HTTP request", "validation"),
+    408: ("Request timed out", "timeout"),
+    413: ("Request too large", "resource_exhausted"),
+    431: ("Request header fields too large", "validation"),
+    501: ("Not implemented: unsupported transfer coding or method", "validation"),
+}
+
+
+def rejection_body(status: int) -> bytes:
+    message, error_type = _REJECTIONS.get(status, ("Request rejected", "validation" if status < 500 else "internal_server"))
+    return dumps({"error": message, "error_type": error_type, "details": None, "request_id": new_id(),
+                  "timestamp": time.time()})
+
+
+def install_json_rejections() -> None:
+    """Give Hypercorn's own HTTP/1.1 error responses a JSON body (idempotent)."""
+    import h11
+    from hypercorn.protocol.h11 import H11Protocol
+
+    if getattr(H11Protocol, "_kcr_json_rejections", False):
+        return
+
+    async def _send_error_response(self: Any, status_code: int) -> None:
+        body = rejection_body(status_code)
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+        ]
+        await self._send_h11_event(
+            h11.Response(status_code=status_code, headers=list(chain(headers, self.config.response_headers("h11"))))
+        )
+        await self._send_h11_event(h11.Data(data=body))
+        await self._send_h11_event(h11.EndOfMessage())
+
+    H11Protocol._send_error_response = _send_error_response  # type: ignore[method-assign]
+    H11Protocol._kcr_json_rejections = True  # type: ignore[attr-defined]
+
+
+class CloseAmbiguousFraming:
+    """ASGI wrapper: ``Connection: close`` on the answer to a request with both length headers."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        names = {name.lower() for name, _ in scope.get("headers", ())}
+        if not (b"content-length" in names and b"transfer-encoding" in names):
+            await self.app(scope, receive, send)
+            return
+
+        async def closing_send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"connection"]
+                message = {**message, "headers": [*headers, (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, receive, closing_send)
+
+
+# -- half-closed clients --------------------------------------------------------------------------
+
+# A half-closed client is waited for at most this long (the app's own deadlines end sooner).
+HALF_CLOSE_MAX_WAIT = 900.0
+_POLL = 0.1
+_TCP_CLOSE = 7  # tcp_info.tcpi_state after the peer reset the connection
+
+
+def install_half_close_support() -> None:
+    """Answer clients that half-close (``shutdown(SHUT_WR)``) after sending their request.
+
+    Hypercorn treats end-of-input as a disconnect and cancels the request, so such a client (41 of
+    224 in the audit) never got its answer. TCP cannot tell a half-close from a full close: both
+    are a FIN. So when input ends while a complete request awaits a response that has not started,
+    we keep serving, send an interim ``100 Continue`` and watch the socket: a client that really
+    left answers that byte with a reset within a round trip (``tcp_info`` shows it) and the request
+    is cancelled, as before. Input that ends once the response has started (a heartbeat committed;
+    LibreChat's hang-up timer fires there) is a disconnect at once, as in Hypercorn, so a departed
+    client is never noticed later than before. Plain TCP only (TLS keeps Hypercorn's behaviour).
+    """
+    import socket as socket_module
+
+    import h11
+    import trio
+    from hypercorn.events import Closed, RawData
+    from hypercorn.trio import tcp_server
+
+    server_class = tcp_server.TCPServer
+    if getattr(server_class, "_kcr_half_close", False):
+        return
+
+    def h11_of(server: Any) -> Any:
+        inner = getattr(getattr(server, "protocol", None), "protocol", None)
+        return inner if inner is not None and hasattr(inner, "connection") else None
+
+    def awaiting_response(server: Any, *, started: bool = True) -> bool:
+        """A complete request whose answer is not finished (``started=False``: not even begun)."""
+        proto = h11_of(server)
+        if proto is None or proto.stream is None or not isinstance(proto.connection, h11.Connection):
+            return False
+        conn = proto.connection
+        states = (h11.SEND_RESPONSE, h11.SEND_BODY) if started else (h11.SEND_RESPONSE,)
+        return conn.their_state is h11.DONE and conn.our_state in states
+
+    def reset(sock: Any) -> bool:
+        try:
+            state: int = sock.getsockopt(socket_module.IPPROTO_TCP, socket_module.TCP_INFO, 1)[0]
+            return state == _TCP_CLOSE
+        except OSError:
+            return True
+
+    async def probe(server: Any) -> None:
+        """Make a peer that really left say so now: an unsolicited ``100 Continue`` (every HTTP/1.1
+        client must accept 1xx responses it did not ask for, RFC 9110 §15.2) reaches a closed
+        socket and comes back as a reset within a round trip. Only before the final response."""
+        proto = h11_of(server)
+        if proto is not None and proto.connection.our_state is h11.SEND_RESPONSE:
+            try:
+                await proto._send_h11_event(
+                    h11.InformationalResponse(status_code=100, headers=proto.config.response_headers("h11"))
+                )
+            except h11.LocalProtocolError:  # the final response started meanwhile: nothing to do
+                pass
+
+    async def wait_for_answer(server: Any) -> bool:
+        """Wait while the answer is pending; True if the peer reset (it really left)."""
+        sock = getattr(server.stream, "socket", None)
+        if sock is None:
+            return True
+        await probe(server)
+        with trio.move_on_after(HALF_CLOSE_MAX_WAIT):
+            while awaiting_response(server):
+                if reset(sock):
+                    return True
+                await trio.sleep(_POLL)
+        return False
+
+    async def _read_data(self: Any) -> None:
+        while True:
+            try:
+                with trio.fail_after(self.config.read_timeout or inf):
+                    data = await self.stream.receive_some(tcp_server.MAX_RECV)
+            except (trio.ClosedResourceError, trio.BrokenResourceError, trio.TooSlowError):
+                break
+            if data == b"" and awaiting_response(self, started=False) and await wait_for_answer(self):
+                break  # the client left: Hypercorn's own handling (cancel the request)
+            await self.protocol.handle(RawData(bytes(data)))
+            if data == b"":
+                break
+        await self.protocol.handle(Closed())
+        # Input is over: no further request can come, so the keep-alive timer must not hold the
+        # connection open (the client of a half-close reads until we close).
+        await self.idle_task.stop()
+
+    server_class._read_data = _read_data  # type: ignore[method-assign]
+    server_class._kcr_half_close = True  # type: ignore[attr-defined]
