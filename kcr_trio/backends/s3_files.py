@@ -35,6 +35,7 @@ request started deletes the key again (shielded, bounded), so no orphan is left 
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import tempfile
@@ -220,13 +221,15 @@ class S3FileStore:
             spool.close()  # an unlinked local file: closing frees its blocks, no await needed
 
     async def _upload(self, key: str, spool: IO[bytes], size: int, content_type: str) -> None:
+        body = _KeepOpen(spool)  # the HTTP client closes a file body after sending it
+
         async def op() -> None:
             spool.seek(0)
             if size <= SINGLE_PUT_LIMIT:
-                await self._client.put_object(self.bucket, key, spool, size, content_type=content_type, part_size=size)
+                await self._client.put_object(self.bucket, key, body, size, content_type=content_type, part_size=size)
             else:
                 await self._client.put_object(
-                    self.bucket, key, spool, size, content_type=content_type, num_parallel_uploads=1
+                    self.bucket, key, body, size, content_type=content_type, num_parallel_uploads=1
                 )
 
         # Time to send the body is proportional to its size; aiohttp's connect/read timeouts bound
@@ -486,3 +489,39 @@ async def open_s3_files(settings: Settings, s3_settings: S3Settings | None = Non
                 await run_aio(session.close)
             except Exception as exc:
                 log.debug("closing the S3 session failed: %s", exc)
+
+
+class _KeepOpen(io.RawIOBase):
+    """The spool as an upload body that survives the HTTP client's ``close()`` after a send.
+
+    ``put`` retries once when the bucket vanished (a fresh S3/MinIO without its data); the first
+    attempt's client closed the unlinked spool file, so the retry met "seek of closed file" and
+    the upload answered 500. Closing the spool stays ``put``'s job.
+    """
+
+    def __init__(self, spool: IO[bytes]) -> None:
+        super().__init__()
+        self._spool = spool
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._spool.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._spool.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._spool.tell()
+
+    def fileno(self) -> int:
+        return self._spool.fileno()
+
+    def close(self) -> None:
+        """Left open on purpose (see the class docstring)."""

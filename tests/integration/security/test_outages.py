@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -119,9 +120,31 @@ def test_objects_without_metadata_are_swept(live: Stack) -> None:
     assert r.status_code == 200 and r.content == b"kept"
 
 
+def _cancelled_upload(stack: Stack, size: int) -> None:
+    """A client that sends half of a large multipart upload, then leaves (its socket closes)."""
+    host, port = stack.server.url.removeprefix("http://").rsplit(":", 1)
+    boundary = "cancelledboundary"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"gone.bin\"\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n").encode()
+    total = len(head) + size + len(f"\r\n--{boundary}--\r\n")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(
+            (f"POST /upload HTTP/1.1\r\nHost: {host}\r\nX-API-Key: {TEST_KEY}\r\n"
+             f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {total}\r\n\r\n").encode()
+            + head
+        )
+        sock.sendall(b"x" * (size // 2))
+
+
 def test_no_orphan_and_no_half_visible_file_after_outages(live: Stack) -> None:
-    """After a Redis outage during uploads and runs, every object has metadata and every listed
-    file has its bytes, once the sweeper has run past the age."""
+    """After cancelled uploads, an S3 outage and a Redis outage during uploads and runs, every
+    object has metadata and every listed file has its bytes, once the sweeper has run past the age."""
+    live.s3.stop()
+    r = httpx.post(live.server.url + "/upload", files={"file": ("s3down.txt", b"s")}, headers=H, timeout=60)
+    assert r.status_code == 503
+    live.s3.start()  # (moto comes back empty)
+    for _ in range(3):
+        _cancelled_upload(live, 4 * 2**20)
     sid, _ = _upload(live, "before.txt", b"b")
     live.redis.kill()
     code = "open('made.txt', 'w').write('m')\nprint('ran')"
