@@ -156,3 +156,27 @@ def server_process(env: dict[str, str] | None = None, *, ready_timeout: float = 
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         reader.join(timeout=5)
+
+
+@contextmanager
+def server_on_stores(stores: str, env: dict[str, str], *, name: str) -> Iterator[ServerProcess]:
+    """A ``kcr-trio serve`` on the embedded stores (``stores == "embedded"``) or on a real
+    redis-server and a real S3 server (``"redis-s3"``): the two backend sets we ship, for fixtures
+    parametrised over both. ``name`` keeps their Redis prefix and bucket apart."""
+    if stores == "embedded":
+        with server_process(env) as server:
+            yield server
+        return
+    from tests.support.redis_server import running_redis
+    from tests.support.s3_server import running_s3
+
+    with running_redis() as redis, running_s3() as s3:
+        full = {
+            **env,
+            **redis.env(prefix=f"{name}:"),
+            **s3.env(bucket=name),
+            "KCR_SESSION_STORE": "redis",
+            "KCR_FILE_STORE": "s3",
+        }
+        with server_process(full) as server:
+            yield server

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.support.server import ServerProcess, server_process
+from tests.support.server import ServerProcess, server_on_stores
 
 CONTRACT_ENV = {
     "MAX_EXECUTION_TIME": "4",
@@ -24,20 +24,5 @@ CONTRACT_ENV = {
 
 @pytest.fixture(scope="module", params=["embedded", "redis-s3"])
 def contract_server(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
-    if request.param == "embedded":
-        with server_process(CONTRACT_ENV) as server:
-            yield server
-        return
-    from tests.support.redis_server import running_redis
-    from tests.support.s3_server import running_s3
-
-    with running_redis() as redis, running_s3() as s3:
-        env = {
-            **CONTRACT_ENV,
-            **redis.env(prefix="contract:"),
-            **s3.env(bucket="contract"),
-            "KCR_SESSION_STORE": "redis",
-            "KCR_FILE_STORE": "s3",
-        }
-        with server_process(env) as server:
-            yield server
+    with server_on_stores(request.param, CONTRACT_ENV, name="contract") as server:
+        yield server

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.support.server import ServerProcess, server_process
+from tests.support.server import ServerProcess, server_on_stores
 
 SECURITY_ENV = {
     "MAX_EXECUTION_TIME": "5",
@@ -24,20 +24,5 @@ SECURITY_ENV = {
 
 @pytest.fixture(scope="module", params=["embedded", "redis-s3"])
 def security_server(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
-    if request.param == "embedded":
-        with server_process(SECURITY_ENV) as server:
-            yield server
-        return
-    from tests.support.redis_server import running_redis
-    from tests.support.s3_server import running_s3
-
-    with running_redis() as redis, running_s3() as s3:
-        env = {
-            **SECURITY_ENV,
-            **redis.env(prefix="sec:"),
-            **s3.env(bucket="sec"),
-            "KCR_SESSION_STORE": "redis",
-            "KCR_FILE_STORE": "s3",
-        }
-        with server_process(env) as server:
-            yield server
+    with server_on_stores(request.param, SECURITY_ENV, name="sec") as server:
+        yield server
