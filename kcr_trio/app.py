@@ -33,6 +33,7 @@ from kcr_trio.api.wire import (
     CloseAmbiguousFraming,
     install_half_close_support,
     install_json_rejections,
+    install_stalled_head_408,
 )
 from kcr_trio.config import Settings
 from kcr_trio.core.exec import ExecLimits, ExecService
@@ -201,6 +202,7 @@ def hypercorn_config(settings: Settings) -> HypercornConfig:
     config.bind = [f"{settings.api_host}:{settings.api_port}"]
     # Well above the 5 s client idle timer, so the client always closes first (keepalive.md §5).
     config.keep_alive_timeout = settings.kcr_keep_alive_timeout
+    config.kcr_head_timeout = settings.kcr_head_timeout  # type: ignore[attr-defined]  # api/wire.py
     config.graceful_timeout = settings.graceful_timeout
     config.accesslog = None  # ours is written by api.scope, one line per request
     config.errorlog = logging.getLogger("hypercorn.error")
@@ -212,6 +214,7 @@ def build_asgi(svc: Services) -> Any:
     on_finish = svc.metrics.on_finish if svc.metrics is not None else None
     install_json_rejections()
     install_half_close_support()
+    install_stalled_head_408()
     return CloseAmbiguousFraming(RequestScopeMiddleware(create_app(svc), on_finish=on_finish))
 
 

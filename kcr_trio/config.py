@@ -108,6 +108,8 @@ class Settings(BaseSettings):
     kcr_heartbeat_interval: float = Field(2.0, gt=0.0, le=4.0)  # one space at least this often
     kcr_connection_close: bool = True  # on /files, /download, /upload, freshness responses
     kcr_keep_alive_timeout: float = Field(75.0, gt=5.0)
+    # A partial request head buffered this long gets a 408 and a close (None: the keep-alive timeout).
+    kcr_head_timeout: float | None = Field(None, gt=0.0)
     kcr_graceful_timeout: float | None = None  # default: MAX_EXECUTION_TIME + 10 s
 
     # --- execution ----------------------------------------------------------------------------

@@ -14,6 +14,11 @@ connection-level behaviour:
   reacts by cancelling the request, which cancels Hypercorn's bookkeeping half-way. Observed result:
   idle connections never timed out and ``Connection: close`` did not close the socket. A disconnect
   that arrives once the final chunk is on its way is no longer news to anyone, so we hold it back.
+  The final chunk is the one that carries the last byte the client was promised: the ASGI
+  ``more_body=False`` message, or, with a ``Content-Length``, the chunk that reaches it (frameworks
+  send an empty closing chunk after it, and a client holding all its bytes may leave before that).
+* **Outcome ``ok`` vs ``client_gone``.** A response whose last byte was handed to the transport is
+  complete (``ok``), even if the client closes at once; ``client_gone`` means the client left before.
 * **One access-log line per request**, written in ``finally``: completed, failed, cancelled and
   dropped requests alike, with the outcome and, for a client that left, how long after the start
   (and in which ``/exec`` phase). It is written after the request's nursery has closed, so the
@@ -118,14 +123,26 @@ class RequestScopeMiddleware:
                         nursery.cancel_scope.cancel()
                     return message
 
+                declared_length: int | None = None
+
                 async def wrapped_send(message: dict[str, Any]) -> None:
-                    nonlocal final_started
+                    nonlocal final_started, declared_length
                     if message["type"] == "http.response.start":
                         rs.status = message["status"]
                         message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
+                        declared_length = _content_length(message["headers"])
                     elif message["type"] == "http.response.body":
                         rs.bytes_out += len(message.get("body", b""))
                         if not message.get("more_body", False):
+                            final_started = True
+                            await send(message)
+                            rs.response_complete = True
+                            return
+                        if declared_length is not None and rs.bytes_out >= declared_length:
+                            # The last byte the client was promised: once it is handed to the
+                            # transport the answer is complete, whatever the client does next. A
+                            # client that has its Content-Length closes at once (curl does), so
+                            # the framework's empty closing chunk may meet a disconnect.
                             final_started = True
                             await send(message)
                             rs.response_complete = True
@@ -189,6 +206,14 @@ class RequestScopeMiddleware:
                 self.on_finish(rs, scope)
             except Exception:  # metrics must never cost a request its log line or its answer
                 log.exception("metrics hook failed")
+
+
+def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    """The response's declared ``Content-Length`` (None: none, or not a plain number)."""
+    for key, value in headers:
+        if key.lower() == b"content-length":
+            return int(value) if value.strip().isdigit() else None
+    return None
 
 
 def _header(scope: dict[str, Any], name: bytes) -> str | None:

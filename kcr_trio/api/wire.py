@@ -8,6 +8,8 @@ requests whose framing is ambiguous.
   It replaces one method of Hypercorn's HTTP/1.1 protocol class, process-wide; the sidecar's own
   HTTP server does not use Hypercorn and is unaffected.
 * **Half-closed clients get their answer** (:func:`install_half_close_support`).
+* **A stalled request head gets a 408** (:func:`install_stalled_head_408`) before the connection is
+  closed; an idle kept-alive connection with no byte of a new request is just closed (RFC 9110 §15.5.9).
 * **Content-Length together with Transfer-Encoding** (RFC 9112 §6.3): the body is read as chunked,
   but such a request is how request smuggling starts, and the RFC says the connection must be
   closed after the response. :class:`CloseAmbiguousFraming` adds ``Connection: close``.
@@ -184,3 +186,74 @@ def install_half_close_support() -> None:
 
     server_class._read_data = _read_data  # type: ignore[method-assign]
     server_class._kcr_half_close = True  # type: ignore[attr-defined]
+
+
+# -- stalled request heads --------------------------------------------------------------------------
+
+# The idle timer looks at the connection every quarter of the head timeout (at least every 50 ms):
+# a stalled head is answered 1 to 1.25 head timeouts after it was first seen, and an idle
+# connection costs a handful of wake-ups per keep-alive period, not a steady poll.
+_HEAD_CHECKS = 4
+_MIN_STEP = 0.05
+
+
+def install_stalled_head_408() -> None:
+    """Answer a request head that stalls with ``408`` and its JSON body, then close.
+
+    Hypercorn's keep-alive timer runs until a complete head arrives, and when it fires it closes the
+    socket silently, whether the client sent nothing (an idle kept-alive connection: closing is
+    right) or half a head (the client waits for an answer that never comes, and reads a bare EOF).
+    This timer instead also watches for a partial head: once one has been buffered for
+    ``config.kcr_head_timeout`` seconds (``KCR_HEAD_TIMEOUT``; default: the keep-alive timeout), or
+    the keep-alive timeout ends while one is buffered, the client gets a 408 before the close. Only when nothing of a
+    response was sent in this request cycle (h11 lets us send nothing else, and a 408 after a
+    partial answer would corrupt the stream). Plain HTTP/1.1 only.
+    """
+    import h11
+    import trio
+    from hypercorn.events import RawData
+    from hypercorn.trio import tcp_server
+
+    server_class = tcp_server.TCPServer
+    if getattr(server_class, "_kcr_head_408", False):
+        return
+
+    def partial_head(server: Any) -> bool:
+        inner = getattr(getattr(server, "protocol", None), "protocol", None)
+        conn = getattr(inner, "connection", None)
+        if not isinstance(conn, h11.Connection):
+            return False
+        return conn.our_state is h11.IDLE and conn.their_state is h11.IDLE and bool(conn.trailing_data[0])
+
+    async def send_408(server: Any) -> None:
+        body = rejection_body(408)
+        head = [b"HTTP/1.1 408 Request Timeout", b"content-type: application/json",
+                b"content-length: " + str(len(body)).encode(), b"connection: close"]
+        head += [name + b": " + value for name, value in server.config.response_headers("h11")]
+        with trio.move_on_after(5):  # a client that reads nothing must not hold the close
+            await server.protocol_send(RawData(data=b"\r\n".join(head) + b"\r\n\r\n" + body))
+
+    async def _idle_timeout(self: Any) -> None:
+        keep_alive = float(self.config.keep_alive_timeout)
+        head_timeout = float(getattr(self.config, "kcr_head_timeout", None) or keep_alive)
+        deadline = trio.current_time() + keep_alive
+        partial_since: float | None = None
+        while not self.context.terminated.is_set():
+            now = trio.current_time()
+            if partial_head(self):
+                partial_since = now if partial_since is None else partial_since
+                if now - partial_since >= head_timeout:
+                    break
+            else:
+                partial_since = None
+            if now >= deadline:
+                break
+            with trio.move_on_after(min(max(head_timeout / _HEAD_CHECKS, _MIN_STEP), deadline - now)):
+                await self.context.terminated.wait()
+        with trio.CancelScope(shield=True):
+            if partial_head(self):
+                await send_408(self)
+            await self._initiate_server_close()
+
+    server_class._idle_timeout = _idle_timeout  # type: ignore[method-assign]
+    server_class._kcr_head_408 = True  # type: ignore[attr-defined]
