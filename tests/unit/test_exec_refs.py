@@ -3,6 +3,7 @@ resolving them is reported truthfully (the code did not run). Core lifecycle wit
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,17 +16,9 @@ from kcr_trio.backends.memory_sessions import MemorySessionStore
 from kcr_trio.core.errors import ApiError
 from kcr_trio.core.exec import ExecLimits, ExecRequest, ExecService, Phases
 from kcr_trio.core.model import FileRecord, FileRef, RunResult
+from tests.unit.test_exec_lifecycle import LIMITS as LIFECYCLE_LIMITS
 
-LIMITS = ExecLimits(
-    max_execution_time=5,
-    overhead=5,
-    acquire_timeout=0.2,
-    max_output_chars=1000,
-    max_output_files=10,
-    max_file_bytes=1024 * 1024,
-    max_code_bytes=10_000,
-    max_file_refs=3,
-)
+LIMITS = replace(LIFECYCLE_LIMITS, max_file_refs=3)
 
 
 class StuckLookups(MemorySessionStore):

@@ -60,12 +60,17 @@ def test_gather_is_one_round_trip(ptc_server: ServerProcess) -> None:
     assert data["status"] == "completed" and data["stdout"] == "15\n"
 
 
+def fail_first_call(server: ServerProcess, first: dict[str, Any], message: str) -> dict[str, Any]:
+    """Start ``first``, answer its first tool call with an error result, return the final answer."""
+    data = answer(post(server, first))
+    call = data["tool_calls"][0]
+    return answer(post(server, {"continuation_token": data["continuation_token"], "tool_results": [
+        {"call_id": call["id"], "result": None, "is_error": True, "error_message": message}]}))
+
+
 def test_tool_error_raises_in_python(ptc_server: ServerProcess) -> None:
     code = "r = await get_weather(city='x')\nprint('unreachable')\n"
-    data = answer(post(ptc_server, {"code": code, "tools": [WEATHER]}))
-    call = data["tool_calls"][0]
-    data = answer(post(ptc_server, {"continuation_token": data["continuation_token"], "tool_results": [
-        {"call_id": call["id"], "result": None, "is_error": True, "error_message": "city unknown"}]}))
+    data = fail_first_call(ptc_server, {"code": code, "tools": [WEATHER]}, "city unknown")
     assert data["status"] == "error" and data["error"] == "Sandbox exited with code 1"
     assert "ToolExecutionError: city unknown" in data["stderr"]
     assert "unreachable" not in data.get("stdout", "")
@@ -127,10 +132,7 @@ def test_bash_functions_and_background_batch(ptc_server: ServerProcess) -> None:
 
 def test_bash_error_result_ends_the_script(ptc_server: ServerProcess) -> None:
     code = ': &\nwait "$!"\nx=$(get_weather \'{"city":"a"}\')\necho after\n'
-    data = answer(post(ptc_server, {"lang": "bash", "code": code, "tools": [WEATHER]}))
-    call = data["tool_calls"][0]
-    data = answer(post(ptc_server, {"continuation_token": data["continuation_token"], "tool_results": [
-        {"call_id": call["id"], "result": None, "is_error": True, "error_message": "no such city"}]}))
+    data = fail_first_call(ptc_server, {"lang": "bash", "code": code, "tools": [WEATHER]}, "no such city")
     assert data["status"] == "error" and data["error"] == "Sandbox exited with code 1"
     assert "no such city" in data["stderr"]
     assert "after" not in data.get("stdout", "")
