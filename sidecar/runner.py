@@ -102,7 +102,7 @@ class RunState:
     out: Capture
     err: Capture
     tmp: str
-    reason: str | None = None  # timeout | output | disk | cpu | file_size | memory | oom | pids
+    reason: str | None = None  # timeout | compile_timeout | output | disk | cpu | file_size | memory | oom | pids
     step_scope: trio.CancelScope | None = None
     pids: set[int] = field(default_factory=set)
     closed: bool = False  # the steps are over: watchers can no longer change the outcome
@@ -367,8 +367,12 @@ class Runner:
         finally:
             self.busy = False
         self.awaiting_reset = False
-        # The next interpreter starts in the background, after this answer: the caller frees its
-        # slot sooner, and a run that arrives first waits for it (``_take_warm``).
+        # The next interpreter is started now, before this answer: the run's own answer went out
+        # before the reset was asked for, so nothing competes with it, and the interpreter is up
+        # sooner for the next run (which waits for it if it arrives first: ``_take_warm``).
+        # Starting it is a vfork + exec (about a millisecond); its start-up runs on its own.
+        if self._wants_warm and self._nursery is not None:
+            await self._spawn_warm()
         self.replenish()
 
     def _fresh_start(self) -> None:
@@ -432,7 +436,11 @@ class Runner:
             before = files.snapshot(wd)
             steps = with_args(self.spec.steps(self._context(tmp)), args or [])
             oom_before = self._oom_kills()
+            # With a compile budget, compile steps have their own deadline and the program its
+            # full timeout once they are done; without one, all steps share the run's timeout.
+            separate = self.cfg.compile_timeout > 0
             deadline = trio.current_time() + timeout
+            compile_deadline = trio.current_time() + self.cfg.compile_timeout if separate else deadline
             # The disk watcher is owned by the runner's nursery and bound to this run by its
             # scope: the run cancels it when it ends, without waiting for it to wind down (a
             # scheduler round trip on every answer); once ``state.closed`` it can stop nothing.
@@ -442,7 +450,12 @@ class Runner:
             try:
                 for i, step in enumerate(steps):
                     use_warm = warm if (warm is not None and i == len(steps) - 1) else None
-                    exit_code = await self._run_step(step, use_warm, state, deadline, timeout)
+                    if separate and not step.compile:
+                        deadline = trio.current_time() + timeout  # the program's own time starts now
+                    exit_code = await self._run_step(
+                        step, use_warm, state, compile_deadline if step.compile else deadline,
+                        self.cfg.compile_timeout if separate and step.compile else timeout,
+                        "compile_timeout" if separate and step.compile else "timeout")
                     if state.reason is not None or (step.compile and exit_code != 0):
                         break
             finally:
@@ -500,6 +513,10 @@ class Runner:
         if timed_out:
             exit_code = 124
             notes.append(f"Execution timed out after {_fmt_seconds(timeout)} seconds")
+        elif state.reason == "compile_timeout":
+            exit_code = 124
+            notes.append(f"Compilation timed out after {_fmt_seconds(self.cfg.compile_timeout)} seconds "
+                         f"(the compile steps' own limit, KCR_COMPILE_TIMEOUT); the program did not run")
         elif state.reason == "output":
             notes.append("Process stopped: output limit exceeded")
         elif state.reason == "disk":
@@ -589,7 +606,7 @@ class Runner:
             os.close(fd)
 
     async def _run_step(self, step: Step, warm: Warm | None, state: RunState, deadline: float,
-                        timeout: float) -> int:
+                        timeout: float, on_deadline: str = "timeout") -> int:
         if warm is not None:
             proc = warm.process
             # The warm process was limited for MAX_EXECUTION_TIME; tighten CPU to this run
@@ -620,7 +637,7 @@ class Runner:
                     else:
                         await proc.wait()
                 if scope.cancelled_caught and state.reason is None:
-                    state.reason = "timeout"
+                    state.reason = on_deadline
                 # The program is done (or stopped): kill what it left behind so the pipes reach EOF,
                 # then give the pumps a moment to drain what is already buffered.
                 await self._kill_leftovers(settle=not scope.cancelled_caught)
