@@ -290,6 +290,8 @@ class Runner:
         try:
             warm.limit_pid = payload_pid(warm.process.pid) if self.sandbox is not None else warm.process.pid
             warm.cpu_used = _cpu_seconds(warm.limit_pid)
+            if self.sandbox is not None and warm.limit_pid != warm.process.pid:
+                warm.wrapper_pids = _chain(warm.process.pid, warm.limit_pid)
         except (OSError, ValueError, IndexError):
             warm.limit_pid = None
 
@@ -625,7 +627,7 @@ class Runner:
         reported: int | None = None
         scope = trio.CancelScope(deadline=deadline)
         state.step_scope = scope
-        cleaned = False
+        cleaned = early = False
         try:
             async with trio.open_nursery() as pumps:
                 pumps.start_soon(self._pump, proc.stdout, state.out, state)
@@ -640,14 +642,30 @@ class Runner:
                     state.reason = on_deadline
                 # The program is done (or stopped): kill what it left behind so the pipes reach EOF,
                 # then give the pumps a moment to drain what is already buffered.
-                await self._kill_leftovers(settle=not scope.cancelled_caught)
-                pumps.cancel_scope.deadline = trio.current_time() + 2
+                early = reported is not None and warm is not None and bool(warm.wrapper_pids)
+                await self._kill_leftovers(settle=not scope.cancelled_caught,
+                                           winding_down=frozenset(warm.wrapper_pids) if warm and early else frozenset())
+                early = early and self._tree_clean
+                if early:
+                    # The program reported "done" after closing its stdout/stderr, and nothing of
+                    # it runs any more: its whole output is in the pipes already. Take it without
+                    # waiting for EOF, which comes only once bubblewrap's monitor (it holds the
+                    # pipes too) has exited after the namespace's teardown.
+                    pumps.cancel_scope.cancel()
+                else:
+                    pumps.cancel_scope.deadline = trio.current_time() + 2
+            if early:
+                _drain(proc.stdout, state.out, state)
+                _drain(proc.stderr, state.err, state)
             # An interpreter that reported its status is already on its way out (the watcher reaps
             # it); there is no need to wait for its teardown before answering.
             cleaned = (warm.exited.is_set() or reported is not None) if warm is not None else (
                 proc.returncode is not None)
         finally:
             state.step_scope = None
+            for stream in (proc.stdout, proc.stderr):  # the pumps are done with them
+                if stream is not None:
+                    stream.close()
             with trio.CancelScope(shield=True):
                 if not cleaned:
                     await self._kill_leftovers()
@@ -666,16 +684,15 @@ class Runner:
     async def _pump(self, stream: trio.abc.ReceiveStream | None, cap: Capture, state: RunState) -> None:
         if stream is None:
             return
-        async with stream:
-            while True:
-                try:
-                    data = await stream.receive_some(65536)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    return
-                if not data:
-                    return
-                if cap.add(data):
-                    state.stop("output")
+        while True:  # the caller closes the stream (after taking what a cancelled pump left)
+            try:
+                data = await stream.receive_some(65536)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            if not data:
+                return
+            if cap.add(data):
+                state.stop("output")
 
     async def _watch_disk(self, state: RunState, scope: trio.CancelScope) -> None:
         with scope:
@@ -714,7 +731,8 @@ class Runner:
         self._killed.update(killed)
         return set(killed)
 
-    async def _kill_leftovers(self, final: bool = False, settle: bool = False) -> set[int]:
+    async def _kill_leftovers(self, final: bool = False, settle: bool = False,
+                              winding_down: frozenset[int] = frozenset()) -> set[int]:
         """``_kill_all`` in a worker thread, skipped when a cheap inline check finds nothing.
 
         Thanks to the subreaper, nothing the run started can leave the sidecar's subtree, so an
@@ -732,9 +750,11 @@ class Runner:
         alive = not_exiting if settle else proctree.alive
 
         def leftovers() -> tuple[set[int], bool]:
-            """(every descendant outside ``keep``, whether one of them still runs) in one scan."""
+            """(every descendant outside ``keep``, whether one of them still runs) in one scan;
+            ``winding_down`` (bubblewrap's own processes once the program reported "done": they
+            exit by themselves, and the program's namespace dies with them) do not count."""
             tree = proctree.descendants(me) - keep
-            return tree, any(alive(p) for p in tree)
+            return tree, any(alive(p) for p in tree - winding_down)
 
         tree, running = leftovers()
         if settle and running:
@@ -750,6 +770,34 @@ class Runner:
             return set()
         self._tree_clean = False
         return await trio.to_thread.run_sync(self._kill_all, final)
+
+
+def _drain(stream: trio.lowlevel.FdStream | None, cap: Capture, state: RunState) -> None:
+    """Take what is in a pipe now, without waiting (its fd is non-blocking)."""
+    if stream is None:
+        return
+    while True:
+        try:
+            data = os.read(stream.fileno(), 65536)
+        except OSError:  # BlockingIOError: empty for now
+            return
+        if not data:
+            return
+        if cap.add(data):
+            state.stop("output")
+
+
+def _chain(top: int, bottom: int) -> set[int]:
+    """The pids from ``top`` down to ``bottom`` (exclusive), following ``bottom``'s parents."""
+    out: set[int] = set()
+    current = bottom
+    for _ in range(8):
+        with open(f"/proc/{current}/stat", "rb") as fh:
+            current = int(fh.read().rsplit(b")", 1)[1].split()[1])
+        out.add(current)
+        if current == top:
+            return out
+    return set()
 
 
 def _cpu_seconds(pid: int) -> int:
