@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "MISSING_KEY_CODES", "S3_ERRORS", "KeepOpen", "S3Settings", "build_client", "error_code", "open_s3_client",
-    "release_response", "translate",
+    "release_response", "remove_batch", "translate",
 ]
 
 S3_ERRORS = StoreErrors("File store", "S3", log)
@@ -210,6 +210,16 @@ async def open_s3_client(s3: S3Settings) -> AsyncIterator[tuple[Any, Any]]:
                 await run_aio(session.close)
             except Exception as exc:
                 log.debug("closing the S3 session failed: %s", exc)
+
+
+async def remove_batch(client: Any, bucket: str, names: list[str]) -> int:
+    """Delete ``names`` with one multi-object DELETE (at most 1000); how many went."""
+    from miniopy_async.deleteobjects import DeleteObject
+
+    failed = [err async for err in client.remove_objects(bucket, [DeleteObject(n) for n in names])]
+    if failed:
+        raise RuntimeError(f"could not delete {len(failed)} objects: {failed[0]}")
+    return len(names)
 
 
 async def release_response(response: Any) -> None:

@@ -50,6 +50,7 @@ from kcr_trio.backends.s3_client import (
     S3Settings,
     open_s3_client,
     release_response,
+    remove_batch,
 )
 from kcr_trio.config import Settings
 from kcr_trio.core.errors import NotFound, TooLarge, Unavailable
@@ -116,8 +117,6 @@ class S3FileStore:
                 return
 
             async def op() -> None:
-                from miniopy_async.error import S3Error
-
                 if await self._client.bucket_exists(self.bucket):
                     return
                 if not self._create_bucket:
@@ -125,8 +124,8 @@ class S3FileStore:
                 try:
                     await self._client.make_bucket(self.bucket)
                     log.info("created bucket %s", self.bucket)
-                except S3Error as exc:  # another replica (or KubeCodeRun) won the race
-                    if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                except Exception as exc:  # another replica (or KubeCodeRun) won the race
+                    if s3_client.error_code(exc) not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                         raise
 
             await self._call(op)
@@ -191,13 +190,12 @@ class S3FileStore:
 
     async def delete(self, key: str) -> None:
         async def op() -> None:
-            from miniopy_async.error import S3Error
-
             try:
                 await self._client.remove_object(self.bucket, key)
-            except S3Error as exc:
+            except Exception as exc:
                 # Nothing there (or no bucket at all): the object is gone, which is what we wanted.
-                if exc.code not in MISSING_KEY_CODES and exc.code != "NoSuchBucket":
+                code = s3_client.error_code(exc)
+                if code not in MISSING_KEY_CODES and code != "NoSuchBucket":
                     raise
 
         await self._call(op)
@@ -208,16 +206,14 @@ class S3FileStore:
             raise ValueError("delete_prefix needs a folder-like prefix ending in '/'")
 
         async def op() -> int:
-            from miniopy_async.deleteobjects import DeleteObject
-
             count, batch = 0, []
             async for obj in self._client.list_objects(self.bucket, prefix=prefix, recursive=True):
-                batch.append(DeleteObject(obj.object_name))
+                batch.append(obj.object_name)
                 if len(batch) == 1000:
-                    count += await _remove_batch(self._client, self.bucket, batch)
+                    count += await remove_batch(self._client, self.bucket, batch)
                     batch = []
             if batch:
-                count += await _remove_batch(self._client, self.bucket, batch)
+                count += await remove_batch(self._client, self.bucket, batch)
             return count
 
         try:
@@ -275,13 +271,6 @@ async def _spool(spool: IO[bytes], chunks: AsyncIterable[bytes], max_bytes: int 
         await out.write(chunk)
     await out.flush()
     return size
-
-
-async def _remove_batch(client: Any, bucket: str, batch: list[Any]) -> int:
-    failed = [err async for err in client.remove_objects(bucket, batch)]
-    if failed:
-        raise RuntimeError(f"could not delete {len(failed)} objects: {failed[0]}")
-    return len(batch)
 
 
 def _human(n: int) -> str:
