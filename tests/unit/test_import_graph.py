@@ -8,6 +8,10 @@ including the ones inside functions, resolved to module names).
 * The backends reach into the sidecar only through the modules listed in ``BACKENDS_TO_SIDECAR``:
   the local executor through ``sidecar.host``, the sidecar's one public module for a host that
   runs sidecars on its own machine (its internals stay free to change).
+* Same-shape backends: each client library is imported by one client module only (a store module
+  holds store logic and reaches its library through that module and the asyncio bridge); the
+  warm-pool model both executors share knows no backend; the Kubernetes executor's concept modules
+  never import the executor that composes them.
 """
 
 from __future__ import annotations
@@ -22,6 +26,16 @@ ROOT = Path(__file__).resolve().parents[2]
 BACKENDS_TO_SIDECAR = {
     "kcr_trio.backends.local_executor": {"sidecar", "sidecar.host"},
 }
+
+# client library -> the one module that may import it.
+CLIENT_LIBRARIES = {
+    "trio_asyncio": "kcr_trio.backends.aio_bridge",
+    "redis": "kcr_trio.backends.redis_client",
+    "miniopy_async": "kcr_trio.backends.s3_client",
+    "aiohttp": "kcr_trio.backends.s3_client",
+    "kubernetes": "kcr_trio.backends.kube_adapter",
+}
+KUBE_CONCEPTS = ("kube_settings", "kube_watch", "kube_lifecycle", "kube_sandbox", "kube_sweep")
 
 
 def module_name(path: Path) -> str:
@@ -109,3 +123,21 @@ def test_only_the_local_executor_reaches_the_sidecar_and_only_through_its_public
     # ``from sidecar import host`` yields ``sidecar`` and ``sidecar.host``; nothing deeper.
     assert used["kcr_trio.backends.local_executor"] - {"sidecar"} <= {
         "sidecar.host", *(f"sidecar.host.{n}" for n in __import__("sidecar.host").host.__all__)}
+
+
+def test_each_client_library_has_one_client_module() -> None:
+    for library, owner in CLIENT_LIBRARIES.items():
+        assert set(offenders("kcr_trio", "kcr_trio", library)) == {owner}, library
+
+
+def test_the_warm_pool_model_knows_no_backend() -> None:
+    deps = graph("kcr_trio")["kcr_trio.backends.warm_pool"]
+    assert deps  # the scan does see its imports
+    assert not {d for d in deps if inside(d, "kcr_trio") or inside(d, "httpx") or inside(d, "sidecar")}
+
+
+def test_kube_concept_modules_do_not_import_the_executor() -> None:
+    modules = graph("kcr_trio")
+    for name in KUBE_CONCEPTS:
+        deps = modules[f"kcr_trio.backends.{name}"]
+        assert not {d for d in deps if inside(d, "kcr_trio.backends.kubernetes_executor")}, name
