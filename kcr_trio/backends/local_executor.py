@@ -77,8 +77,9 @@ log = logging.getLogger("kcr_trio.local_executor")
 # The release starts this long after the sandbox was handed back: the answer, already on its way
 # in the same event loop, goes out first instead of sharing the CPU with the release's HTTP call.
 RELEASE_DELAY = 0.005
-# How long a run waits for a sidecar of its language being reset before it starts one cold.
-RETURN_WAIT = 2.0
+# How long a run waits for a sidecar of its language (being reset or started) before it starts
+# one itself.
+RETURN_WAIT = 5.0
 
 
 class LocalExecutorSettings(BaseSettings):
@@ -216,6 +217,7 @@ class LocalExecutor:
         self._wake: dict[str, trio.Event] = {c: trio.Event() for c in LANGUAGES}
         # Releases in flight per language, and the runs queued for the sidecars they return (_take).
         self._releasing: dict[str, int] = {c: 0 for c in LANGUAGES}
+        self._growing: dict[str, int] = {c: 0 for c in LANGUAGES}  # background starts (_grow)
         self._waiters: dict[str, collections.deque[_Waiter]] = {c: collections.deque() for c in LANGUAGES}
         self._filled: set[str] = set()
         self._live: set[_Sidecar] = set()
@@ -278,20 +280,21 @@ class LocalExecutor:
     async def _take(self, lang: str, wait: float) -> _Sidecar | None:
         """A warm sidecar of ``lang`` from its pool, or None (then the caller starts one cold).
 
-        With the pool empty but more sidecars of ``lang`` being reset than runs already waiting
-        for one, queue for the next to come back (bounded by ``wait`` and ``RETURN_WAIT``): a reset
-        takes milliseconds, a cold start ~0.4 s of CPU. At c=1 back to back, a pool of one
-        otherwise cold-started a second sidecar on the second request (the bash p99 of ~0.5 s).
-        A sidecar coming back goes to the first waiter directly (``_give``), so a waiter is never
-        overtaken by a run that arrived later."""
+        On a miss the pool grows as before (one more sidecar, up to ``max(target, capacity)``),
+        but in the background (``_grow``), and the run takes whichever sidecar of ``lang`` is
+        ready first: one coming back from its reset (milliseconds) or the new one. Before, a miss
+        always waited for its own cold start (~0.4 s of CPU): at c=1 back to back with a pool of
+        one, the second request did (the bash p99 of ~0.5 s). A sidecar that comes back goes to
+        the first waiter directly (``_give``): a waiter is never overtaken by a later run."""
         pool = self._pools[lang]
         while pool:
             candidate = pool.popleft()
             if candidate.process.returncode is None:
                 return candidate
             await self._destroy(candidate)
+        self._grow(lang)
         waiters = self._waiters[lang]
-        if self._releasing[lang] <= len(waiters):
+        if self._coming(lang) <= len(waiters):
             return None
         waiter = _Waiter()
         waiters.append(waiter)
@@ -306,6 +309,44 @@ class LocalExecutor:
             if waiter in waiters:
                 waiters.remove(waiter)
         return waiter.sidecar
+
+    def _coming(self, lang: str) -> int:
+        """Sidecars of ``lang`` that will soon be free: being reset or being started for a miss."""
+        return self._releasing[lang] + self._growing[lang]
+
+    def _excess_waiters(self, lang: str) -> None:
+        """Waiters beyond what is coming start their own sidecar now instead of waiting in vain."""
+        waiters = self._waiters[lang]
+        while len(waiters) > self._coming(lang):
+            waiters.pop().event.set()
+
+    def _grow(self, lang: str) -> None:
+        """Start one more sidecar of ``lang`` in the background after a miss, unless the language
+        already has ``max(target, capacity)`` (the most its pool keeps): the pool follows demand."""
+        live = sum(1 for s in self._live if s.language == lang) + self._growing[lang]
+        if self._closing or live >= max(self._targets[lang], self.capacity):
+            return
+        self._growing[lang] += 1
+        try:
+            self._nursery.start_soon(self._start_for_pool, lang)
+        except RuntimeError:  # the nursery is closed (shutdown)
+            self._growing[lang] -= 1
+
+    async def _start_for_pool(self, lang: str) -> None:
+        """``_grow``'s start: the new sidecar goes to a waiting run or the pool; never raises."""
+        sidecar: _Sidecar | None = None
+        try:
+            sidecar = await self._start(lang)
+        except Unavailable as exc:
+            log.warning("could not start a %s sidecar: %s", lang, exc.message)
+        finally:
+            self._growing[lang] -= 1
+            self._excess_waiters(lang)
+        if sidecar is not None:
+            if self._closing:
+                await self._destroy(sidecar)
+            else:
+                self._give(sidecar)
 
     def _give(self, sidecar: _Sidecar) -> None:
         """A reset sidecar goes to the first run waiting for one, else back to its pool."""
@@ -344,9 +385,7 @@ class LocalExecutor:
                     await self._destroy(sidecar)
         finally:
             self._releasing[lang] -= 1
-            waiters = self._waiters[lang]
-            while len(waiters) > self._releasing[lang]:  # no sidecar will come back for these:
-                waiters.pop().event.set()  # they start one cold now instead of waiting in vain
+            self._excess_waiters(lang)
             self._free_slot()
 
     def _keep(self, sidecar: _Sidecar) -> bool:
@@ -424,7 +463,7 @@ class LocalExecutor:
                     await trio.sleep(min(30.0, 0.5 * 2 ** min(failures, 6)))
                     continue
                 failures = 0
-                pool.append(sidecar)
+                self._give(sidecar)  # a run waiting for one gets it, else the pool
             self._filled.add(lang)
             self._wake[lang] = trio.Event()
             await self._wake[lang].wait()
