@@ -337,16 +337,16 @@ class LocalExecutor:
         sidecar: _Sidecar | None = None
         try:
             sidecar = await self._start(lang)
+            if not self._closing:
+                self._give(sidecar)  # before the count drops: the waiter it is for is still queued
+                sidecar = None
         except Unavailable as exc:
             log.warning("could not start a %s sidecar: %s", lang, exc.message)
         finally:
             self._growing[lang] -= 1
             self._excess_waiters(lang)
-        if sidecar is not None:
-            if self._closing:
-                await self._destroy(sidecar)
-            else:
-                self._give(sidecar)
+        if sidecar is not None:  # started while shutting down
+            await self._destroy(sidecar)
 
     def _give(self, sidecar: _Sidecar) -> None:
         """A reset sidecar goes to the first run waiting for one, else back to its pool."""
@@ -393,7 +393,11 @@ class LocalExecutor:
 
         Each language keeps at most ``max(target, capacity)`` idle sidecars, and all languages
         together at most ``capacity`` beyond their targets, so a burst of rare languages cannot
-        pin memory; ``kcr_local_max_runs_per_sidecar`` bounds any slow leak in a sidecar."""
+        pin memory; ``kcr_local_max_runs_per_sidecar`` bounds any slow leak in a sidecar. When
+        that shared allowance is used up by idle sidecars of other languages, the one idle longest
+        in the language with the most beyond its target makes room (``_evict_for``): the
+        allowance follows demand. Before, after load moved from one language to another, every
+        run of the new one destroyed its sidecar and the next cold-started one (~0.4 s of CPU)."""
         lang = sidecar.language
         if self._closing or sidecar.process.returncode is not None:
             return False
@@ -403,7 +407,21 @@ class LocalExecutor:
         if len(pool) >= max(target, self.capacity):
             return False
         extra = sum(max(0, len(self._pools[c]) - self._targets[c]) for c in LANGUAGES)
-        return len(pool) < target or extra < self.capacity
+        return len(pool) < target or extra < self.capacity or self._evict_for(lang)
+
+    def _evict_for(self, lang: str) -> bool:
+        """Destroy (in the background) the longest-idle sidecar of the language with the most
+        idle sidecars beyond its target, other than ``lang``; False if there is none."""
+        over = [(len(self._pools[c]) - self._targets[c], c) for c in LANGUAGES if c != lang]
+        excess, victim_lang = max(over)
+        if excess <= 0:
+            return False
+        victim = self._pools[victim_lang].popleft()
+        try:
+            self._nursery.start_soon(self._destroy, victim)
+        except RuntimeError:  # the nursery is closed (shutdown): aclose() kills every sidecar
+            return False
+        return True
 
     async def _reset(self, sidecar: _Sidecar) -> bool:
         """``POST /reset``: the sidecar kills everything of the last run, replaces its working
