@@ -16,6 +16,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,10 +38,12 @@ KCR_ENV = {"POD_POOL_PY": "0", "POD_POOL_JS": "0", "POD_POOL_BASH": "0", "KCR_SE
 @contextlib.contextmanager
 def peer_process(env: dict[str, str]) -> Iterator[str]:
     port = free_port()
-    log = open(os.devnull, "wb")  # noqa: SIM115  # its request log lines, as kcr-trio's are (read by a pipe)
+    # Its log lines go to a pipe drained by a thread here, as kcr-trio's do (tests.support.server).
     proc = subprocess.Popen([sys.executable, "-m", "tests.support.http_peer", "--port", str(port)],
                             env={**os.environ, **env, "PYTHONPATH": str(ROOT)}, cwd=ROOT, start_new_session=True,
-                            stdout=log, stderr=log)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    drain = threading.Thread(target=lambda: [None for _ in proc.stdout or ()], daemon=True)
+    drain.start()
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -55,7 +58,6 @@ def peer_process(env: dict[str, str]) -> Iterator[str]:
             time.sleep(0.2)
         yield url
     finally:
-        log.close()
         proc.terminate()
         try:
             proc.wait(15)

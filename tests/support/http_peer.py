@@ -5,7 +5,13 @@ KubeCodeRun itself is not on the package index, so the HTTP-cost benchmark (``kc
 work (read from its public source; written here from that description, not copied):
 
 * ``GET /health``: a small JSON dict (status, version, timestamp, service), no authentication.
-* API-key check in a plain ASGI middleware (``x-api-key`` header), plus fixed security headers.
+* KubeCodeRun's middleware stack, in its order: a metrics middleware on Starlette's
+  ``BaseHTTPMiddleware`` (one record per request into an in-memory collector), a plain-ASGI request
+  logger (one structlog JSON line per request but ``/health``), and a plain-ASGI security layer:
+  security headers, and for every route but ``/health`` the API-key check, which asks Redis for the
+  client IP's failure count and for a managed-key record (a miss: the key is the configured
+  ``API_KEY``), as KubeCodeRun's auth service does. uvicorn's access log is on, as with
+  KubeCodeRun's default ``LOG_LEVEL=INFO``.
 * ``POST /upload``: FastAPI ``UploadFile`` (python-multipart, Starlette's spooled temp file), the
   whole part read into memory, stored with the synchronous ``minio`` client in the default thread
   pool (``put_object`` from a ``BytesIO``), metadata as a Redis hash plus a per-session set.
@@ -14,7 +20,7 @@ work (read from its public source; written here from that description, not copie
   ``StreamingResponse`` yielding 8 KiB slices (chunked, no Content-Length).
 * ``DELETE /files/{sid}/{fid}``: object, then metadata (the bench deletes what it uploaded).
 
-One worker, no access log, redis-py's asyncio client. Run it with::
+One worker, redis-py's asyncio client. Run it with::
 
     python -m tests.support.http_peer --port 8002   # env: REDIS_URL, MINIO_ENDPOINT, MINIO_ACCESS_KEY,
                                                     #      MINIO_SECRET_KEY, MINIO_BUCKET, API_KEY
@@ -26,10 +32,13 @@ not part of kcr-trio's runtime dependencies.
 
 import argparse
 import asyncio
+import hashlib
 import io
 import os
 import secrets
+import sys
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -147,56 +156,99 @@ def build_app() -> Any:
         await redis.srem(f"{prefix}session_files:{session_id}", file_id)
         return Response(status_code=200)
 
-    return ApiKeyMiddleware(app, api_key)
+    app.add_middleware(_metrics_middleware())
+    return SecurityMiddleware(RequestLoggingMiddleware(app), api_key, redis)
 
 
-class ApiKeyMiddleware:
-    """Plain ASGI, as KubeCodeRun's security and request-logging middlewares: ``x-api-key`` on every
-    route but ``/health``, security headers on every answer, one structlog line per request (but
-    ``/health``). KubeCodeRun's auth also consults Redis (failure counts, key records); this does not,
-    so the peer is, if anything, cheaper per request than the original."""
+def _metrics_middleware() -> Any:
+    from starlette.middleware.base import BaseHTTPMiddleware
 
-    HEADERS: ClassVar[list[tuple[bytes, bytes]]] = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
-               (b"referrer-policy", b"strict-origin-when-cross-origin")]
+    class Metrics(BaseHTTPMiddleware):
+        """Per-request record into an in-memory ring, on ``BaseHTTPMiddleware`` as KubeCodeRun's."""
 
-    def __init__(self, app: Any, key: str) -> None:
+        records: ClassVar[deque[tuple[str, str, int, float]]] = deque(maxlen=10_000)
+
+        async def dispatch(self, request: Any, call_next: Any) -> Any:
+            started = time.perf_counter()
+            response = await call_next(request)
+            self.records.append((request.method, request.url.path, response.status_code,
+                                 (time.perf_counter() - started) * 1000))
+            return response
+
+    return Metrics
+
+
+class RequestLoggingMiddleware:
+    """Plain ASGI: one structlog line per request (``/health`` excepted)."""
+
+    def __init__(self, app: Any) -> None:
         import structlog
 
         structlog.configure(processors=[structlog.processors.add_log_level,
                                         structlog.processors.TimeStamper(fmt="iso"),
                                         structlog.processors.JSONRenderer()],
-                            logger_factory=structlog.WriteLoggerFactory(), cache_logger_on_first_use=True)
+                            logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+                            cache_logger_on_first_use=True)
         self.log = structlog.get_logger("peer")
-        self.app, self.key = app, key.encode()
+        self.app = app
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if scope["path"] != "/health" and self.key:
-            given = next((v for k, v in scope["headers"] if k == b"x-api-key"), b"")
-            if not secrets.compare_digest(given, self.key):
-                body = b'{"detail":"Invalid or missing API key"}'
-                await send({"type": "http.response.start", "status": 401,
-                            "headers": [(b"content-type", b"application/json"),
-                                        (b"content-length", str(len(body)).encode())]})
-                await send({"type": "http.response.body", "body": body})
-                return
-
         started, status = time.perf_counter(), [0]
 
-        async def send_with_headers(message: dict[str, Any]) -> None:
+        async def remember(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
-                message["headers"] = [*message.get("headers", []), *self.HEADERS]
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_headers)
+            await self.app(scope, receive, remember)
         finally:
             if scope["path"] != "/health":
                 self.log.info("Request processed", method=scope["method"], path=scope["path"], status=status[0],
                               duration_ms=round((time.perf_counter() - started) * 1000, 2))
+
+
+class SecurityMiddleware:
+    """Plain ASGI: security headers on every answer; the API-key check (with its two Redis reads)
+    on every route but ``/health``."""
+
+    HEADERS: ClassVar[list[tuple[bytes, bytes]]] = [
+        (b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
+        (b"x-xss-protection", b"1; mode=block"), (b"referrer-policy", b"strict-origin-when-cross-origin"),
+        (b"content-security-policy", b"default-src 'self'")]
+
+    def __init__(self, app: Any, key: str, redis: Any) -> None:
+        self.app, self.key, self.redis = app, key.encode(), redis
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), *self.HEADERS]
+            await send(message)
+
+        if scope["path"] != "/health" and not await self.authorised(scope):
+            body = b'{"error":"Invalid or missing API key"}'
+            await send_with_headers({"type": "http.response.start", "status": 401, "headers": [
+                (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+            await send_with_headers({"type": "http.response.body", "body": body})
+            return
+        await self.app(scope, receive, send_with_headers)
+
+    async def authorised(self, scope: dict[str, Any]) -> bool:
+        client = (scope.get("client") or ("unknown", 0))[0]
+        failures = await self.redis.get(f"auth_failures:{client}")
+        if failures is not None and int(failures) >= 10:
+            return False
+        given = next((v for k, v in scope["headers"] if k == b"x-api-key"), b"")
+        managed = await self.redis.hgetall(f"api_keys:{hashlib.sha256(given).hexdigest()[:16]}")
+        return bool(managed) or secrets.compare_digest(given, self.key)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -207,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args(argv)
     uvicorn.run(build_app(), host=args.host, port=args.port, workers=1, loop="uvloop", http="httptools",
-                access_log=False, log_level="warning")
+                access_log=True, log_level="info")
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ async def test_any_split_gives_the_same_form(tmp_path: Path, step: int, preamble
 
 
 async def test_large_file_spans_many_spool_batches(tmp_path: Path) -> None:
-    payload = bytes(range(256)) * (3 * 1024 * 1024 // 256 + 7)  # over three 1 MiB write batches
+    payload = bytes(range(256)) * (3 * 1024 * 1024 // 256 + 7)  # over several spool write batches
     _, files = await parse(form(payload=payload), 256 * 1024, tmp_path, max_bytes=len(payload))
     assert files[0][2] == payload
 
