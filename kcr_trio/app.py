@@ -33,6 +33,7 @@ from kcr_trio.api.routes import Services, create_app, render_metrics
 from kcr_trio.api.scope import RequestScopeMiddleware
 from kcr_trio.api.wire import (
     CloseAmbiguousFraming,
+    CloseOnEarlyAnswer,
     install_half_close_support,
     install_json_rejections,
     install_stalled_head_408,
@@ -219,8 +220,8 @@ def build_asgi(svc: Services) -> Any:
     install_stalled_head_408()
     scoped = RequestScopeMiddleware(create_app(svc), on_finish=on_finish, fast_routes=probe_routes(svc))
     settings = svc.settings
-    return CloseAmbiguousFraming(CloseForAxiosClients(scoped, enabled=settings.kcr_connection_close,
-                                                      clients=settings.kcr_connection_close_clients))
+    return CloseAmbiguousFraming(CloseOnEarlyAnswer(CloseForAxiosClients(
+        scoped, enabled=settings.kcr_connection_close, clients=settings.kcr_connection_close_clients)))
 
 
 def metrics_asgi(svc: Services) -> Any:
