@@ -34,6 +34,13 @@ async def test_pooled_client_gets_every_413_and_keeps_working(tmp_path: Path) ->
             assert (await client.get(url + "/health")).status_code == 200
 
 
+async def send_everything(stream: trio.SocketStream, data: bytes) -> None:
+    try:
+        await stream.send_all(data)  # the whole body, whatever the server says
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+
+
 async def test_raw_client_still_sending_reads_the_413(tmp_path: Path) -> None:
     upload, ctype = multipart(8 * 1024 * 1024)
     async with ops_server(tmp_path, max_file_size_mb=1) as (url, _, _):
@@ -43,14 +50,8 @@ async def test_raw_client_still_sending_reads_the_413(tmp_path: Path) -> None:
                     f"Content-Length: {len(upload)}\r\n\r\n").encode()
             received = bytearray()
 
-            async def send_all() -> None:
-                try:
-                    await stream.send_all(head + upload)  # the whole body, whatever the server says
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
-
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(send_all)
+                nursery.start_soon(send_everything, stream, head + upload)
                 with trio.fail_after(15):
                     while data := await stream.receive_some():
                         received += data
