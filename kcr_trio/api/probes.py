@@ -29,14 +29,11 @@ from .errors import dumps
 from .scope import current
 
 if TYPE_CHECKING:
-    from .routes import Services
+    from .services import Services
 
 log = logging.getLogger("kcr_trio.api.probes")
 
 Asgi = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
-# As routes.SECURITY_HEADERS, plus the execution-profile header every answer carries (api.profiles).
-_SECURITY = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
-             (b"referrer-policy", b"strict-origin-when-cross-origin")]
 
 
 def health_body(svc: Services) -> dict[str, Any]:
@@ -89,9 +86,12 @@ async def ready_report(svc: Services) -> tuple[int, dict[str, Any]]:
 
 def probe_routes(svc: Services) -> dict[str, Asgi]:
     """The plain ASGI handlers, by path, for :class:`api.scope.RequestScopeMiddleware`."""
-    from .profiles import served_profiles
+    from .hooks import SECURITY_HEADERS
+    from .profiles import ACTUAL_HEADER, served_profiles
 
-    headers = [*_SECURITY, (b"x-codeapi-execution-profile", served_profiles(svc.settings)[0].encode())]
+    # What hooks.response_headers and profiles add to every app answer.
+    headers = [(name.lower().encode(), value.encode()) for name, value in SECURITY_HEADERS.items()]
+    headers.append((ACTUAL_HEADER.lower().encode(), served_profiles(svc.settings)[0].encode()))
     health = dumps(health_body(svc))  # fixed for the server's lifetime
 
     async def answer(scope: dict[str, Any], send: Any, route: str, status: int, body: bytes) -> None:
