@@ -38,6 +38,7 @@ from kcr_trio.api.wire import (
 from kcr_trio.config import Settings
 from kcr_trio.core.exec import ExecLimits, ExecService
 from kcr_trio.core.interfaces import FileStore, SessionStore
+from kcr_trio.core.runtime import RuntimeLimits, RuntimeStore
 from kcr_trio.logs import setup_logging
 
 log = logging.getLogger("kcr_trio.app")
@@ -72,10 +73,9 @@ def ensure_keys(settings: Settings) -> tuple[str, ...]:
     return (key,)
 
 
-def runtime_store(settings: Settings, sessions: Any, files: Any) -> Any:
+def runtime_store(settings: Settings, sessions: SessionStore, files: FileStore) -> RuntimeStore | None:
     """The stateful profile's workspaces, when ``KCR_EXECUTION_PROFILES`` serves it."""
     from kcr_trio.api.profiles import served_profiles
-    from kcr_trio.core.runtime import RuntimeLimits, RuntimeStore
 
     if "stateful" not in served_profiles(settings):
         return None
