@@ -8,7 +8,8 @@ a file only through its metadata, so the order of the two writes decides what a 
   that are complete, so a listed file always has its content. A writer that fails or is cancelled
   half-way (an error, a client gone, the request's deadline) removes what it wrote, in a shielded
   clean-up bounded by ``CLEANUP_TIMEOUT``: metadata first (readers stop seeing the file), then the
-  bytes. The same path serves uploads (all or nothing) and a run's outputs (each file on its own).
+  bytes. The same path serves uploads (all or nothing, :func:`store_uploads`) and a run's outputs
+  (each file on its own, ``core.staging``).
 * **Deleting one file: metadata first, bytes after** (:func:`delete_file`), and nothing at all when
   the file store is down, so a ``DELETE`` is never half-applied.
 * **Purging a session: metadata, then bytes, then the session record** (:func:`purge_session`).
@@ -30,8 +31,10 @@ from typing import Literal
 import trio
 
 from .errors import ApiError, single_error
+from .ids import new_id
 from .interfaces import FileStore, SessionStore
-from .model import FileRecord
+from .model import FileRecord, utcnow
+from .names import sanitize_filename
 
 log = logging.getLogger("kcr_trio.files")
 
@@ -141,6 +144,51 @@ async def store_files(
     return result
 
 
+@dataclass(frozen=True, slots=True)
+class Upload:
+    """One uploaded file as the edge received it (its bytes already spooled: ``api/uploads.py``)."""
+
+    filename: str  # as the client sent it; stored sanitised (contract §4.2)
+    content_type: str
+    size: int
+    source: Source
+
+
+async def store_uploads(
+    sessions: SessionStore,
+    files: FileStore,
+    uploads: Sequence[Upload],
+    *,
+    entity_id: str | None,
+    owner: str | None,
+    max_bytes: int | None,
+) -> tuple[str, list[FileRecord]]:
+    """``/upload``: the entity's active session (KubeCodeRun main), else a new one; then every file
+    under its sanitised name and a new id, all or nothing (:func:`store_files`). Returns the session
+    id and the stored records, in the order given."""
+    session = await sessions.find_entity_session(entity_id) if entity_id else None
+    if session is None:
+        session = await sessions.create_session(entity_id=entity_id, user_id=owner)
+    items = [
+        Incoming(
+            FileRecord(
+                session_id=session.session_id,
+                file_id=new_id(),
+                filename=sanitize_filename(upload.filename),
+                content_type=upload.content_type,
+                size=upload.size,
+                created_at=utcnow(),
+                kind="upload",
+                owner=owner,
+            ),
+            upload.source,
+        )
+        for upload in uploads
+    ]
+    stored = await store_files(sessions, files, items, max_bytes=max_bytes, all_or_nothing=True)
+    return session.session_id, stored.records
+
+
 async def discard(
     sessions: SessionStore, files: FileStore, records: Sequence[FileRecord], *, metadata: bool
 ) -> None:
@@ -199,6 +247,6 @@ async def purge_session(sessions: SessionStore, files: FileStore, session_id: st
 
 
 __all__ = [
-    "CLEANUP_TIMEOUT", "TRANSFER_CONCURRENCY", "Incoming", "Source", "Stored", "Unsaved",
-    "delete_file", "discard", "purge_session", "store_files",
+    "CLEANUP_TIMEOUT", "TRANSFER_CONCURRENCY", "Incoming", "Source", "Stored", "Unsaved", "Upload",
+    "delete_file", "discard", "purge_session", "store_files", "store_uploads",
 ]

@@ -18,7 +18,7 @@ from kcr_trio.backends.local_files import LocalFileStore
 from kcr_trio.backends.memory_sessions import MemorySessionStore
 from kcr_trio.core import files as core_files
 from kcr_trio.core.errors import ApiError, NotFound, TooLarge, Unavailable
-from kcr_trio.core.files import Incoming, delete_file, purge_session, store_files
+from kcr_trio.core.files import Incoming, Upload, delete_file, purge_session, store_files, store_uploads
 from kcr_trio.core.ids import new_id
 from kcr_trio.core.interfaces import FileStore, SessionStore
 from kcr_trio.core.model import FileRecord, utcnow
@@ -260,3 +260,25 @@ async def test_delete_prefix_counts_what_it_removed(world) -> None:
         await files.put(f"sessions/s1/uploads/{new_id()}", _chunks(b"x"), content_type="text/plain")
     assert await files.delete_prefix("sessions/s1/uploads/") == 3
     assert await files.delete_prefix("sessions/s1/uploads/") == 0
+
+
+async def test_uploads_reuse_the_entitys_session_and_store_sanitised_names(world) -> None:
+    sessions, files, _ = world
+
+    def upload(name: str, data: bytes) -> Upload:
+        return Upload(name, "text/csv", len(data), lambda: nullcontext(_chunks(data)))
+
+    sid, records = await store_uploads(sessions, files, [upload("my data.csv", b"a,b\n"), upload("../x y", b"1")],
+                                       entity_id="agent_1", owner="u1", max_bytes=100)
+    assert [(r.filename, r.size, r.owner, r.kind) for r in records] == [
+        ("my_data.csv", 4, "u1", "upload"), ("x_y", 1, "u1", "upload")]
+    again, _ = await store_uploads(sessions, files, [upload("b.csv", b"b")], entity_id="agent_1", owner="u1",
+                                   max_bytes=100)
+    assert again == sid  # the entity's active session is reused
+    other, _ = await store_uploads(sessions, files, [upload("c.csv", b"c")], entity_id=None, owner=None,
+                                   max_bytes=100)
+    assert other != sid
+    with pytest.raises(TooLarge):
+        await store_uploads(sessions, files, [upload("d.csv", b"d"), upload("e.csv", b"e" * 101)],
+                            entity_id="agent_1", owner="u1", max_bytes=100)
+    assert sorted(r.filename for r in await sessions.list_files(sid)) == ["b.csv", "my_data.csv", "x_y"]
