@@ -23,20 +23,35 @@ Cancellation semantics (this is why the bridge is safe to use on the request pat
   the Trio scope was cancelled. If the asyncio side cancelled itself (for example the loop is
   shutting down), :func:`run_aio` raises :class:`BridgeClosed`, an ordinary exception that the
   adapters map to ``errors.Unavailable``.
+
+Error mapping (one helper for every asyncio-backed store, shaped like httpcore's
+``map_exceptions``): :meth:`StoreErrors.call` runs one bridged operation under a Trio deadline and
+turns what can go wrong into the core's errors — no answer in time, the bridge closing, and (through
+the store's ``translate``) the client library's own exceptions. The store says only what differs:
+its name for messages, its peer's name, and how to read its library's errors.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any, TypeVar
 
+import trio
 import trio_asyncio
+
+from kcr_trio.core.errors import ApiError, Unavailable
+from kcr_trio.core.throttle import Throttle
 
 T = TypeVar("T")
 
-__all__ = ["BridgeClosed", "BridgeMissing", "bridge_running", "open_bridge", "run_aio"]
+__all__ = ["BridgeClosed", "BridgeMissing", "StoreErrors", "Translate", "bridge_running", "open_bridge", "run_aio"]
+
+# A client library's exception -> the core error to raise instead, or ``None`` when the exception is
+# not a failure of the peer (it is re-raised as it is).
+Translate = Callable[[Exception], "Exception | None"]
 
 
 class BridgeMissing(RuntimeError):
@@ -88,3 +103,62 @@ async def run_aio(fn: Callable[..., Awaitable[T]], /, *args: Any, **kwargs: Any)
         # Only reached when Trio did not cancel us (trio-asyncio turns that case into
         # trio.Cancelled): the loop is going away. Keep asyncio's exception out of Trio code.
         raise BridgeClosed("asyncio loop cancelled the operation (shutting down?)") from exc
+
+
+class StoreErrors:
+    """How one asyncio-backed store reports failures: ``"<store> unavailable: <reason>"`` (503 with
+    ``Retry-After``), client-safe reasons only, and the underlying error logged at most every 10 s
+    (an outage fails every request; one line per request would bury the one that says what broke).
+    """
+
+    def __init__(self, store: str, peer: str, logger: logging.Logger, *, retry_after: float = 2) -> None:
+        self.store = store  # "Session store": how clients know which dependency failed
+        self.peer = peer  # "Redis": who did not answer
+        self.retry_after = retry_after
+        self._log = logger
+        self._throttle = Throttle(10.0)
+
+    def unavailable(self, reason: str) -> Unavailable:
+        return Unavailable(f"{self.store} unavailable: {reason}", retry_after=self.retry_after)
+
+    def log_failure(self, exc: BaseException) -> None:
+        """Log the underlying error, at most every 10 s."""
+        if self._throttle.ready():
+            self._log.warning("%s operation failed: %s: %s", self.peer, type(exc).__name__, exc)
+
+    @contextmanager
+    def map_exceptions(self, translate: Translate) -> Iterator[None]:
+        """Bridge and library exceptions raised inside the block -> the core's errors."""
+        try:
+            yield
+        except BridgeClosed:
+            raise self.unavailable("shutting down") from None
+        except BridgeMissing:
+            raise  # a wiring bug, not an outage: let it surface
+        except ApiError:
+            raise  # already the core's (the deadline below, or a store's own check)
+        except Exception as exc:
+            mapped = translate(exc)
+            if mapped is None:
+                raise
+            raise mapped from exc
+
+    async def call(
+        self,
+        fn: Callable[[], Awaitable[T]],
+        *,
+        timeout: float,
+        translate: Translate,
+        limiter: trio.CapacityLimiter | None = None,
+    ) -> T:
+        """``await fn()`` on the asyncio side within ``timeout`` seconds (queueing for ``limiter``
+        included), with every failure mapped (see :meth:`map_exceptions`)."""
+        with self.map_exceptions(translate):
+            try:
+                with trio.fail_after(timeout):
+                    if limiter is None:
+                        return await run_aio(fn)
+                    async with limiter:
+                        return await run_aio(fn)
+            except trio.TooSlowError:
+                raise self.unavailable(f"no answer from {self.peer} within {timeout:g}s") from None

@@ -9,6 +9,10 @@ including the ones inside functions, resolved to module names).
   The local executor still uses several sidecar internals (the engine work changed it recently);
   giving the sidecar one small public module for it is the planned next step, and this list is
   there so the set cannot silently grow meanwhile.
+* Same-shape backends: each client library is imported by one client module only (a store module
+  holds store logic and reaches its library through that module and the asyncio bridge); the
+  warm-pool model both executors share knows no backend; the Kubernetes executor's concept modules
+  never import the executor that composes them.
 """
 
 from __future__ import annotations
@@ -26,6 +30,16 @@ BACKENDS_TO_SIDECAR = {
         "sidecar.proctree", "sidecar.sandbox", "sidecar.toolchains",
     },
 }
+
+# client library -> the one module that may import it.
+CLIENT_LIBRARIES = {
+    "trio_asyncio": "kcr_trio.backends.aio_bridge",
+    "redis": "kcr_trio.backends.redis_client",
+    "miniopy_async": "kcr_trio.backends.s3_client",
+    "aiohttp": "kcr_trio.backends.s3_client",
+    "kubernetes": "kcr_trio.backends.kube_adapter",
+}
+KUBE_CONCEPTS = ("kube_settings", "kube_watch", "kube_lifecycle", "kube_sandbox", "kube_sweep")
 
 
 def module_name(path: Path) -> str:
@@ -105,3 +119,21 @@ def test_backends_reach_the_sidecar_only_through_known_modules() -> None:
         # ``from sidecar.limits import reachable_by`` also yields ``sidecar.limits.reachable_by``.
         extra = {d for d in deps if d not in allowed and d.rsplit(".", 1)[0] not in allowed - {"sidecar"}}
         assert not extra, f"{mod} imports sidecar internals outside its allowance: {sorted(extra)}"
+
+
+def test_each_client_library_has_one_client_module() -> None:
+    for library, owner in CLIENT_LIBRARIES.items():
+        assert set(offenders("kcr_trio", "kcr_trio", library)) == {owner}, library
+
+
+def test_the_warm_pool_model_knows_no_backend() -> None:
+    deps = graph("kcr_trio")["kcr_trio.backends.warm_pool"]
+    assert deps  # the scan does see its imports
+    assert not {d for d in deps if inside(d, "kcr_trio") or inside(d, "httpx") or inside(d, "sidecar")}
+
+
+def test_kube_concept_modules_do_not_import_the_executor() -> None:
+    modules = graph("kcr_trio")
+    for name in KUBE_CONCEPTS:
+        deps = modules[f"kcr_trio.backends.{name}"]
+        assert not {d for d in deps if inside(d, "kcr_trio.backends.kubernetes_executor")}, name

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from kcr_trio.backends.redis_sessions import RedisSettings, _file_from_hash, _session_from_hash
+from kcr_trio.backends.redis_schema import file_from_hash, session_from_hash
+from kcr_trio.backends.redis_sessions import RedisSettings
 from kcr_trio.backends.s3_files import S3Settings
 
 
@@ -77,14 +78,14 @@ def test_s3_defaults_and_aws_aliases(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_kcr_hashes_parse() -> None:
-    s = _session_from_hash({
+    s = session_from_hash({
         "session_id": "s1", "status": "active", "created_at": "2026-02-10T12:34:56.789012+00:00",
         "last_activity": "2026-02-10T12:35:00+00:00", "expires_at": "9999-12-31T23:59:59+00:00",
         "metadata": '{"entity_id": "e1"}', "memory_usage_mb": "",
     })
     assert s is not None and s.active and s.metadata == {"entity_id": "e1"}
-    assert _session_from_hash({"last_activity": "2026-02-10T12:35:00+00:00"}) is None
-    f = _file_from_hash({
+    assert session_from_hash({"last_activity": "2026-02-10T12:35:00+00:00"}) is None
+    f = file_from_hash({
         "file_id": "f1", "filename": "x.txt", "content_type": "text/plain",
         "object_key": "sessions/s1/outputs/f1", "session_id": "s1", "created_at": "2026-02-10T10:00:00+00:00",
         "size": "0", "path": "/outputs/x.txt",  # no "type": told by the object key
