@@ -24,11 +24,13 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
+from kcr_trio.api.app_factory import create_app
 from kcr_trio.api.auth import Authenticator
 from kcr_trio.api.metrics import Metrics
+from kcr_trio.api.ops_http import render_metrics
 from kcr_trio.api.ratelimit import RateLimiter
-from kcr_trio.api.routes import Services, create_app, render_metrics
 from kcr_trio.api.scope import RequestScopeMiddleware
+from kcr_trio.api.services import Services
 from kcr_trio.api.wire import (
     CloseAmbiguousFraming,
     install_half_close_support,

@@ -56,6 +56,7 @@ from kcr_trio.core.ptc_state import (
 )
 
 from .errors import dumps
+from .exec_commit import HEARTBEAT, HEARTBEAT_HEADERS
 
 log = logging.getLogger("kcr_trio.api.ptc")
 
@@ -289,12 +290,12 @@ async def _respond(engine: PtcEngine, live: Live, rid: str | None, principal: st
 
     async def body() -> AsyncIterator[bytes]:
         try:
-            yield b" "
+            yield HEARTBEAT
             while True:
                 with trio.move_on_after(settings.kcr_heartbeat_interval):
                     answer = await live.outbox.receive()
                     break
-                yield b" "
+                yield HEARTBEAT
             answer = await finished(answer)
             if isinstance(answer, ApiError):
                 answer = {"status": "error", "error": FAILED, "stderr": answer.message,
@@ -304,7 +305,7 @@ async def _respond(engine: PtcEngine, live: Live, rid: str | None, principal: st
             await abandon()
 
     return Response(body(), status=200, content_type="application/json",
-                    headers={"Cache-Control": "no-store, no-transform", "X-Accel-Buffering": "no"})
+                    headers=HEARTBEAT_HEADERS)
 
 
 # -- POST /exec/programmatic/cancel -----------------------------------------------------------------

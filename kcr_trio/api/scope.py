@@ -39,11 +39,14 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from kcr_trio.core.ids import new_id
+
+if TYPE_CHECKING:
+    from kcr_trio.core.exec import Phases
 
 access_log = logging.getLogger("kcr_trio.access")
 log = logging.getLogger("kcr_trio.api.scope")
@@ -72,7 +75,7 @@ class RequestScope:
     bytes_out: int = 0
     heartbeat: bool = False
     phases: dict[str, float] | None = None
-    exec_phases: Any = None  # the live ``core.exec.Phases`` of an /exec request (its ``current``)
+    exec_phases: Phases | None = None  # the live phases of an /exec request (their ``current``)
     gone_in_phase: str | None = None  # the /exec phase running when the client left
     route: str | None = None  # the matched route template (set by the app; None = no route)
     finished: float | None = None  # seconds from start to the app returning (log duration)

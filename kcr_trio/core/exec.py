@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -116,9 +116,14 @@ class Phases:
 
     durations: dict[str, float] = field(default_factory=dict)
     current: str | None = None
-    # Set once acquisition is decided (a sandbox is held, or it failed): until then the edge may
-    # still answer a real 503, so it holds the heartbeat commit (bounded) while this is unset.
-    acquired: trio.Event = field(default_factory=trio.Event)
+    # Told once acquisition is decided (a sandbox is held, or getting one failed). The run does not
+    # need it; an observer may: the HTTP edge holds its heartbeat commit until then, so that "busy"
+    # can still be a real 503 (``api/exec_commit.py``).
+    on_acquisition_decided: Callable[[], None] | None = None
+
+    def acquisition_decided(self) -> None:
+        if self.on_acquisition_decided is not None:
+            self.on_acquisition_decided()
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -157,6 +162,7 @@ def check_refs(count: int, limits: ExecLimits) -> None:
         )
 
 
+
 class ExecService:
     """Runs ``/exec`` requests against the three backends."""
 
@@ -172,10 +178,17 @@ class ExecService:
         # The file side of a run (session choice, inputs, outputs): public, for the PTC engine too.
         self.staging = Staging(sessions, files, limits)
 
-    async def execute(self, req: ExecRequest, phases: Phases) -> ExecOutcome:
-        """Run one request. The caller's scope cancels it; its own deadline bounds it."""
-        language = validate(req.code, req.lang, self.limits)
-        check_refs(len(req.files), self.limits)
+    async def execute(self, req: ExecRequest, phases: Phases, *, checked: Language | None = None) -> ExecOutcome:
+        """Run one request. The caller's scope cancels it; its own deadline bounds it.
+
+        ``checked``: the language :func:`validate` returned for this request, when the caller already
+        ran both checks (the HTTP edge does, before it commits anything, to answer a real 4xx);
+        else they run here.
+        """
+        language = checked
+        if language is None:
+            language = validate(req.code, req.lang, self.limits)
+            check_refs(len(req.files), self.limits)
         limits = self.limits
         deadline = trio.current_time() + limits.max_execution_time + limits.overhead
         state = _State(session_id=req.session_id or "")
@@ -229,7 +242,7 @@ class ExecService:
             sandbox_cm = self.executor.sandbox(language.code, wait=wait)
             sandbox = await sandbox_cm.__aenter__()
         finally:
-            phases.acquired.set()
+            phases.acquisition_decided()
         async with _entered(sandbox_cm, sandbox):
             phases.durations["acquire"] = round((time.perf_counter() - acquire_started) * 1000, 2)
 

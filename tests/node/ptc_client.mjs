@@ -7,6 +7,9 @@
 // puts a round-robin HTTP proxy in front of them (like a Kubernetes Service over replicas), so
 // consecutive POSTs of one PTC execution land on different replicas. It prints one JSON line:
 // {ok, content, artifact, error, requests: [{path, backend, status}], invocations: [...]}.
+// abortAfterMs counts from the moment the execution's POST reaches the proxy, not from start-up:
+// on a loaded machine the client's own set-up (session file lookup, auth headers) can take longer
+// than a short abort, which would then fire before any request exists and test nothing.
 import http from 'node:http';
 import { tool } from '@langchain/core/tools';
 import { z } from 'zod';
@@ -19,6 +22,7 @@ const scenario = JSON.parse(process.argv[2]);
 const invocations = [];
 const requests = [];
 let inFlight = 0;
+let onExecutionPost = () => {};
 
 const weather = tool(
   async ({ city }) => {
@@ -87,6 +91,7 @@ function startProxy(backends) {
     const target = new URL(req.url, backend);
     const entry = { path: req.url, backend: backends.indexOf(backend) };
     requests.push(entry);
+    if (req.method === 'POST' && req.url === '/exec/programmatic') onExecutionPost();
     const upstream = http.request(
       target,
       { method: req.method, headers: req.headers },
@@ -125,7 +130,10 @@ async function main() {
   if (scenario.timeout !== undefined) args.timeout = scenario.timeout;
   const controller = new AbortController();
   if (scenario.abortAfterMs !== undefined) {
-    setTimeout(() => controller.abort(), scenario.abortAfterMs);
+    onExecutionPost = () => {
+      onExecutionPost = () => {};
+      setTimeout(() => controller.abort(), scenario.abortAfterMs);
+    };
   }
   const out = { requests, invocations };
   try {

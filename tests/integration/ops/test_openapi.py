@@ -13,8 +13,8 @@ from referencing import Registry
 from referencing.jsonschema import DRAFT202012
 
 from kcr_trio import __version__
+from kcr_trio.api.app_factory import create_app
 from kcr_trio.api.openapi import openapi_document, openapi_path
-from kcr_trio.api.routes import create_app
 from kcr_trio.app import open_services
 from kcr_trio.backends.memory_executor import MemoryExecutor
 from tests.support.ops import H, Program, ops_server

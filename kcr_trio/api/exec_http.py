@@ -1,0 +1,187 @@
+"""``POST /exec`` (``api-contract.md`` §2): read, check, run, and answer plainly or behind a heartbeat.
+
+The handler reads the JSON body (bounded in size and time, authenticated by a key in it if there was
+none in a header), runs every check that answers a 4xx *once*, before anything starts, then runs the
+request with ``core.exec`` in the request's own nursery (``api.scope``), so a client that leaves
+cancels it. Whether the answer is plain JSON or a committed ``200`` with heartbeats is decided by
+``api.exec_commit``; this module only drives it: it owns the timers, the channel the run's events
+arrive on, and the response.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import AsyncIterator
+from typing import Literal
+
+import outcome
+import trio
+from pydantic import ValidationError
+from quart import Response, g, request
+
+from kcr_trio.core.errors import ApiError, Busy, Unavailable
+from kcr_trio.core.exec import ExecOutcome, ExecRequest, ExecService, Phases, check_refs, validate
+from kcr_trio.core.languages import Language
+from kcr_trio.core.model import FileRef
+
+from .errors import dumps
+from .exec_commit import (
+    HEARTBEAT,
+    HEARTBEAT_HEADERS,
+    Action,
+    AnswerNow,
+    Beat,
+    Commit,
+    CommitPolicy,
+    ExecCommit,
+    Finish,
+    Wait,
+)
+from .exec_fields import parse_args, parse_timeout_ms
+from .hooks import authenticate
+from .json_body import read_json
+from .models import ExecBody, validation_details
+from .profiles import runtime_session_for
+from .scope import RequestScope, current
+from .services import json_response, request_user_id, services
+
+log = logging.getLogger("kcr_trio.api")
+
+# The access-log/metrics outcome of an /exec result (a broken sandbox is "error", not "ok").
+_OUTCOMES = {"timeout": "timeout", "error": "error"}
+
+# What the run reports to the driver: its captured result, or that acquisition is decided.
+ACQUIRED: Literal["acquired"] = "acquired"
+Signal = outcome.Maybe[ExecOutcome] | Literal["acquired"]
+TIMER: Literal["timer"] = "timer"
+
+
+async def exec_route() -> Response:
+    svc = services()
+    rs = current(request.scope)
+    raw = await read_json(svc.settings.kcr_max_json_body_bytes)
+    if g.get("auth_pending"):
+        await authenticate(svc.auth.body_key(raw))
+    try:
+        body = ExecBody.model_validate(raw)
+    except ValidationError as exc:
+        raise ApiError("Request validation failed", status=422, details=validation_details(exc)) from None
+    # 400/413 before anything starts; the run is told, so the checks run once.
+    language = validate(body.code, body.lang, svc.exec_service.limits)
+    check_refs(len(body.files), svc.exec_service.limits)
+    req = ExecRequest(
+        code=body.code,
+        lang=body.lang,
+        request_id=rs.request_id,
+        session_id=body.session_id,
+        entity_id=body.entity_id,
+        user_id=request_user_id(body.user_id),
+        files=[FileRef(f.id, f.session_id, f.name) for f in body.files],
+        args=parse_args(body.args),
+        timeout=parse_timeout_ms(body.timeout),
+        runtime_session_id=runtime_session_for(body.runtime_session_hint),
+    )
+    return await respond(req, language)
+
+
+async def respond(req: ExecRequest, language: Language) -> Response:
+    """Start the run in the request's nursery; answer as ``api.exec_commit`` decides."""
+    rs = current(request.scope)
+    # Unbounded, yet it holds at most two signals: acquisition decided, then the result.
+    send, receive = trio.open_memory_channel[Signal](math.inf)
+    phases = Phases(on_acquisition_decided=lambda: send.send_nowait(ACQUIRED))
+    rs.exec_phases, rs.phases = phases, phases.durations  # live: the log sees cut-short runs too
+    svc = services()
+    rs.nursery.start_soon(_run, svc.exec_service, req, language, phases, send)
+
+    run = _Driver(ExecCommit(CommitPolicy.from_settings(svc.settings)), receive)
+    action = run.machine.start(trio.current_time())
+    while isinstance(action, Wait):
+        action = await run.next_action(action)
+    if isinstance(action, AnswerNow):
+        assert run.result is not None
+        answer = run.result.unwrap()  # an ApiError raises here: the error handler answers it
+        rs.outcome = _OUTCOMES.get(answer.status, "ok")
+        return json_response(answer.to_json())
+    if not isinstance(action, Commit):
+        raise AssertionError(f"unexpected action before the commit: {action}")
+    # Slow: commit 200 now and keep the connection audibly alive (keepalive.md, points 1 and 3).
+    rs.heartbeat = True
+    return Response(_heartbeat_body(run, rs, req), status=200, content_type="application/json",
+                    headers=HEARTBEAT_HEADERS)
+
+
+async def _heartbeat_body(run: _Driver, rs: RequestScope, req: ExecRequest) -> AsyncIterator[bytes]:
+    action: Action = Beat()  # the commit's first heartbeat
+    while not isinstance(action, Finish):
+        if isinstance(action, Beat):
+            yield HEARTBEAT
+            action = run.machine.beat_sent(trio.current_time())
+        elif isinstance(action, Wait):
+            action = await run.next_action(action)
+        else:
+            raise AssertionError(f"unexpected action after the commit: {action}")
+    assert run.result is not None
+    yield _final_bytes(run.result, rs, req)
+
+
+class _Driver:
+    """Feeds the run's signals and the timers to the decision; keeps the result once it came."""
+
+    def __init__(self, machine: ExecCommit, receive: trio.MemoryReceiveChannel[Signal]) -> None:
+        self.machine = machine
+        self.receive = receive
+        self.result: outcome.Maybe[ExecOutcome] | None = None
+
+    async def next_action(self, wait: Wait) -> Action:
+        signal = await _next_signal(self.receive, wait.until)
+        now = trio.current_time()
+        if signal == TIMER:
+            return self.machine.timer_fired(now)
+        if signal == ACQUIRED:
+            return self.machine.acquisition_decided(now)
+        assert not isinstance(signal, str)
+        self.result = signal
+        return self.machine.result_ready(now)
+
+
+def _final_bytes(result: outcome.Maybe[ExecOutcome], rs: RequestScope, req: ExecRequest) -> bytes:
+    """The last bytes of a committed answer: the result, or its error as an error result."""
+    if isinstance(result, outcome.Error):
+        exc = result.error
+        assert isinstance(exc, ApiError)  # _run maps everything else to Unavailable
+        rs.outcome = "busy" if isinstance(exc, Busy) else "error"
+        failed = ExecOutcome(session_id=req.session_id or "", stdout="", stderr=exc.message, status="error")
+        return dumps(failed.to_json())
+    answer = result.unwrap()
+    rs.outcome = _OUTCOMES.get(answer.status, "ok")
+    return dumps(answer.to_json())
+
+
+async def _run(
+    service: ExecService, req: ExecRequest, language: Language, phases: Phases,
+    send: trio.MemorySendChannel[Signal],
+) -> None:
+    """The run itself, its result captured for the driver (cancellation is not captured)."""
+    result: outcome.Maybe[ExecOutcome]
+    try:
+        result = outcome.Value(await service.execute(req, phases, checked=language))
+    except ApiError as exc:
+        result = outcome.Error(exc)
+    except Exception as exc:  # a bug: keep the request alive, report it readably
+        log.exception("exec failed", extra={"request_id": req.request_id})
+        result = outcome.Error(Unavailable(f"Unexpected error during code execution: {type(exc).__name__}"))
+    send.send_nowait(result)
+
+
+async def _next_signal(receive: trio.MemoryReceiveChannel[Signal], until: float | None) -> Signal | Literal["timer"]:
+    """The next signal of the run, or ``TIMER`` once ``until`` passed. Signals already queued come
+    first, so a result that is ready when a timer expires is never mistaken for silence."""
+    try:
+        return receive.receive_nowait()
+    except trio.WouldBlock:
+        pass
+    with trio.move_on_at(math.inf if until is None else until):
+        return await receive.receive()
+    return TIMER
