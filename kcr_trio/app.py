@@ -42,7 +42,8 @@ from kcr_trio.api.wire import (
 )
 from kcr_trio.config import Settings
 from kcr_trio.core.exec import ExecLimits, ExecService
-from kcr_trio.core.interfaces import FileStore, SessionStore
+from kcr_trio.core.interfaces import Executor, FileStore, SessionStore
+from kcr_trio.core.runtime import RuntimeLimits, RuntimeStore
 from kcr_trio.logs import setup_logging
 
 log = logging.getLogger("kcr_trio.app")
@@ -77,10 +78,9 @@ def ensure_keys(settings: Settings) -> tuple[str, ...]:
     return (key,)
 
 
-def runtime_store(settings: Settings, sessions: Any, files: Any) -> Any:
+def runtime_store(settings: Settings, sessions: SessionStore, files: FileStore) -> RuntimeStore | None:
     """The stateful profile's workspaces, when ``KCR_EXECUTION_PROFILES`` serves it."""
     from kcr_trio.api.profiles import served_profiles
-    from kcr_trio.core.runtime import RuntimeLimits, RuntimeStore
 
     if "stateful" not in served_profiles(settings):
         return None
@@ -119,7 +119,7 @@ def build_authenticator(settings: Settings) -> Authenticator:
 
 
 @asynccontextmanager
-async def open_services(settings: Settings, *, executor: Any = None) -> AsyncIterator[Services]:
+async def open_services(settings: Settings, *, executor: Executor | None = None) -> AsyncIterator[Services]:
     """Open every backend the settings select; ``executor`` overrides the executor (tests)."""
     data_dir = Path(settings.kcr_data_dir)
     spool_dir = data_dir / "spool"
@@ -264,7 +264,7 @@ def metrics_asgi(svc: Services) -> Any:
 async def serve(
     settings: Settings,
     *,
-    executor: Any = None,
+    executor: Executor | None = None,
     shutdown: trio.Event | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
