@@ -26,20 +26,24 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from kcr_trio.api.app_factory import create_app
 from kcr_trio.api.auth import Authenticator
+from kcr_trio.api.connection_policy import CloseForAxiosClients
 from kcr_trio.api.metrics import Metrics
 from kcr_trio.api.ops_http import render_metrics
+from kcr_trio.api.probes import probe_routes
 from kcr_trio.api.ratelimit import RateLimiter
 from kcr_trio.api.scope import RequestScopeMiddleware
 from kcr_trio.api.services import Services
 from kcr_trio.api.wire import (
     CloseAmbiguousFraming,
+    CloseOnEarlyAnswer,
     install_half_close_support,
     install_json_rejections,
     install_stalled_head_408,
 )
 from kcr_trio.config import Settings
 from kcr_trio.core.exec import ExecLimits, ExecService
-from kcr_trio.core.interfaces import FileStore, SessionStore
+from kcr_trio.core.interfaces import Executor, FileStore, SessionStore
+from kcr_trio.core.runtime import RuntimeLimits, RuntimeStore
 from kcr_trio.logs import setup_logging
 
 log = logging.getLogger("kcr_trio.app")
@@ -75,10 +79,9 @@ def ensure_keys(settings: Settings) -> tuple[str, ...]:
     return (key,)
 
 
-def runtime_store(settings: Settings, sessions: Any, files: Any) -> Any:
+def runtime_store(settings: Settings, sessions: SessionStore, files: FileStore) -> RuntimeStore | None:
     """The stateful profile's workspaces, when ``KCR_EXECUTION_PROFILES`` serves it."""
     from kcr_trio.api.profiles import served_profiles
-    from kcr_trio.core.runtime import RuntimeLimits, RuntimeStore
 
     if "stateful" not in served_profiles(settings):
         return None
@@ -117,7 +120,7 @@ def build_authenticator(settings: Settings) -> Authenticator:
 
 
 @asynccontextmanager
-async def open_services(settings: Settings, *, executor: Any = None) -> AsyncIterator[Services]:
+async def open_services(settings: Settings, *, executor: Executor | None = None) -> AsyncIterator[Services]:
     """Open every backend the settings select; ``executor`` overrides the executor (tests)."""
     data_dir = Path(settings.kcr_data_dir)
     spool_dir = data_dir / "spool"
@@ -218,7 +221,10 @@ def build_asgi(svc: Services) -> Any:
     install_json_rejections()
     install_half_close_support()
     install_stalled_head_408()
-    return CloseAmbiguousFraming(RequestScopeMiddleware(create_app(svc), on_finish=on_finish))
+    scoped = RequestScopeMiddleware(create_app(svc), on_finish=on_finish, fast_routes=probe_routes(svc))
+    settings = svc.settings
+    return CloseAmbiguousFraming(CloseOnEarlyAnswer(CloseForAxiosClients(
+        scoped, enabled=settings.kcr_connection_close, clients=settings.kcr_connection_close_clients)))
 
 
 def metrics_asgi(svc: Services) -> Any:
@@ -259,7 +265,7 @@ def metrics_asgi(svc: Services) -> Any:
 async def serve(
     settings: Settings,
     *,
-    executor: Any = None,
+    executor: Executor | None = None,
     shutdown: trio.Event | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:

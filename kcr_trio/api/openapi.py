@@ -6,10 +6,11 @@ which is the point of them. So the document is generated here instead:
 
 * the **paths and methods** come from the live ``url_map`` (a route added without documentation is
   still listed, marked ``x-undocumented``, and the sync test in ``tests/integration/ops`` fails on it);
-* the **schemas** come from pydantic models: the request models the handlers validate with
-  (``api.models.ExecBody``) and response models below that describe what the handlers write. The
-  handlers build their JSON directly (no re-encoding on the hot path); the fuzz test
-  (schemathesis) checks real responses against these schemas, which keeps the two honest.
+* the **schemas** come from pydantic: the request model the handlers validate with
+  (``api.models.ExecBody``), the ``TypedDict`` shapes the file and exec handlers build their JSON
+  from (``core.wire_shapes``: defined once, no model layer or re-encoding on the hot path), and a
+  few edge-only models below (errors, health, readiness). The fuzz test (schemathesis) and the
+  OpenAPI test check real responses against these schemas.
 
 Error bodies: KubeCodeRun has two shapes (``api-contract.md`` §1.3). Both have ``error`` and
 ``timestamp``; shape B adds ``error_type``, ``details`` and ``request_id``. One ``Error`` schema with
@@ -22,9 +23,10 @@ import json
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
-from pydantic.json_schema import models_json_schema
+from pydantic import BaseModel, ConfigDict, TypeAdapter
+from pydantic.json_schema import JsonSchemaMode
 
+from kcr_trio.core import wire_shapes
 from kcr_trio.core.languages import LANGUAGES
 
 from .models import ExecBody
@@ -56,104 +58,6 @@ class Error(_Out):
     request_id: str | None = None
 
 
-class ExecFile(_Out):
-    id: str
-    name: str
-    path: str | None = None
-    session_id: str | None = None
-    storage_session_id: str | None = None
-
-
-class ArtifactDelivery(_Out):
-    code: Literal["artifact_delivery_failed"]
-    status: Literal["partial", "failed"]
-    attempted: int
-    delivered: int
-    failed: int
-
-
-class ExecResponse(_Out):
-    """Program failures and timeouts are 200s too, with the text in ``stderr``. A slow run's body
-    starts with spaces (heartbeat, ``keepalive.md``): still valid JSON. ``deleted_files``,
-    ``artifact_delivery`` and the runtime session fields appear only when they say something."""
-
-    session_id: str
-    files: list[ExecFile]
-    stdout: str
-    stderr: str
-    has_state: bool
-    state_size: int | None = None
-    state_hash: str | None = None
-    deleted_files: list[str] | None = None
-    artifact_delivery: ArtifactDelivery | None = None
-    runtime_session_id: str | None = None
-    runtime_status: Literal["new", "reused"] | None = None
-
-
-class UploadedFile(_Out):
-    filename: str
-    fileId: str
-    size: int | None = None
-    content_type: str | None = None
-
-
-class UploadResponse(_Out):
-    message: Literal["success"]
-    session_id: str
-    storage_session_id: str | None = None
-    files: list[UploadedFile]
-
-
-class BatchFileResult(_Out):
-    status: Literal["success", "error"]
-    filename: str
-    fileId: str | None = None
-    error: str | None = None
-
-
-class BatchUploadResponse(_Out):
-    message: Literal["success", "partial"]
-    session_id: str
-    storage_session_id: str | None = None
-    files: list[BatchFileResult]
-    succeeded: int
-    failed: int
-
-
-class FileSummary(_Out):
-    """``detail=summary``: what LibreChat's freshness check reads."""
-
-    name: str = Field(description='"<session_id>/<file_id>"')
-    lastModified: str
-
-
-class FileSimple(_Out):
-    id: str
-    name: str
-    path: str
-
-
-class FileFull(_Out):
-    name: str
-    id: str
-    session_id: str
-    content: None = None
-    size: int
-    lastModified: str
-    etag: str
-    metadata: dict[str, Any]
-    contentType: str
-
-
-class Freshness(_Out):
-    lastModified: str
-    session_id: str
-    storage_session_id: str
-    file_id: str
-    name: str
-    size: int
-
-
 class HealthConfig(_Out):
     debug: bool
     docs_enabled: bool
@@ -178,10 +82,9 @@ class Ready(_Out):
     warnings: list[str] | None = None
 
 
-MODELS: list[type[BaseModel]] = [
-    ExecBody, Error, ExecResponse, UploadResponse, BatchUploadResponse, FileSummary, FileSimple, FileFull,
-    Freshness, Health, Ready,
-]
+# Request and edge-only response models; the file and exec answers' shapes are the ones the
+# handlers build (``core.wire_shapes``), so the document describes exactly what is sent.
+MODELS: list[type[BaseModel]] = [ExecBody, Error, Health, Ready]
 
 # -- operations ----------------------------------------------------------------------------------
 
@@ -262,7 +165,7 @@ _PTC_ANSWER = {"type": "object", "required": ["status"], "properties": {
     "status": {"enum": ["tool_call_required", "completed", "error"]},
     "continuation_token": {"type": "string"}, "tool_calls": {"type": "array", "items": _PTC_CALL},
     "stdout": {"type": "string"}, "stderr": {"type": "string"}, "error": {"type": "string"},
-    "files": {"type": "array"}, "session_id": {"type": "string"}}}
+    "files": {"type": "array", "items": _ref("ExecFile")}, "session_id": {"type": "string"}}}
 
 
 def _ptc_errors(**extra: str) -> dict[str, Any]:
@@ -418,9 +321,13 @@ def openapi_path(rule: str) -> str:
 
 
 def _component_schemas() -> dict[str, Any]:
-    _, defs = models_json_schema([(m, "validation" if m is ExecBody else "serialization") for m in MODELS],
-                                 ref_template="#/components/schemas/{model}")
+    inputs: list[tuple[str, JsonSchemaMode, TypeAdapter[Any]]] = [
+        (m.__name__, "validation" if m is ExecBody else "serialization", TypeAdapter(m)) for m in MODELS
+    ]
+    inputs += [(shape.__name__, "serialization", TypeAdapter(shape)) for shape in wire_shapes.SHAPES]
+    _, defs = TypeAdapter.json_schemas(inputs, ref_template="#/components/schemas/{model}")
     schemas: dict[str, Any] = defs.get("$defs", {})
+    schemas["FileSummary"]["properties"]["name"]["description"] = '"<session_id>/<file_id>"'
     body = schemas["ExecBody"]
     # What the server accepts, said so a client (and the fuzzer) can produce it: a supported
     # language (matched case-insensitively), code that is not blank.

@@ -35,7 +35,10 @@ import trio
 from quart import Response, current_app, g, request
 
 from kcr_trio.api.principal import Principal
+from kcr_trio.config import Settings
 from kcr_trio.core.errors import ApiError, TooLarge
+from kcr_trio.core.exec import ExecService
+from kcr_trio.core.interfaces import SessionStore
 from kcr_trio.core.ptc_engine import FAILED, Live, PtcEngine
 from kcr_trio.core.ptc_state import (
     CANCELLED,
@@ -352,7 +355,7 @@ async def _forward_cancel(engine: PtcEngine, state: PtcState, raw: bytes) -> Non
 
 # -- composition ------------------------------------------------------------------------------------
 @asynccontextmanager
-async def open_ptc(settings: Any, sessions: Any, exec_service: Any, nursery: trio.Nursery
+async def open_ptc(settings: Settings, sessions: SessionStore, exec_service: ExecService, nursery: trio.Nursery
                    ) -> AsyncIterator[tuple[PtcEngine, httpx.AsyncClient]]:
     """The engine (its runs owned by ``nursery``, the server's lifetime) and the forwarding client."""
     from kcr_trio.backends.ptc_sidecar import open_ptc_run, run_result

@@ -87,14 +87,15 @@ class LocalFileStore:
             return
         await trio.to_thread.run_sync(_unlink_quiet, path)
 
-    async def delete_prefix(self, prefix: str) -> None:
-        """Remove every object under ``prefix`` (a folder such as ``sessions/<sid>/uploads/``)."""
+    async def delete_prefix(self, prefix: str) -> int:
+        """Remove every object under ``prefix`` (a folder such as ``sessions/<sid>/uploads/``);
+        returns how many were removed, like the S3 store."""
         folder = prefix.rstrip("/")
         try:
             path = self._path(folder)
         except NotFound:
-            return
-        await trio.to_thread.run_sync(shutil.rmtree, path, True)
+            return 0
+        return await trio.to_thread.run_sync(_remove_tree, path)
 
     async def list_objects(self, prefix: str, *, start_after: str = "", limit: int = 1000) -> list[tuple[str, float]]:
         """Up to ``limit`` ``(key, mtime)`` under ``prefix`` after ``start_after`` (key order), for
@@ -133,6 +134,13 @@ async def _read_chunks(handle: Any) -> AsyncIterator[bytes]:
 def _install(tmp: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, target)
+
+
+def _remove_tree(path: Path) -> int:
+    """Remove a folder of objects; the number of objects (files) it held."""
+    count = sum(len(names) for _, _, names in os.walk(path))
+    shutil.rmtree(path, ignore_errors=True)
+    return count
 
 
 def _unlink_quiet(path: Path) -> None:

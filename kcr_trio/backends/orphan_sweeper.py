@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from typing import Any
+from collections.abc import Callable
 
 import trio
 
@@ -37,7 +37,7 @@ BATCH = 1000
 
 
 class OrphanSweeper:
-    def __init__(self, sessions: SessionStore, files: FileStore, *, min_age: float, clock: Any = time.time) -> None:
+    def __init__(self, sessions: SessionStore, files: FileStore, *, min_age: float, clock: Callable[[], float] = time.time) -> None:
         self.sessions = sessions
         self.files = files
         self.min_age = min_age
@@ -47,10 +47,7 @@ class OrphanSweeper:
 
     async def sweep_once(self) -> int:
         """One pass over at most ``BATCH`` objects; returns how many orphans it removed."""
-        list_objects = getattr(self.files, "list_objects", None)
-        if list_objects is None:
-            return 0
-        objects: list[tuple[str, float]] = await list_objects("sessions/", start_after=self.cursor, limit=BATCH)
+        objects = await self.files.list_objects("sessions/", start_after=self.cursor, limit=BATCH)
         self.cursor = objects[-1][0] if len(objects) == BATCH else ""  # a short page: wrap around
         now = self.clock()
         removed = 0

@@ -15,9 +15,9 @@ next one: the session record goes last, so the session is still listed until eve
 gone. Ordering metadata before bytes means an interrupted pass can leave unreferenced bytes (swept
 by the prefix delete next time) but never metadata pointing at missing bytes.
 
-Written against the ``SessionStore``/``FileStore`` protocols plus three optional methods that the
-stores provide where they can: ``SessionStore.expired_sessions()`` (required),
-``SessionStore.forget_session(sid)`` and ``FileStore.delete_prefix(prefix)``.
+The purge order itself is the file domain's (``core.files.purge_session``); this module owns the
+loop. Both are written against the ``SessionStore``/``FileStore`` protocols, which every store
+implements in full (``expired_sessions``, ``forget_session``, ``delete_prefix``).
 
 Cancellation: the loop sleeps and works under its owner's nursery; cancelling it stops between
 (or inside) steps, which is safe for the reasons above. One pass is bounded by the interval.
@@ -26,45 +26,24 @@ Cancellation: the loop sleeps and works under its owner's nursery; cancelling it
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import trio
 
 from kcr_trio.config import Settings
 from kcr_trio.core.errors import ApiError
+from kcr_trio.core.files import purge_session
 from kcr_trio.core.interfaces import FileStore, SessionStore
 
 log = logging.getLogger(__name__)
 
-
-async def purge_session(store: SessionStore, files: FileStore, session_id: str) -> int:
-    """Remove one session's files (metadata, then bytes) and then the session itself.
-
-    Idempotent. Returns the number of file records removed.
-    """
-    records = await store.list_files(session_id)
-    for record in records:
-        await store.delete_file(session_id, record.file_id)
-    for record in records:
-        await files.delete(record.object_key)
-    delete_prefix = getattr(files, "delete_prefix", None)
-    if delete_prefix is not None:
-        for folder in ("uploads", "outputs"):
-            await delete_prefix(f"sessions/{session_id}/{folder}/")
-    forget = getattr(store, "forget_session", None)
-    if forget is not None:
-        await forget(session_id)
-    return len(records)
+__all__ = ["cleanup_expired_sessions", "purge_session", "run_session_cleanup"]
 
 
-async def cleanup_expired_sessions(store: Any, files: FileStore) -> int:
+async def cleanup_expired_sessions(store: SessionStore, files: FileStore) -> int:
     """One pass; returns how many sessions were purged. Errors on one session do not stop the
     pass (the next pass retries it); an unreachable store ends the pass early."""
-    expired = getattr(store, "expired_sessions", None)
-    if expired is None:  # a store that expires by itself and keeps no bytes elsewhere
-        return 0
     purged = 0
-    for sid in await expired():
+    for sid in await store.expired_sessions():
         try:
             await purge_session(store, files, sid)
             purged += 1
@@ -76,7 +55,7 @@ async def cleanup_expired_sessions(store: Any, files: FileStore) -> int:
 
 
 async def run_session_cleanup(
-    store: Any,
+    store: SessionStore,
     files: FileStore,
     settings: Settings,
     *,

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import trio
+
 _TYPE_BY_STATUS = {
     400: "validation",
     401: "authentication",
@@ -106,3 +108,30 @@ def empty_code() -> BadRequest:
         "Code cannot be empty",
         details=[{"field": "code", "message": "Code cannot be empty", "code": "empty_code"}],
     )
+
+
+def single_error(group: BaseExceptionGroup) -> BaseException:
+    """The one meaningful error inside a nursery's exception group.
+
+    Trio wraps even a single failure in a group; the edge wants the ``ApiError`` itself. Cancelled
+    is never returned from here (the enclosing scope handles it): we prefer an ApiError, then any
+    other non-Cancelled exception, and otherwise give the group back untouched.
+    """
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    if any(isinstance(leaf, trio.Cancelled) for leaf in leaves):
+        return group
+    for leaf in leaves:
+        if isinstance(leaf, ApiError):
+            return leaf
+    if len(leaves) == 1:
+        return leaves[0]
+    return group

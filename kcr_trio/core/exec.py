@@ -12,7 +12,9 @@ HTTP edge cancels when the client disconnects (and which carries the request's o
                                        wait for the teardown, which is shielded and bounded there)
 
 A cancelled request therefore stops every phase at once and leaves no half-visible file: bytes that
-were written without their metadata are invisible and are deleted in a shielded ``finally``.
+were written without their metadata are invisible and are deleted in a shielded ``finally``
+(``core.files``). The file side of each phase (session choice, inputs, outputs) is ``core.staging``,
+which programmatic tool calling (``core.ptc_engine``) uses too.
 
 Errors before the run (bad input, busy, a store down) are ``ApiError``s the edge can still answer with
 a real status. Program failures are results (HTTP 200, text in ``stderr``), as LibreChat expects.
@@ -25,26 +27,22 @@ import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import trio
 
 from . import output
-from .errors import ApiError, NotFound, Unavailable, empty_code, unsupported_language
-from .ids import is_safe_id, new_id
+from .errors import ApiError, Unavailable, empty_code, single_error, unsupported_language
 from .interfaces import Executor, FileStore, Sandbox, SessionStore
 from .languages import COMPILED, Language, lookup
-from .model import FileRecord, FileRef, GeneratedFile, RunResult, Session, utcnow
-from .names import guess_content_type, is_plain_filename, unique_name
+from .model import FileRecord, FileRef, GeneratedFile, RunResult
+from .names import is_plain_filename
 from .runtime import RuntimeStore, Workspace
+from .staging import Staging, deleted_names, mounts
+from .wire_shapes import ArtifactDelivery, ExecFile, ExecResponse, artifact_delivery
 
 log = logging.getLogger("kcr_trio.exec")
-
-# How many files move between store and sandbox at once, per request.
-TRANSFER_CONCURRENCY = 4
-# Deadline for the shielded clean-up of a half-stored output.
-CLEANUP_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,15 +88,16 @@ class ExecOutcome:
     stdout: str
     stderr: str
     status: Literal["completed", "failed", "timeout", "error"]
-    files: list[dict[str, Any]] = field(default_factory=list)
+    files: list[ExecFile] = field(default_factory=list)
     # Contract §4.1/§4.2/§3.2, sent only when they say something (older clients never see them).
     deleted_files: list[str] = field(default_factory=list)
-    artifact_delivery: dict[str, Any] | None = None
+    artifact_delivery: ArtifactDelivery | None = None
     runtime_session_id: str | None = None
     runtime_status: Literal["new", "reused"] | None = None
 
-    def to_json(self) -> dict[str, Any]:
-        body: dict[str, Any] = {
+    def to_json(self) -> ExecResponse:
+        """The answer's JSON (``core.wire_shapes.ExecResponse``)."""
+        body: ExecResponse = {
             "session_id": self.session_id,
             "files": self.files,
             "stdout": self.stdout,
@@ -182,6 +181,8 @@ class ExecService:
         self.executor = executor
         self.limits = limits
         self.runtime = runtime  # None: the stateful profile is not served
+        # The file side of a run (session choice, inputs, outputs): public, for the PTC engine too.
+        self.staging = Staging(sessions, files, limits)
 
     async def execute(self, req: ExecRequest, phases: Phases, *, checked: Language | None = None) -> ExecOutcome:
         """Run one request. The caller's scope cancels it; its own deadline bounds it.
@@ -210,7 +211,7 @@ class ExecService:
                 async with _entered(opened, ws):
                     return await self._execute(req, language, phases, state, deadline, ws)
             except BaseExceptionGroup as group:
-                raise _single(group) from None
+                raise single_error(group) from None
         assert scope.cancelled_caught
         log.warning("exec deadline reached in phase %s", phases.current, extra={"request_id": req.request_id})
         # Say what really happened: only a deadline hit while the code ran is an execution timeout.
@@ -236,9 +237,9 @@ class ExecService:
         # 1. Session and input metadata, before a sandbox is taken: a slow or huge lookup must not
         #    hold execution capacity other requests are waiting for (audit finding 4).
         with phases.phase("store"):
-            session = await self._choose_session(req)
+            session = await self.staging.choose_session(req)
             state.session_id = session.session_id
-            state.inputs = await self._find_inputs(req, session, state.notes)
+            state.inputs = await self.staging.find_inputs(req, session, state.notes)
         wait = max(0.0, min(limits.acquire_timeout, deadline - trio.current_time()))
         acquire_started = time.perf_counter()
         phases.current = "acquire"
@@ -254,9 +255,8 @@ class ExecService:
 
             # 2. Inputs: store → sandbox (and the runtime workspace's files, newest first).
             notes = state.notes
-            mounts = _mounts(state.inputs, ws)
             with phases.phase("upload"):
-                sent = await self._send_inputs(sandbox, mounts, notes)
+                sent = await self.staging.send_inputs(sandbox, mounts(state.inputs, ws), notes)
 
             # 3. Run. The sandbox enforces the timeout; keep time for collection after it.
             run_timeout = min(
@@ -272,13 +272,12 @@ class ExecService:
 
             # 4. Outputs: sandbox → store, then metadata; the workspace; what was deleted.
             with phases.phase("collect"):
-                generated = await self._generated(sandbox, result)
-                files, attempted, stored_names = await self._collect_outputs(
-                    sandbox, generated, state.session_id, notes)
+                out = await self.staging.collect_outputs(sandbox, result, state.session_id, notes)
+                stored_names = set(out.stored_names)
                 if ws is not None and not result.failure:
-                    await self._commit_workspace(ws, sandbox, result, generated, notes)
+                    await self._commit_workspace(ws, sandbox, result, out.generated, notes)
                     stored_names -= set(ws.not_kept)
-            deleted = _deleted_names(req, state.inputs, sent, result)
+            deleted = deleted_names(req, state.inputs, sent, result)
 
         stdout, stderr = output.shape_output(
             result, limit=limits.max_output_chars, timeout=min(limits.max_execution_time, req.timeout or math.inf)
@@ -293,122 +292,11 @@ class ExecService:
         else:
             status = "completed" if result.exit_code == 0 else "failed"
         return ExecOutcome(
-            session_id=state.session_id, stdout=stdout, stderr=stderr, status=status, files=files,
-            deleted_files=deleted, artifact_delivery=output.artifact_delivery(attempted, len(stored_names)),
+            session_id=state.session_id, stdout=stdout, stderr=stderr, status=status, files=out.files,
+            deleted_files=deleted, artifact_delivery=artifact_delivery(out.attempted, len(stored_names)),
             runtime_session_id=ws.id if ws is not None else None,
             runtime_status=ws.status if ws is not None else None,
         )
-
-    # -- phase 1: session and inputs ---------------------------------------------------------
-
-    async def _choose_session(self, req: ExecRequest) -> Session:
-        """KubeCodeRun's order: explicit session, first ref's session, the entity's, a new one."""
-        candidates = [req.session_id] if req.session_id else []
-        candidates += [ref.session_id for ref in req.files]
-        for sid in dict.fromkeys(candidates):
-            if sid and is_safe_id(sid):
-                session = await self.sessions.get_session(sid)
-                if session is not None and session.active:
-                    return session
-        if req.entity_id:
-            session = await self.sessions.find_entity_session(req.entity_id)
-            if session is not None:
-                return session
-        return await self.sessions.create_session(entity_id=req.entity_id, user_id=req.user_id)
-
-    async def _find_inputs(self, req: ExecRequest, session: Session, notes: list[str]) -> list[FileRecord]:
-        """The files to mount, by ref (id, then name) and then the session's own uploads."""
-        found: dict[str, FileRecord] = {}  # by mount name: unique, a clash gets a new name and a note
-        seen: set[tuple[str, str]] = set()
-        listings: dict[str, list[FileRecord]] = {}
-        for ref in req.files:
-            if not is_safe_id(ref.session_id):
-                log.warning("skipping file ref with invalid session id", extra={"request_id": req.request_id})
-                notes.append(f"Input file {ref.name} was not loaded: invalid session id")
-                continue
-            record = await self.sessions.get_file(ref.session_id, ref.id) if is_safe_id(ref.id) else None
-            if record is None:
-                if ref.session_id not in listings:
-                    listings[ref.session_id] = await self.sessions.list_files(ref.session_id)
-                record = next(
-                    (
-                        r
-                        for r in listings[ref.session_id]
-                        if r.filename == ref.name or r.filename == ref.id or r.file_id == ref.id
-                    ),
-                    None,
-                )
-            if record is None:
-                log.warning(
-                    "file ref not found; skipped",
-                    extra={"request_id": req.request_id, "file_session": ref.session_id, "file_id": ref.id},
-                )
-                notes.append(f"Input file {ref.name} was not loaded: no such file in session {ref.session_id}")
-                continue
-            key = (record.session_id, record.file_id)
-            if key in seen:
-                continue
-            seen.add(key)
-            found[self._mount_name(record, found, notes)] = record
-        if self.limits.mount_session_uploads:
-            # Only the requesting user's own uploads: a session is shared by everyone who uploads
-            # with the same entity id (an agent), and another user's file is mounted only when the
-            # request lists it. Without a user id on either side, only id-less uploads match.
-            # A listed file wins its name over an unlisted one (typically an older copy of it).
-            listed = set(found)
-            for record in await self.sessions.list_files(session.session_id):
-                key = (record.session_id, record.file_id)
-                if record.kind != "upload" or record.owner != req.user_id or record.filename in listed:
-                    continue
-                if key not in seen:
-                    seen.add(key)
-                    found[self._mount_name(record, found, notes)] = record
-        # The mount name is the record's filename from here on (a copy: the stored one is unchanged).
-        return [record if record.filename == name else replace(record, filename=name) for name, record in found.items()]
-
-    @staticmethod
-    def _mount_name(record: FileRecord, found: dict[str, FileRecord], notes: list[str]) -> str:
-        """The record's filename, made unique among the inputs: two inputs never shadow each other."""
-        name = unique_name(record.filename, set(found))
-        if name != record.filename:
-            notes.append(
-                f"Input file {record.filename} (id {record.file_id}) is at /mnt/data/{name}: "
-                "another input has the same name"
-            )
-        return name
-
-    # -- phase 2: inputs -----------------------------------------------------------------------
-
-    async def _send_inputs(self, sandbox: Sandbox, inputs: dict[str, str], notes: list[str]) -> set[str]:
-        """Mount ``{filename: object key}``; the names actually placed in the sandbox."""
-        limiter = trio.CapacityLimiter(TRANSFER_CONCURRENCY)
-        sent: set[str] = set()
-
-        async def send(filename: str, key: str) -> None:
-            async with limiter:
-                try:
-                    async with self.files.open(key) as chunks:
-                        await sandbox.put_file(filename, chunks)
-                    sent.add(filename)
-                except NotFound:
-                    # KubeCodeRun would mount placeholder text; the program is better served by the
-                    # file being absent and the model being told why.
-                    notes.append(f"Input file {filename} could not be loaded: its content is missing")
-
-        try:
-            async with trio.open_nursery() as nursery:
-                for filename, key in inputs.items():
-                    nursery.start_soon(send, filename, key)
-        except BaseExceptionGroup as group:
-            raise _single(group) from None
-        return sent
-
-    # -- phase 4: outputs ----------------------------------------------------------------------
-
-    async def _generated(self, sandbox: Sandbox, result: RunResult) -> list[GeneratedFile]:
-        if result.failure:
-            return []
-        return result.generated if result.generated is not None else await sandbox.generated_files()
 
     async def _commit_workspace(
         self, ws: Workspace, sandbox: Sandbox, result: RunResult, generated: list[GeneratedFile], notes: list[str]
@@ -420,126 +308,6 @@ class ExecService:
                                   max_file_bytes=self.limits.max_file_bytes)
         for name in ws.not_kept:
             notes.append(f"File {name} was not kept in the runtime session: workspace limits reached")
-
-    async def _collect_outputs(
-        self, sandbox: Sandbox, generated: list[GeneratedFile], session_id: str, notes: list[str]
-    ) -> tuple[list[dict[str, Any]], int, set[str]]:
-        """The stored outputs' refs, how many outputs were attempted, and the names stored."""
-        if not generated:
-            return [], 0, set()
-        kept, skipped = output.select_outputs(
-            generated, max_files=self.limits.max_output_files, max_bytes=self.limits.max_file_bytes
-        )
-        notes.extend(skipped)
-        stored: list[tuple[int, FileRecord]] = []
-        added: set[str] = set()
-        limiter = trio.CapacityLimiter(TRANSFER_CONCURRENCY)
-
-        async def store(index: int, item: GeneratedFile) -> None:
-            async with limiter:
-                record = FileRecord(
-                    session_id=session_id,
-                    file_id=new_id(),
-                    filename=item.name,
-                    content_type=guess_content_type(item.name, item.content_type),
-                    size=0,
-                    created_at=utcnow(),
-                    kind="output",
-                )
-                try:
-                    async with sandbox.open_file(item.name) as chunks:
-                        record.size = await self.files.put(
-                            record.object_key,
-                            chunks,
-                            content_type=record.content_type,
-                            max_bytes=self.limits.max_file_bytes,
-                        )
-                except ApiError as exc:
-                    # A file we cannot fetch is reported as missing, never stored as placeholder text.
-                    notes.append(f"Output file {item.name} was not saved: {exc.message}")
-                    return
-                stored.append((index, record))
-
-        try:
-            try:
-                async with trio.open_nursery() as nursery:
-                    for index, item in enumerate(kept):
-                        nursery.start_soon(store, index, item)
-            except BaseExceptionGroup as group:
-                raise _single(group) from None
-            # Metadata last: only now do the files become visible to /files and /download.
-            for _, record in sorted(stored, key=lambda pair: pair[0]):
-                await self.sessions.add_file(record)
-                added.add(record.file_id)
-        except ApiError as exc:
-            # A store failed after the run (often after the heartbeat committed a 200): the
-            # program's output is still the answer. Files whose metadata landed are complete and
-            # returned; the others lose their bytes and are named in stderr (audit finding 7).
-            lost = [record for _, record in stored if record.file_id not in added]
-            await self._discard(lost, metadata=False)
-            names = ", ".join(sorted(r.filename for r in lost)) or "the generated files"
-            notes.append(f"Output files {names} were not saved: {exc.message}")
-            stored = [(i, r) for i, r in stored if r.file_id in added]
-        except BaseException:
-            await self._discard([record for _, record in stored], metadata=True)
-            raise
-        refs = [
-            {
-                "id": record.file_id,
-                "name": record.filename,
-                "path": None,
-                "session_id": session_id,
-                "storage_session_id": session_id,
-            }
-            for _, record in sorted(stored, key=lambda pair: pair[0])
-        ]
-        # [artifact_delivery] kept + left out for limits = attempted.
-        return refs, output.attempted_outputs(generated), {record.filename for _, record in stored}
-
-    async def _discard(self, records: list[FileRecord], *, metadata: bool) -> None:
-        """Remove unsaved outputs, shielded and bounded: metadata first (if it may exist), then the
-        bytes. If the metadata cannot be removed the bytes stay (a listed file is never left
-        without content); bytes a failed clean-up leaves behind are found by the orphan sweeper."""
-        with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
-            for record in records:
-                try:
-                    if metadata:
-                        await self.sessions.delete_file(record.session_id, record.file_id)
-                    await self.files.delete(record.object_key)
-                except ApiError as exc:
-                    log.warning("clean-up of an unsaved output failed: %s", exc.message)
-
-
-def _mounts(inputs: list[FileRecord], ws: Workspace | None) -> dict[str, str]:
-    """``{filename: object key}`` to mount: the request's inputs and, in a runtime session, its
-    workspace; for a name in both, the newer copy (a file re-uploaded after the workspace last
-    changed it wins; otherwise the workspace's own, latest, state)."""
-    mounts = {record.filename: record.object_key for record in inputs}
-    if ws is not None:
-        created = {record.filename: record.created_at.timestamp() for record in inputs}
-        for name, item in ws.files.items():
-            if name not in created or item.stored_at >= created[name]:
-                mounts[name] = item.key
-    return mounts
-
-
-def _deleted_names(req: ExecRequest, inputs: list[FileRecord], sent: set[str], result: RunResult) -> list[str]:
-    """``deleted_files`` (contract §4.2): the names of mounted inputs this run removed, as the
-    request named them (so LibreChat can match its refs), plus removed workspace files. An input
-    mounted under another name (a clash, see ``_mount_name``) is matched by its file id."""
-    removed = set(result.removed or ()) & sent
-    if not removed:
-        return []
-    mounted_as = {record.file_id: record.filename for record in inputs}
-    names: list[str] = []
-    reported: set[str] = set()
-    for ref in req.files:
-        mount = mounted_as.get(ref.id, ref.name.rsplit("/", 1)[-1])
-        if mount in removed and ref.name not in names:
-            names.append(ref.name)
-            reported.add(mount)
-    # Workspace files and session uploads mounted without a ref of their own.
-    return names + sorted(removed - reported)
 
 
 _PHASE_WORDS = {
@@ -567,33 +335,6 @@ class _State:
     session_id: str
     inputs: list[FileRecord] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # for stderr: renamed inputs, dropped outputs
-
-
-def _single(group: BaseExceptionGroup) -> BaseException:
-    """The one meaningful error inside a nursery's exception group.
-
-    Trio wraps even a single failure in a group; the edge wants the ``ApiError`` itself. Cancelled
-    is never returned from here (the enclosing scope handles it): we prefer an ApiError, then any
-    other non-Cancelled exception, and otherwise give the group back untouched.
-    """
-    leaves: list[BaseException] = []
-
-    def walk(exc: BaseException) -> None:
-        if isinstance(exc, BaseExceptionGroup):
-            for inner in exc.exceptions:
-                walk(inner)
-        else:
-            leaves.append(exc)
-
-    walk(group)
-    if any(isinstance(leaf, trio.Cancelled) for leaf in leaves):
-        return group
-    for leaf in leaves:
-        if isinstance(leaf, ApiError):
-            return leaf
-    if len(leaves) == 1:
-        return leaves[0]
-    return group
 
 
 __all__ = ["ExecLimits", "ExecOutcome", "ExecRequest", "ExecService", "Phases", "Unavailable", "validate"]

@@ -1,4 +1,4 @@
-"""The three small interfaces the core needs, and nothing more.
+"""The small interfaces the core needs, and nothing more: what its callers actually call.
 
 Every backend implements one of these with the same shape, and each kind has an in-process twin
 (``backends/memory_sessions.py``, ``backends/local_files.py``, ``backends/memory_executor.py``) so the
@@ -19,9 +19,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from .model import FileRecord, GeneratedFile, RunResult, Session
+
+if TYPE_CHECKING:
+    from .ptc_state import PtcState
 
 
 @runtime_checkable
@@ -60,6 +63,15 @@ class SessionStore(Protocol):
     async def unlock(self, key: str, owner: str) -> None:
         """Release ``key`` if ``owner`` still holds it (never someone else's later lock)."""
 
+    async def expired_sessions(self) -> list[str]:
+        """Ids of sessions to purge (``core.files.purge_session``): past their ``expires_at``, or
+        indexed with their record gone (KubeCodeRun: "orphaned, missing data"). Expired sessions
+        stay invisible to readers until they are forgotten."""
+
+    async def forget_session(self, session_id: str) -> None:
+        """Drop the session record, its file metadata, index entry and entity memberships: the
+        last step of a purge, after the files' bytes are gone. Idempotent."""
+
 
 @runtime_checkable
 class FileStore(Protocol):
@@ -81,6 +93,14 @@ class FileStore(Protocol):
 
     async def delete(self, key: str) -> None:
         """Remove the object; missing objects are not an error (idempotent)."""
+
+    async def delete_prefix(self, prefix: str) -> int:
+        """Remove every object under a folder-like ``prefix`` (``sessions/<sid>/uploads/``, ending
+        in ``/``); returns how many were removed (``0`` when there were none). Idempotent."""
+
+    async def list_objects(self, prefix: str, *, start_after: str = "", limit: int = 1000) -> list[tuple[str, float]]:
+        """Up to ``limit`` ``(key, modified epoch seconds)`` under ``prefix``, in key order, after
+        ``start_after``: one page of the orphan sweeper's walk. Only complete objects are listed."""
 
     async def ping(self) -> dict[str, Any]: ...
 
@@ -125,3 +145,29 @@ class Executor(Protocol):
 
     async def status(self) -> dict[str, Any]:
         """Pool sizes and readiness, for ``/ready`` and metrics. ``{"ready": bool, ...}``."""
+
+
+class PtcStore(Protocol):
+    """Where programmatic tool calling keeps execution state (``backends/ptc_store.py``): in process
+    for one replica, in Redis when replicas share executions (``shared``). Failures are
+    ``errors.Unavailable`` (503), as for sessions."""
+
+    shared: bool
+
+    async def save(self, state: PtcState, ttl: float) -> None: ...
+    async def load(self, execution_id: str) -> PtcState | None: ...
+    async def delete(self, execution_id: str) -> None: ...
+
+    async def claim(self, execution_id: str, generation: int, replica: str) -> bool:
+        """Take over an orphaned execution's round ``generation``; exactly one replica wins."""
+
+    async def add_request(self, request_id: str, record: dict[str, Any], ttl: float) -> dict[str, Any] | None:
+        """Record a request id unless it exists; the existing record if it does."""
+
+    async def get_request(self, request_id: str) -> dict[str, Any] | None: ...
+    async def set_request(self, request_id: str, record: dict[str, Any], ttl: float) -> None: ...
+
+    async def heartbeat(self, replica: str, url: str, ttl: float) -> None:
+        """Say this replica is alive and reachable at ``url`` for ``ttl`` seconds."""
+
+    async def alive(self, replica: str) -> bool: ...

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import re
 import unicodedata
-from typing import Any
 
 from .languages import SOURCE_FILES
 from .model import GeneratedFile, RunResult
@@ -116,15 +115,3 @@ def attempted_outputs(generated: list[GeneratedFile]) -> int:
     (hidden, unsafe names, blocked types), which ``select_outputs`` notes but does not count as
     failed deliveries."""
     return sum(1 for g in generated if g.name not in SOURCE_FILES and _not_an_output(g.name) is None)
-
-
-def artifact_delivery(attempted: int, delivered: int) -> dict[str, Any] | None:
-    """Contract §4.1: outputs produced but not stored, in the only shape the client accepts
-    (``failed > 0``, ``attempted == delivered + failed``, ``failed`` ⇒ ``delivered == 0``,
-    ``partial`` ⇒ ``delivered > 0``); ``None`` (field omitted) when every file was delivered."""
-    delivered = max(0, min(delivered, attempted))
-    failed = attempted - delivered
-    if failed <= 0:
-        return None
-    return {"code": "artifact_delivery_failed", "status": "partial" if delivered else "failed",
-            "attempted": attempted, "delivered": delivered, "failed": failed}

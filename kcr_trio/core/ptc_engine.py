@@ -29,10 +29,12 @@ import trio
 
 from . import output
 from .errors import ApiError
-from .exec import ExecRequest, ExecService, _mounts
+from .exec import ExecRequest, ExecService
 from .ids import new_id
-from .model import FileRef
+from .interfaces import PtcStore, Sandbox
+from .model import FileRef, RunResult
 from .ptc_state import CANCELLED, TOKEN_TTL, CallRecord, PtcStart, PtcState, Replayer
+from .staging import mounts
 
 log = logging.getLogger("kcr_trio.ptc")
 
@@ -61,8 +63,8 @@ def new_live(state: PtcState) -> Live:
 
 
 class PtcEngine:
-    def __init__(self, service: ExecService, store: Any, *, replica: str, url: str, live: bool,
-                 open_run: Callable[..., Any], run_result: Callable[[dict[str, Any]], Any],
+    def __init__(self, service: ExecService, store: PtcStore, *, replica: str, url: str, live: bool,
+                 open_run: Callable[..., Any], run_result: Callable[[dict[str, Any]], RunResult],
                  bash_settle: float = 0.05, max_suspended: int = 1000, suspend_max: float = TOKEN_TTL) -> None:
         self.service = service
         self.store = store
@@ -182,13 +184,14 @@ class PtcEngine:
         self.stats["runs"] += 1
         req = ExecRequest(code="", lang="py" if state.lang == "python" else "bash", request_id=state.execution_id,
                           session_id=state.session_id, files=_refs(state.files))
-        session = await svc._choose_session(req)
+        # The file side is /exec's (``core.staging``): same session choice, refs and mounting.
+        session = await svc.staging.choose_session(req)
         state.out_session_id = session.session_id
         notes: list[str] = []
-        inputs = await svc._find_inputs(req, session, notes)
+        inputs = await svc.staging.find_inputs(req, session, notes)
         language = "py" if state.lang == "python" else "bash"
         async with svc.executor.sandbox(language, wait=svc.limits.acquire_timeout) as sandbox:
-            await svc._send_inputs(sandbox, _mounts(inputs, None), notes)
+            await svc.staging.send_inputs(sandbox, mounts(inputs, None), notes)
             body = {
                 "lang": state.lang, "code": state.code, "request_id": f"{state.execution_id}-{state.generation}",
                 "tools": [{"name": t.name, "ident": t.ident, "description": t.description, "params": t.params}
@@ -261,11 +264,11 @@ class PtcEngine:
         state.last = answer
         return answer
 
-    async def _finish(self, state: PtcState, sandbox: Any, raw: dict[str, Any], notes: list[str]) -> dict[str, Any]:
+    async def _finish(self, state: PtcState, sandbox: Sandbox, raw: dict[str, Any], notes: list[str]) -> dict[str, Any]:
         svc = self.service
         result = self._run_result(raw)
-        generated = await svc._generated(sandbox, result)
-        files, _attempted, _stored = await svc._collect_outputs(sandbox, generated, state.out_session_id or "", notes)
+        collected = await svc.staging.collect_outputs(sandbox, result, state.out_session_id or "", notes)
+        files = collected.files
         stdout, stderr = output.shape_output(result, limit=svc.limits.max_output_chars, timeout=state.timeout)
         if notes:
             stderr = "\n".join([stderr, *notes]).strip()

@@ -38,13 +38,13 @@ from typing import Any, Literal
 import trio
 
 from .errors import ApiError, BadRequest, NotFound, TooLarge
+from .files import CLEANUP_TIMEOUT  # the same bound on shielded clean-up as every file write
 from .ids import new_id
 from .interfaces import FileStore, Sandbox, SessionStore
 
 log = logging.getLogger("kcr_trio.runtime")
 
 HINT_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-CLEANUP_TIMEOUT = 5.0
 LOCK_POLL_MIN, LOCK_POLL_MAX = 0.05, 0.5
 
 

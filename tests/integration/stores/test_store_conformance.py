@@ -151,6 +151,19 @@ async def test_cancelled_calls_leave_the_store_usable(session_store: SessionStor
     assert got is not None and got.session_id == s.session_id
 
 
+async def test_forget_session_drops_it_idempotently(session_store: SessionStore) -> None:
+    """The purge's last step (``core.files.purge_session``), after the files' metadata and bytes."""
+    s = await session_store.create_session(entity_id="ent-forget", user_id=None)
+    await session_store.add_file(record(s.session_id, "f-forget"))
+    await session_store.delete_file(s.session_id, "f-forget")
+    await session_store.forget_session(s.session_id)
+    await session_store.forget_session(s.session_id)
+    assert await session_store.get_session(s.session_id) is None
+    assert await session_store.list_files(s.session_id) == []
+    assert await session_store.find_entity_session("ent-forget") is None
+    assert isinstance(await session_store.expired_sessions(), list)
+
+
 # --- FileStore -------------------------------------------------------------------------------------
 
 
@@ -238,6 +251,22 @@ async def test_leaving_a_download_early_releases_it(file_store: FileStore) -> No
                 break
     with trio.fail_after(5):
         assert len(await read_all(file_store, key)) == 1_000_000
+
+
+async def test_prefix_listing_and_deletion(file_store: FileStore) -> None:
+    """What the orphan sweeper and the purge use: pages in key order, and a count of what went."""
+    base = f"sessions/s-prefix-{os.urandom(4).hex()}/"
+    keys = sorted(f"{base}uploads/f-{i}" for i in range(3))
+    for key in [*keys, f"{base}outputs/f-out"]:
+        await file_store.put(key, chunks(b"x"), content_type="text/plain")
+    first = await file_store.list_objects(base, limit=2)
+    assert [key for key, _ in first] == sorted([*keys, f"{base}outputs/f-out"])[:2]
+    assert all(isinstance(modified, float) for _, modified in first)
+    rest = await file_store.list_objects(base, start_after=first[-1][0])
+    assert [key for key, _ in first + rest] == sorted([*keys, f"{base}outputs/f-out"])
+    assert await file_store.delete_prefix(f"{base}uploads/") == 3
+    assert await file_store.delete_prefix(f"{base}uploads/") == 0
+    assert [key for key, _ in await file_store.list_objects(base)] == [f"{base}outputs/f-out"]
 
 
 async def test_file_store_ping(file_store: FileStore) -> None:
