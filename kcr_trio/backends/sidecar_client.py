@@ -56,6 +56,7 @@ class SidecarSandbox:
         timeout_cap: float | None = None,
         answer_margin: float = 15.0,
         file_timeout: float = 60.0,
+        compile_timeout: float = 0.0,
     ) -> None:
         """``timeout_cap``: the sidecar's own maximum (120 for KubeCodeRun's 2.1.3 sidecar, which
         answers 422 above it); longer runs are clamped. ``answer_margin``: how long past the run's
@@ -64,6 +65,9 @@ class SidecarSandbox:
         self._client = client
         self._timeout_cap = timeout_cap
         self._margin = answer_margin
+        # Our sidecar gives compile steps their own budget (``--compile-timeout``) before the
+        # program's timeout starts: the answer may come that much later.
+        self._compile_timeout = compile_timeout
         self._file_timeout = httpx.Timeout(file_timeout, connect=5.0)
         self._inputs: dict[str, int] = {}
         self._generated: list[GeneratedFile] | None = None
@@ -116,12 +120,12 @@ class SidecarSandbox:
                 f"{self.base_url}/execute",
                 json=body,
                 headers={"x-request-id": request_id},
-                timeout=httpx.Timeout(wire_timeout + self._margin, connect=5.0),
+                timeout=httpx.Timeout(wire_timeout + self._compile_timeout + self._margin, connect=5.0),
             )
         except _CONNECT_ERRORS as exc:
             raise self._unreachable(exc) from exc
         except httpx.ReadTimeout:
-            why = f"the sandbox did not answer within {wire_timeout + self._margin:g} s"
+            why = f"the sandbox did not answer within {wire_timeout + self._compile_timeout + self._margin:g} s"
             return RunResult(exit_code=124, stdout="", stderr=f"Execution timed out after {wire_timeout} seconds",
                              timed_out=True, duration_ms=(time.monotonic() - started) * 1000, failure=why)
         except _BROKEN_ERRORS as exc:
