@@ -30,11 +30,9 @@ Lifecycle and cancellation:
 
 from __future__ import annotations
 
-import collections
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -49,6 +47,7 @@ from sidecar import host
 from .local_settings import LocalExecutorSettings, SandboxUnavailable, decide_sandbox
 from .local_sidecars import LocalSidecar, SidecarProcesses
 from .sidecar_client import SidecarSandbox
+from .warm_pool import WarmPools
 
 __all__ = ["LocalExecutor", "LocalExecutorSettings", "SandboxUnavailable", "decide_sandbox",
            "open_local_executor"]
@@ -60,14 +59,6 @@ RELEASE_DELAY = 0.005
 # How long a run waits for a sidecar of its language (being reset or started) before it starts
 # one itself.
 RETURN_WAIT = 5.0
-
-
-@dataclass(eq=False)
-class _Waiter:
-    """A run queued for the next sidecar of its language to come back from a reset."""
-
-    event: trio.Event = field(default_factory=trio.Event)
-    sidecar: LocalSidecar | None = None
 
 
 class LocalExecutor(SidecarProcesses):
@@ -82,12 +73,10 @@ class LocalExecutor(SidecarProcesses):
         self._slots = trio.Semaphore(self.capacity)
         self.in_use = 0
         self._targets = {code: settings.pool_size(code) for code in LANGUAGES}
-        self._pools: dict[str, collections.deque[LocalSidecar]] = {c: collections.deque() for c in LANGUAGES}
+        # The shared warm-pool model (warm_pool.py): warm sidecars, the runs queued for one, the
+        # sidecars coming (being reset or started for a miss) and the keep / make-room rules.
+        self.pools: WarmPools[LocalSidecar] = WarmPools(self._targets)
         self._wake: dict[str, trio.Event] = {c: trio.Event() for c in LANGUAGES}
-        # Releases in flight per language, and the runs queued for the sidecars they return (_take).
-        self._releasing: dict[str, int] = {c: 0 for c in LANGUAGES}
-        self._growing: dict[str, int] = {c: 0 for c in LANGUAGES}  # background starts (_grow)
-        self._waiters: dict[str, collections.deque[_Waiter]] = {c: collections.deque() for c in LANGUAGES}
         self._filled: set[str] = set()
         self._closing = False
 
@@ -113,10 +102,11 @@ class LocalExecutor(SidecarProcesses):
             sidecar = await self._take(lang, wait)
             self._wake[lang].set()
             if sidecar is None:
-                sidecar = await self._start(lang)
+                sidecar = self.pools[lang].claim(await self._start(lang))
         except BaseException:
             with trio.CancelScope(shield=True):
                 if sidecar is not None:
+                    self.pools[lang].release()
                     await self._destroy(sidecar)
                 self._free_slot()
             raise
@@ -137,78 +127,46 @@ class LocalExecutor(SidecarProcesses):
         ready first: one coming back from its reset (milliseconds) or the new one. Before, a miss
         always waited for its own cold start (~0.4 s of CPU): at c=1 back to back with a pool of
         one, the second request did (the bash p99 of ~0.5 s). A sidecar that comes back goes to
-        the first waiter directly (``_give``): a waiter is never overtaken by a later run."""
-        pool = self._pools[lang]
-        while pool:
-            candidate = pool.popleft()
+        the first waiter directly (``WarmPool.offer``): a waiter is never overtaken by a later run."""
+        pool = self.pools[lang]
+        while (candidate := pool.take()) is not None:
             if candidate.process.returncode is None:
                 return candidate
+            pool.release()
             await self._destroy(candidate)
         self._grow(lang)
-        waiters = self._waiters[lang]
-        if self._coming(lang) <= len(waiters):
-            return None
-        waiter = _Waiter()
-        waiters.append(waiter)
-        try:
-            with trio.move_on_after(min(wait, RETURN_WAIT)):
-                await waiter.event.wait()
-        except BaseException:
-            if waiter.sidecar is not None:  # handed over just as we were cancelled: keep it warm
-                pool.appendleft(waiter.sidecar)
-            raise
-        finally:
-            if waiter in waiters:
-                waiters.remove(waiter)
-        return waiter.sidecar
-
-    def _coming(self, lang: str) -> int:
-        """Sidecars of ``lang`` that will soon be free: being reset or being started for a miss."""
-        return self._releasing[lang] + self._growing[lang]
-
-    def _excess_waiters(self, lang: str) -> None:
-        """Waiters beyond what is coming start their own sidecar now instead of waiting in vain."""
-        waiters = self._waiters[lang]
-        while len(waiters) > self._coming(lang):
-            waiters.pop().event.set()
+        return await pool.wait_for_coming(min(wait, RETURN_WAIT))
 
     def _grow(self, lang: str) -> None:
         """Start one more sidecar of ``lang`` in the background after a miss, unless the language
         already has ``max(target, capacity)`` (the most its pool keeps): the pool follows demand."""
-        live = sum(1 for s in self._live if s.language == lang) + self._growing[lang]
-        if self._closing or live >= max(self._targets[lang], self.capacity):
+        if self._closing:
             return
-        self._growing[lang] += 1
+        live = sum(1 for s in self._live if s.language == lang)
+        pool = self.pools[lang]
+        if not pool.plan_grow(live, self.capacity):
+            return
         try:
             self._nursery.start_soon(self._start_for_pool, lang)
         except RuntimeError:  # the nursery is closed (shutdown)
-            self._growing[lang] -= 1
+            pool.grow_ended()
 
     async def _start_for_pool(self, lang: str) -> None:
         """``_grow``'s start: the new sidecar goes to a waiting run or the pool; never raises."""
+        pool = self.pools[lang]
         sidecar: LocalSidecar | None = None
         try:
             sidecar = await self._start(lang)
             if not self._closing:
-                self._give(sidecar)  # before the count drops: the waiter it is for is still queued
+                pool.offer(sidecar)  # before the count drops: the waiter it is for is still queued
                 sidecar = None
         except Unavailable as exc:
             log.warning("could not start a %s sidecar: %s", lang, exc.message)
         finally:
-            self._growing[lang] -= 1
-            self._excess_waiters(lang)
+            pool.grow_ended()
+            pool.dismiss_excess_waiters()
         if sidecar is not None:  # started while shutting down
             await self._destroy(sidecar)
-
-    def _give(self, sidecar: LocalSidecar) -> None:
-        """A reset sidecar goes to the first run waiting for one, else back to its pool."""
-        waiters = self._waiters[sidecar.language]
-        if waiters:
-            waiter = waiters.popleft()
-            waiter.sidecar = sidecar
-            waiter.event.set()
-        else:
-            self._pools[sidecar.language].append(sidecar)
 
     def _hand_back(self, sidecar: LocalSidecar) -> None:
         """Leave the release to the executor's nursery: the caller answers now, the slot stays
@@ -216,6 +174,7 @@ class LocalExecutor(SidecarProcesses):
         try:
             self._nursery.start_soon(self._release, sidecar)
         except RuntimeError:  # the nursery is closed (shutdown): aclose() kills every sidecar
+            self.pools[sidecar.language].release()
             self._free_slot()
 
     def _free_slot(self) -> None:
@@ -225,19 +184,25 @@ class LocalExecutor(SidecarProcesses):
     async def _release(self, sidecar: LocalSidecar) -> None:
         """Reset the sidecar for its next run, or destroy it; then free the slot. Shielded (a
         shutdown must not leave a used sandbox in a pool) and bounded; never raises."""
-        lang = sidecar.language
-        self._releasing[lang] += 1
+        pool = self.pools[sidecar.language]
+        pool.returning += 1
+        handed = False
         try:
             with trio.CancelScope(shield=True):
                 await trio.sleep(RELEASE_DELAY)
                 if await self._reset(sidecar):
                     sidecar.runs += 1
-                    self._give(sidecar)
+                    handed = True
+                    pool.put_back(sidecar)  # to the first waiting run, else warm
                 else:
+                    handed = True
+                    pool.release()
                     await self._destroy(sidecar)
         finally:
-            self._releasing[lang] -= 1
-            self._excess_waiters(lang)
+            if not handed:
+                pool.release()
+            pool.returning -= 1
+            pool.dismiss_excess_waiters()
             self._free_slot()
 
     def _keep(self, sidecar: LocalSidecar) -> bool:
@@ -247,7 +212,7 @@ class LocalExecutor(SidecarProcesses):
         together at most ``capacity`` beyond their targets, so a burst of rare languages cannot
         pin memory; ``kcr_local_max_runs_per_sidecar`` bounds any slow leak in a sidecar. When
         that shared allowance is used up by idle sidecars of other languages, the one idle longest
-        in the language with the most beyond its target makes room (``_evict_for``): the
+        in the language with the most beyond its target makes room (``WarmPools.make_room``): the
         allowance follows demand. Before, after load moved from one language to another, every
         run of the new one destroyed its sidecar and the next cold-started one (~0.4 s of CPU)."""
         lang = sidecar.language
@@ -255,20 +220,14 @@ class LocalExecutor(SidecarProcesses):
             return False
         if sidecar.runs + 1 >= self.local.kcr_local_max_runs_per_sidecar:
             return False
-        pool, target = self._pools[lang], self._targets[lang]
-        if len(pool) >= max(target, self.capacity):
+        if self.pools.may_keep(lang, self.capacity):
+            return True
+        pool = self.pools[lang]
+        if len(pool.ready) >= max(pool.target, self.capacity):
+            return False  # the language's own bound, not the shared allowance
+        victim = self.pools.make_room(lang)
+        if victim is None:
             return False
-        extra = sum(max(0, len(self._pools[c]) - self._targets[c]) for c in LANGUAGES)
-        return len(pool) < target or extra < self.capacity or self._evict_for(lang)
-
-    def _evict_for(self, lang: str) -> bool:
-        """Destroy (in the background) the longest-idle sidecar of the language with the most
-        idle sidecars beyond its target, other than ``lang``; False if there is none."""
-        over = [(len(self._pools[c]) - self._targets[c], c) for c in LANGUAGES if c != lang]
-        excess, victim_lang = max(over)
-        if excess <= 0:
-            return False
-        victim = self._pools[victim_lang].popleft()
         try:
             self._nursery.start_soon(self._destroy, victim)
         except RuntimeError:  # the nursery is closed (shutdown): aclose() kills every sidecar
@@ -293,7 +252,7 @@ class LocalExecutor(SidecarProcesses):
 
     async def status(self) -> dict[str, Any]:
         await trio.lowlevel.checkpoint()
-        pools = {code: {"warm": len(self._pools[code]), "target": self._targets[code]}
+        pools = {code: {"warm": len(self.pools[code].ready), "target": self._targets[code]}
                  for code in LANGUAGES}
         wanted = {c for c, t in self._targets.items() if t > 0}
         return {
@@ -320,10 +279,10 @@ class LocalExecutor(SidecarProcesses):
 
     async def _replenish(self, lang: str, target: int) -> None:
         """Keep ``target`` warm sidecars of ``lang``; never raises (it lives in the owner's nursery)."""
-        pool = self._pools[lang]
+        pool = self.pools[lang]
         failures = 0
         while True:
-            while len(pool) < target and not self._closing:
+            while len(pool.ready) < target and not self._closing:
                 try:
                     sidecar = await self._start(lang)
                 except Unavailable as exc:
@@ -333,7 +292,7 @@ class LocalExecutor(SidecarProcesses):
                     await trio.sleep(min(30.0, 0.5 * 2 ** min(failures, 6)))
                     continue
                 failures = 0
-                self._give(sidecar)  # a run waiting for one gets it, else the pool
+                pool.offer(sidecar)  # a run waiting for one gets it, else the pool
             self._filled.add(lang)
             self._wake[lang] = trio.Event()
             await self._wake[lang].wait()
@@ -341,8 +300,8 @@ class LocalExecutor(SidecarProcesses):
 
     async def aclose(self) -> None:
         self._closing = True
-        for pool in self._pools.values():
-            pool.clear()
+        for pool in self.pools.values():
+            pool.ready.clear()
         await self._close_processes()
 
 
