@@ -141,8 +141,8 @@ class Executor(Protocol):
 
     @property
     def warnings(self) -> list[str]:
-        """Start-up findings (no per-run memory bound, an unsafe sandbox root...): logged and shown
-        by ``/ready``. Empty when there is nothing to say."""
+        """Start-up findings (no per-run memory bound, an unsafe sandbox root...): shown by
+        ``/ready``. Empty when there is nothing to say."""
 
     @property
     def ptc_capable(self) -> bool:
