@@ -107,6 +107,8 @@ class Settings(BaseSettings):
     kcr_heartbeat_grace: float = Field(1.0, ge=0.0)  # seconds of silence before committing a 200
     kcr_heartbeat_interval: float = Field(2.0, gt=0.0, le=4.0)  # one space at least this often
     kcr_connection_close: bool = True  # on /files, /download, /upload, freshness responses
+    # ... to LibreChat / axios requests only, or to every client (api/connection_policy.py).
+    kcr_connection_close_clients: Literal["librechat", "all"] = "librechat"
     kcr_keep_alive_timeout: float = Field(75.0, gt=5.0)
     # A partial request head buffered this long gets a 408 and a close (None: the keep-alive timeout).
     kcr_head_timeout: float | None = Field(None, gt=0.0)

@@ -16,6 +16,8 @@ APT_PACKAGES=(
   gcc g++ golang-go default-jdk-headless php-cli rustc r-base-core gfortran ldc
   # container images: build and run them (tests/integration/images, scripts/build-images.sh)
   podman runc mmdebstrap
+  # the HTTP-cost benchmark's load generator (kcr-trio bench --scenario http-cost)
+  wrk
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -176,6 +176,12 @@ async def record_or_404(session_id: str, file_id: str) -> FileRecord:
 # -- download, delete -----------------------------------------------------------------------------
 
 
+# Stores hand out 64 KiB pieces; each piece sent on its own passes the channel, Quart's response
+# loop, the request scope and Hypercorn/h11, a few task switches each. Joined to this size first,
+# a 10 MB download costs a quarter of those trips (one copy of the bytes, far cheaper).
+DOWNLOAD_SEND_BYTES = 256 * 1024
+
+
 async def download(session_id: str, file_id: str) -> Response:
     svc = services()
     record = await record_or_404(session_id, file_id)
@@ -188,8 +194,16 @@ async def download(session_id: str, file_id: str) -> Response:
             try:
                 async with svc.files.open(record.object_key) as chunks:
                     await send.send(("open", None))
+                    pending: list[bytes] = []
+                    size = 0
                     async for chunk in chunks:
-                        await send.send(("data", chunk))
+                        pending.append(chunk)
+                        size += len(chunk)
+                        if size >= DOWNLOAD_SEND_BYTES:
+                            await send.send(("data", b"".join(pending)))
+                            pending, size = [], 0
+                    if pending:
+                        await send.send(("data", b"".join(pending)))
             except ApiError as exc:
                 await send.send(("error", exc))
 

@@ -6,8 +6,8 @@
 * **Before each request**: a JSON route refuses a body type it cannot read (415), then the caller is
   authenticated (header key, JWT, trusted network) — except for a JSON body that carries its key
   itself, which the handler checks once it has read the body (``g.auth_pending``).
-* **After each request**: security headers; ``Connection: close`` on the paths LibreChat fetches
-  with axios (``keepalive.md``); the rate-limit headers of the tightest quota.
+* **After each request**: security headers; the rate-limit headers of the tightest quota.
+  (``Connection: close`` for LibreChat's axios requests is the ASGI edge's: ``api/connection_policy.py``.)
 
 ``install`` registers them (and the execution-profile hooks, ``api/profiles.py``, between the two,
 so that the profile is checked after authentication).
@@ -37,9 +37,6 @@ log = logging.getLogger("kcr_trio.api")
 
 # Body types a JSON route accepts (LibreChat and its SDKs send all of these with JSON inside).
 JSON_TYPES = ("application/json", "multipart/form-data", "application/x-www-form-urlencoded", "text/plain")
-# Paths LibreChat fetches with axios: answering them with Connection: close keeps a socket that axios
-# tainted (keepalive.md) from ever being reused for /exec.
-CLOSE_PREFIXES = ("/files/", "/download/", "/upload", "/sessions/")
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
@@ -141,8 +138,6 @@ async def content_type_and_auth() -> None:
 async def response_headers(response: Response) -> Response:
     for name, value in SECURITY_HEADERS.items():
         response.headers.setdefault(name, value)
-    if services().settings.kcr_connection_close and request.path.startswith(CLOSE_PREFIXES):
-        response.headers["Connection"] = "close"
     quotas = g.get("quotas")
     if quotas:  # the tightest window's state, as a client would want to pace itself
         quota = min(quotas, key=lambda q: q.limit - q.used)

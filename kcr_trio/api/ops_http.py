@@ -2,25 +2,24 @@
 
 ``/health`` touches nothing that can hang: it is the liveness probe. ``/ready`` asks every backend,
 each under its own deadline, and answers 503 with per-dependency details when one is down — never a
-500, never a hang. ``/metrics`` is served here only when no separate metrics port is configured.
+500, never a hang. Both answers are built in ``api.probes``, which also serves their GET and HEAD
+below Quart (the probes' cheap path). ``/metrics`` is served here only when no separate metrics port is configured.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
 from quart import Response, current_app, request
 
 from kcr_trio import __version__
-from kcr_trio.core.errors import ApiError
 
 from .errors import dumps
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .openapi import docs_page, openapi_document
+from .probes import health_body, ready_report
 from .scope import current
 from .services import Services, json_response, services
 
@@ -44,51 +43,15 @@ def register_late(app: Any, svc: Services) -> None:
 
 
 async def health() -> Response:
-    settings = services().settings
-    return json_response(
-        {
-            "status": "healthy",
-            "version": __version__,
-            "config": {"debug": False, "docs_enabled": settings.enable_docs,
-                       "cors_enabled": bool(settings.kcr_cors_origins.strip())},
-        }
-    )
+    """Quart's copy: GET and HEAD are answered by ``api.probes`` below Quart; the route stays for
+    the OpenAPI document and for the other methods' answers (405, OPTIONS)."""
+    return json_response(health_body(services()))
 
 
 async def ready() -> Response:
-    svc = services()
-    checks: dict[str, Any] = {}
-    timeout = svc.settings.kcr_ready_timeout
-
-    async def probe(name: str, fn: Callable[[], Awaitable[Any]]) -> None:
-        # Each dependency gets its own deadline and its own verdict: one slow or broken store
-        # makes the answer 503 with details, never a 500 and never a hang.
-        started = time.perf_counter()
-        try:
-            with trio.fail_after(timeout):
-                result = await fn()
-            checks[name] = {"ok": True, **(result if isinstance(result, dict) else {})}
-        except ApiError as exc:
-            checks[name] = {"ok": False, "error": exc.message}
-        except trio.TooSlowError:
-            checks[name] = {"ok": False, "error": f"no answer within {timeout:g} s"}
-        except Exception as exc:  # a backend bug: report it, keep serving
-            log.exception("readiness check %s failed", name)
-            checks[name] = {"ok": False, "error": f"unexpected error: {type(exc).__name__}"}
-        checks[name]["latency_ms"] = round((time.perf_counter() - started) * 1000, 2)
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(probe, "sessions", svc.sessions.ping)
-        nursery.start_soon(probe, "files", svc.files.ping)
-        nursery.start_soon(probe, "executor", svc.executor.status)
-    ok = all(check["ok"] for check in checks.values())
-    if checks.get("executor", {}).get("ready") is False:
-        ok = False
+    status, body = await ready_report(services())
     current(request.scope).outcome = "ok"  # a 503 here is an answer, not a server failure
-    body: dict[str, Any] = {"status": "ready" if ok else "not_ready", "checks": checks}
-    if svc.warnings:
-        body["warnings"] = svc.warnings
-    return json_response(body, 200 if ok else 503)
+    return json_response(body, status)
 
 
 async def metrics() -> Response:

@@ -94,9 +94,11 @@ def current(scope: Mapping[str, Any]) -> RequestScope:
 class RequestScopeMiddleware:
     """Wraps the ASGI app; see the module docstring for what and why."""
 
-    def __init__(self, app: Any, *, on_finish: Any = None) -> None:
+    def __init__(self, app: Any, *, on_finish: Any = None, fast_routes: Mapping[str, Any] | None = None) -> None:
         self.app = app
         self.on_finish = on_finish  # callable(RequestScope, asgi scope) for metrics
+        # GET/HEAD of these paths go to these plain ASGI apps instead of ``app`` (``api.probes``).
+        self.fast_routes = dict(fast_routes or {})
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -152,8 +154,11 @@ class RequestScopeMiddleware:
                             return
                     await send(message)
 
+                app = self.app
+                if scope.get("method") in ("GET", "HEAD"):
+                    app = self.fast_routes.get(scope.get("path", ""), app)
                 try:
-                    await self.app(scope, wrapped_receive, wrapped_send)
+                    await app(scope, wrapped_receive, wrapped_send)
                 finally:
                     rs.finished = rs.elapsed()
                     # Work the request started must not outlive it.

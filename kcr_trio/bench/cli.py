@@ -29,6 +29,7 @@ DELEGATES = {
     "engine": ("kcr_trio.bench.engine", "execution engine: /exec latency vs bare start, exec/s, idle CPU"),
 }
 MAX_SIZE = 100 * 1024 * 1024
+HTTP_ROUTES = ("health", "files", "upload-1k", "upload-10m", "download-10m")
 
 
 def _int_list(text: str, lo: int, hi: int, what: str) -> list[int]:
@@ -110,6 +111,9 @@ def build_parser(scenario_names: list[str]) -> argparse.ArgumentParser:
     p.add_argument("--slow-senders", type=_bounded(int, 0, 200), default=10)
     p.add_argument("--slow-interval", type=_bounded(float, 0.05, 10), default=0.5)
     p.add_argument("--files-concurrency", default="4", help="files-rps concurrency levels (default 4)")
+    p.add_argument("--http-routes", default=",".join(HTTP_ROUTES),
+                   help=f"http-cost routes, comma-separated (default all: {','.join(HTTP_ROUTES)})")
+    p.add_argument("--http-concurrency", default="1,16", help="http-cost concurrency levels (default 1,16)")
     p.add_argument("--max-file-mb", type=_bounded(int, 0, 100), default=10,
                    help="conformance: the targets' MAX_FILE_SIZE_MB for the 413 check (0 skips it)")
     p.add_argument("--skip-case", action="append", default=[], metavar="NN", help="conformance case to skip (repeat)")
@@ -132,8 +136,12 @@ def options_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> O
     try:
         conc = _int_list(args.concurrency, 1, 256, "--concurrency")
         files_conc = _int_list(args.files_concurrency, 1, 256, "--files-concurrency")
+        http_conc = _int_list(args.http_concurrency, 1, 256, "--http-concurrency")
     except argparse.ArgumentTypeError as exc:
         parser.error(str(exc))
+    http_routes = [r.strip() for r in args.http_routes.split(",") if r.strip()]
+    if not http_routes or any(r not in HTTP_ROUTES for r in http_routes):
+        parser.error(f"--http-routes: choose from {', '.join(HTTP_ROUTES)}")
     return Options(
         runs=args.runs, duration=args.duration, requests=args.requests, warmup=args.warmup, timeout=args.timeout,
         languages=langs, concurrency=conc, max_requests_per_window=args.max_requests_per_window, sizes=args.sizes,
@@ -143,7 +151,7 @@ def options_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> O
         idle_connections=args.idle_connections, slow_senders=args.slow_senders, slow_interval=args.slow_interval,
         files_concurrency=files_conc, conformance_max_file_mb=args.max_file_mb or None,
         conformance_skip=[c.zfill(2) for c in args.skip_case], check_timeout=args.check_timeout,
-        node_dir=args.node_dir, seed=args.seed,
+        node_dir=args.node_dir, seed=args.seed, http_routes=http_routes, http_concurrency=http_conc,
     )
 
 

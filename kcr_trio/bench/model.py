@@ -69,6 +69,8 @@ class Options:
     conformance_skip: list[str] = field(default_factory=list)
     check_timeout: float = 75.0
     node_dir: Path | None = None
+    http_routes: list[str] = field(default_factory=lambda: ["health", "files", "upload-1k", "upload-10m", "download-10m"])
+    http_concurrency: list[int] = field(default_factory=lambda: [1, 16])
     seed: int = 1
 
 

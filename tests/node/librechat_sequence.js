@@ -3,13 +3,15 @@
 //   2. node-fetch POST /exec on Node's default global agent (reuses the pooled socket),
 // both with the libraries and agent LibreChat uses. Prints one JSON line with the outcome.
 //
-// usage: node librechat_sequence.js <baseUrl> <apiKey> <code> [lang] [idleBeforeExecMs]
+// usage: node librechat_sequence.js <baseUrl> <apiKey> <code> [lang] [idleBeforeExecMs] [axiosHeaders]
+//   axiosHeaders: 'librechat' (default: User-Agent LibreChat/1.0, as LibreChat sends) or 'default'
+//   (axios's own User-Agent and Accept, as any other Node integration on axios would send)
 'use strict';
 const axios = require('axios');
 const fetch = require('node-fetch');
 
 async function main() {
-  const [baseUrl, apiKey, code, lang = 'py', idleMs = '0'] = process.argv.slice(2);
+  const [baseUrl, apiKey, code, lang = 'py', idleMs = '0', axiosHeaders = 'librechat'] = process.argv.slice(2);
   const started = Date.now();
   const result = { sockets: new Set() };
   const remember = (req) => req.on('socket', (s) => result.sockets.add(`${s.localPort}`));
@@ -20,7 +22,7 @@ async function main() {
   try {
     const summary = await axios.get(`${baseUrl}/files/abcdefghijklmnopqrstu?detail=summary`, {
       timeout: 5000,
-      headers: { 'X-API-Key': apiKey, 'User-Agent': 'LibreChat/1.0' },
+      headers: axiosHeaders === 'default' ? { 'X-API-Key': apiKey } : { 'X-API-Key': apiKey, 'User-Agent': 'LibreChat/1.0' },
     });
     result.summaryStatus = summary.status;
     if (Number(idleMs) > 0) await new Promise((r) => setTimeout(r, Number(idleMs)));

@@ -11,6 +11,7 @@ def registry() -> dict[str, Scenario]:
     from kcr_trio.bench.scenarios.disconnect_storm import DisconnectStorm
     from kcr_trio.bench.scenarios.exec_latency import ExecLatency
     from kcr_trio.bench.scenarios.files_rps import FilesRps
+    from kcr_trio.bench.scenarios.http_cost import HttpCost
     from kcr_trio.bench.scenarios.keepalive import KeepAlive
     from kcr_trio.bench.scenarios.ptc import Ptc
     from kcr_trio.bench.scenarios.slow_clients import SlowClients
@@ -18,6 +19,6 @@ def registry() -> dict[str, Scenario]:
 
     scenarios: list[Scenario] = [
         ExecLatency(), Concurrency(), UploadExec(), KeepAlive(), DisconnectStorm(), SlowClients(), FilesRps(),
-        ConformanceScenario(), Ptc(),
+        ConformanceScenario(), Ptc(), HttpCost(),
     ]
     return {s.name: s for s in scenarios}

@@ -22,11 +22,11 @@ SCRIPT = Path(__file__).resolve().parents[2] / "node" / "librechat_sequence.js"
 SLEEP_8 = "import time; time.sleep(8); print('slept')"
 
 
-def run_sequence(url: str, code: str, idle_ms: int = 0) -> dict:
+def run_sequence(url: str, code: str, idle_ms: int = 0, axios_headers: str = "librechat") -> dict:
     if shutil.which("node") is None:
         pytest.fail("node is required (scripts/install.sh installs it)")
     done = subprocess.run(
-        ["node", str(SCRIPT), url, TEST_KEY, code, "py", str(idle_ms)],
+        ["node", str(SCRIPT), url, TEST_KEY, code, "py", str(idle_ms), axios_headers],
         capture_output=True, text=True, timeout=60, check=False,
     )
     assert done.returncode == 0, done.stderr
@@ -48,6 +48,15 @@ def test_librechat_sequence_survives_a_slow_exec(heartbeat: str, close: str) -> 
     assert result["status"] == 200 and result["body"]["stdout"] == "slept\n"
     if close == "true":
         assert len(result["sockets"]) == 2  # the tainted socket was not reused for /exec
+
+
+def test_axios_with_its_own_default_headers_also_gets_the_close() -> None:
+    """The close rule picks axios by its default headers too (api/connection_policy.py), not only by
+    LibreChat's User-Agent: with the heartbeat off, only the close can save this sequence."""
+    with server_process({**ENV, "KCR_HEARTBEAT": "false"}) as server:
+        result = run_sequence(server.url, SLEEP_8, axios_headers="default")
+    assert result.get("ok"), result
+    assert result["body"]["stdout"] == "slept\n" and len(result["sockets"]) == 2
 
 
 def test_without_mitigations_the_hangup_is_seen() -> None:

@@ -144,8 +144,9 @@ async def test_error_after_commit_goes_in_stderr(server) -> None:
 
 @pytest.mark.parametrize("path", ["/files/abcdef?detail=summary", "/download/abc/def", "/sessions/abc/objects/def"])
 async def test_connection_close_really_closes(server, path: str) -> None:
+    """LibreChat's axios requests (its User-Agent) get the close (other clients: test_keepalive_policy.py)."""
     port, _, _ = server
-    stream = await raw_request(port, "GET", path)
+    stream = await raw_request(port, "GET", path, headers="User-Agent: LibreChat/1.0\r\n")
     chunks = await read_timed(stream, 3)
     raw = b"".join(c for _, c in chunks)
     _, headers, _ = split_response(raw)
@@ -160,7 +161,7 @@ async def test_upload_response_closes_connection(server) -> None:
             f"Content-Type: text/plain\r\n\r\nhello\r\n--{boundary}--\r\n").encode()
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     await stream.send_all(
-        f"POST /upload HTTP/1.1\r\nHost: t\r\nX-API-Key: {TEST_KEY}\r\n"
+        f"POST /upload HTTP/1.1\r\nHost: t\r\nX-API-Key: {TEST_KEY}\r\nUser-Agent: LibreChat/1.0\r\n"
         f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(form)}\r\n\r\n".encode() + form
     )
     chunks = await read_timed(stream, 3)
