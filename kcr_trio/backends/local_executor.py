@@ -199,6 +199,8 @@ class _Waiter:
 
 
 class LocalExecutor:
+    ptc_capable = True  # Executor: every sandbox is a sidecar, which carries the PTC channel
+
     def __init__(self, settings: Settings, local: LocalExecutorSettings, nursery: trio.Nursery,
                  http: httpx.AsyncClient) -> None:
         self.settings = settings
