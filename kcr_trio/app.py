@@ -161,7 +161,7 @@ async def open_services(settings: Settings, *, executor: Executor | None = None)
                 from kcr_trio.backends.local_executor import open_local_executor
 
                 executor = await stack.enter_async_context(open_local_executor(settings))
-        warnings.extend(getattr(executor, "warnings", []))
+        warnings.extend(executor.warnings)
 
         # Background work the server's lifetime owns: expired sessions are purged (bytes, then
         # metadata, then the record), idempotently, so KubeCodeRun may clean the same stores.

@@ -64,6 +64,8 @@ RETURN_WAIT = 5.0
 class LocalExecutor(SidecarProcesses):
     """Per-language warm pools of sidecars behind ``MAX_CONCURRENT_EXECUTIONS`` slots."""
 
+    ptc_capable = True  # Executor: every sandbox is a sidecar, which carries the PTC channel
+
     def __init__(self, settings: Settings, local: LocalExecutorSettings, nursery: trio.Nursery,
                  http: httpx.AsyncClient) -> None:
         super().__init__(settings, local)

@@ -29,7 +29,7 @@ import secrets
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 from urllib.parse import quote
 
 import httpx
@@ -43,6 +43,16 @@ from kcr_trio.core.names import guess_content_type
 RUNNER_FILES = SOURCE_FILES | {"Code.class"}
 _CONNECT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol)
 _BROKEN_ERRORS = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError, httpx.WriteTimeout)
+
+
+@runtime_checkable
+class SidecarEndpoint(Protocol):
+    """A sandbox served by a sidecar over HTTP. Programmatic tool calling talks to that sidecar
+    directly (``backends/ptc_sidecar.py``: ``/ptc/start``, ``/ptc/results``); a sandbox without
+    one (the in-process twin) has no PTC channel."""
+
+    def sidecar_endpoint(self) -> tuple[str, httpx.AsyncClient] | None:
+        """The sidecar's base URL and the client to reach it with, or ``None``."""
 
 
 class SidecarSandbox:
@@ -74,6 +84,10 @@ class SidecarSandbox:
 
     def __repr__(self) -> str:
         return f"SidecarSandbox({self.base_url!r})"
+
+    def sidecar_endpoint(self) -> tuple[str, httpx.AsyncClient]:
+        """``SidecarEndpoint``: this sidecar, on this sandbox's client."""
+        return self.base_url, self._client
 
     # --- files in -------------------------------------------------------------------------
     async def put_file(self, name: str, chunks: AsyncIterable[bytes]) -> None:
