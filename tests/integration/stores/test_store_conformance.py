@@ -6,12 +6,13 @@ from __future__ import annotations
 import datetime as dt
 import os
 from functools import partial
+from pathlib import Path
 
 import pytest
 import trio
 
 from kcr_trio.core import errors
-from kcr_trio.core.interfaces import FileStore, SessionStore
+from kcr_trio.core.interfaces import FileStore, SessionStore, Spooled
 from kcr_trio.core.model import FOREVER, FileRecord, utcnow
 
 
@@ -193,6 +194,42 @@ async def test_too_large_stores_nothing(file_store: FileStore) -> None:
         await read_all(file_store, key)
     # Exactly at the limit is fine.
     assert await file_store.put(key, chunks(b"a" * 1000), content_type="text/plain", max_bytes=1000) == 1000
+
+
+async def test_put_from_a_spool_file(file_store: FileStore, tmp_path: Path) -> None:
+    """An upload's spool goes in as a file (no second copy); the caller's file is left as it was,
+    and the stored object does not depend on it afterwards (the edge removes its spool)."""
+    data = os.urandom(3_000_001)
+    spool = tmp_path / "spool.upload"
+    spool.write_bytes(data)
+    key = "sessions/s-spool/uploads/f-spool"
+    assert await file_store.put(key, Spooled(spool, len(data)), content_type="text/csv", max_bytes=len(data)) == len(data)
+    assert spool.read_bytes() == data
+    spool.unlink()
+    assert await read_all(file_store, key) == data
+
+
+async def test_spool_over_the_limit_stores_nothing(file_store: FileStore, tmp_path: Path) -> None:
+    spool = tmp_path / "big.upload"
+    spool.write_bytes(b"x" * 1001)
+    key = "sessions/s-spool-big/uploads/f-big"
+    with pytest.raises(errors.TooLarge):
+        await file_store.put(key, Spooled(spool, 1001), content_type="text/plain", max_bytes=1000)
+    with pytest.raises(errors.NotFound):
+        await read_all(file_store, key)
+    assert spool.exists()
+
+
+async def test_spool_that_changed_size_stores_nothing(file_store: FileStore, tmp_path: Path) -> None:
+    """The size is signed into the S3 PUT and returned as the file's size: a spool that is not the
+    size announced is refused, never stored short or long."""
+    spool = tmp_path / "short.upload"
+    spool.write_bytes(b"abc")
+    key = "sessions/s-spool-short/uploads/f-short"
+    with pytest.raises(errors.Unavailable):
+        await file_store.put(key, Spooled(spool, 10), content_type="text/plain")
+    with pytest.raises(errors.NotFound):
+        await read_all(file_store, key)
 
 
 async def test_open_missing_is_not_found(file_store: FileStore) -> None:
