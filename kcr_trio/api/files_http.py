@@ -141,9 +141,8 @@ async def list_files(session_id: str) -> Response:
     detail = request.args.get("detail", "full")
     if not is_safe_id(session_id):
         return json_response([])
-    records = await sessions.list_files(session_id)
     if detail == "summary":
-        session = await sessions.get_session(session_id)
+        records, session = await sessions.list_files_and_session(session_id)
         now = utcnow()
         items = []
         for r in records:
@@ -155,6 +154,7 @@ async def list_files(session_id: str) -> Response:
                 stamp = r.created_at
             items.append(wire_shapes.file_summary(session_id, r, stamp))
         return json_response(items)
+    records = await sessions.list_files(session_id)
     if detail == "simple":
         return json_response([wire_shapes.file_simple(r) for r in records])
     return json_response([wire_shapes.file_full(session_id, r) for r in records])

@@ -49,6 +49,11 @@ class SessionStore(Protocol):
     async def list_files(self, session_id: str) -> list[FileRecord]:
         """The session's files, oldest first; ``[]`` for an unknown session."""
 
+    async def list_files_and_session(self, session_id: str) -> tuple[list[FileRecord], Session | None]:
+        """``(list_files(sid), get_session(sid))``, the session refreshed as ``get_session`` does,
+        in one call where the store can (``/files?detail=summary``, LibreChat's priming call, needs
+        both: one Redis round trip instead of three)."""
+
     async def delete_file(self, session_id: str, file_id: str) -> FileRecord | None:
         """Remove and return the metadata, or ``None`` if there was none."""
 

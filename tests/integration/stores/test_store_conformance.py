@@ -130,6 +130,34 @@ async def test_file_lookups_are_scoped_to_their_session(session_store: SessionSt
     assert await session_store.list_files("no-such-session") == []
 
 
+async def test_files_and_session_in_one_call(session_store: SessionStore) -> None:
+    """``/files?detail=summary``'s one call answers exactly what ``list_files`` and ``get_session``
+    answer, and refreshes ``last_activity`` as ``get_session`` does."""
+    s = await session_store.create_session(entity_id="ent-both", user_id="u-both")
+    for i, age in enumerate((3, 1, 2)):
+        await session_store.add_file(record(s.session_id, f"file-{i}", name=f"f{i}.csv", age=age))
+    await session_store.add_file(record("other-session", "file-x"))
+    seen = (await session_store.get_session(s.session_id)).last_activity  # type: ignore[union-attr]
+    with trio.fail_after(2):
+        while utcnow() <= seen:
+            await trio.sleep(0.001)
+
+    records, session = await session_store.list_files_and_session(s.session_id)
+    assert [r.file_id for r in records] == ["file-0", "file-2", "file-1"]  # oldest first
+    assert records == await session_store.list_files(s.session_id)
+    assert session is not None and session.session_id == s.session_id and session.active
+    assert session.metadata == {"entity_id": "ent-both", "user_id": "u-both"}
+    assert session.last_activity > seen
+    stored = await session_store.get_session(s.session_id)
+    assert stored is not None and stored.last_activity >= session.last_activity
+
+    assert await session_store.list_files_and_session("no-such-session") == ([], None)
+    await session_store.forget_session(s.session_id)
+    assert await session_store.list_files_and_session(s.session_id) == (
+        await session_store.list_files(s.session_id), None
+    )
+
+
 async def test_hit_counts_per_key_in_a_window(session_store: SessionStore) -> None:
     key = f"k-{os.getpid()}-{id(session_store)}"
     counts = [await session_store.hit(key, 3600) for _ in range(3)]
