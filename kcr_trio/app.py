@@ -59,6 +59,7 @@ def exec_limits(settings: Settings) -> ExecLimits:
         max_file_bytes=settings.max_file_bytes,
         max_code_bytes=settings.kcr_max_code_bytes,
         max_file_refs=settings.kcr_max_file_refs,
+        compile_timeout=settings.kcr_compile_timeout,
     )
 
 
@@ -89,7 +90,7 @@ def runtime_store(settings: Settings, sessions: SessionStore, files: FileStore) 
         max_bytes=settings.kcr_runtime_session_max_mb * 1024 * 1024,
         max_files=settings.kcr_runtime_session_max_files,
         lock_wait=settings.kcr_runtime_session_lock_wait,
-        lock_ttl=settings.max_execution_time + settings.kcr_exec_overhead + 10.0,
+        lock_ttl=settings.max_execution_time + settings.kcr_exec_overhead + settings.kcr_compile_timeout + 10.0,
     ))
 
 
@@ -160,7 +161,7 @@ async def open_services(settings: Settings, *, executor: Executor | None = None)
                 from kcr_trio.backends.local_executor import open_local_executor
 
                 executor = await stack.enter_async_context(open_local_executor(settings))
-        warnings.extend(getattr(executor, "warnings", []))
+        warnings.extend(executor.warnings)
 
         # Background work the server's lifetime owns: expired sessions are purged (bytes, then
         # metadata, then the record), idempotently, so KubeCodeRun may clean the same stores.

@@ -127,6 +127,10 @@ class Settings(BaseSettings):
     kcr_busy_retry_after: float = Field(2.0, ge=1.0)
     # Time allowed, on top of MAX_EXECUTION_TIME, for store, upload and collection phases.
     kcr_exec_overhead: float = Field(30.0, ge=1.0)
+    # Wall-clock seconds the compile steps of one run may take (go java c cpp rs f90 d), separate
+    # from the program's timeout, which starts once they are done (local executor; pods keep
+    # KubeCodeRun's shared timeout). A run over it answers "Compilation timed out after N seconds".
+    kcr_compile_timeout: float = Field(60.0, gt=0.0)
     # Programmatic tool calling (api/ptc_http.py): keep runs suspended in their sandbox between
     # round trips (false: replay every round, as the official server does); the URL other replicas
     # use to forward continuations here (default: the bound address); bash batching window.

@@ -31,6 +31,8 @@ class Config:
     host: str = "0.0.0.0"
     port: int = 8080
     fd: int | None = None  # an already-listening socket inherited from the parent
+    lifeline_fd: int | None = None  # read end of a pipe the parent holds open: EOF = parent gone
+    sandbox_etc_view: str = ""  # a prepared /etc view (sandbox.build_etc_view); "": build our own
     working_dir: str = "/mnt/data"
     max_execution_time: float = 600.0  # KubeCodeRun caps at 120 s; we allow the API's maximum
     default_timeout: float = 30.0
@@ -46,6 +48,7 @@ class Config:
     cgroup_compile: str = ""  # the same for compile steps
     compile_file_size_mb: int = 2048  # RLIMIT_FSIZE for compile steps (linkers write big files)
     compile_cpu_factor: int = 4  # compile steps: RLIMIT_CPU = factor x the run's (threaded compilers)
+    compile_timeout: float = 0.0  # wall-clock budget of a run's compile steps; 0: the run's timeout
     max_files: int = 4096  # directory entries a run may create
     prewarm: bool = True
     reset_between_runs: bool = False  # the next interpreter waits for POST /reset (local executor)
@@ -98,6 +101,9 @@ _HELP = {
     "compile_file_size_mb": "RLIMIT_FSIZE for compile steps (trusted compilers and linkers; "
                             "the program keeps max_file_size_mb)",
     "compile_cpu_factor": "compile steps get this many times the program's CPU-seconds limit",
+    "compile_timeout": "seconds all compile steps of one run may take together, separate from the "
+                       "program's timeout (which starts when they are done); 0: the compile steps "
+                       "share the run's timeout (KubeCodeRun's behaviour)",
     "disk_quota_mb": "bytes a run may add to working dir + private temp dir",
     "max_files": "directory entries a run may create",
     "prewarm": "keep the next interpreter started while idle (py js ts bash)",
@@ -111,6 +117,9 @@ _HELP = {
     "run_gid": "gid for user code when the sidecar runs as root",
     "run_uid_exclusive": "the uid is this sidecar's alone: also sweep it with kill(-1)",
     "tmp_root": "parent of the per-run private temp dirs",
+    "lifeline_fd": "an inherited pipe's read end whose write end only the parent holds: when it "
+                   "reaches EOF (the parent exited or was killed, even by SIGKILL) the sidecar shuts "
+                   "down and kills every process of its runs",
     "announce": "print one JSON line with port and pid on stdout once ready",
     "kill_grace_ms": "SIGTERM-to-SIGKILL grace when killing a run",
     "max_body_mb": "largest /execute request body",
@@ -120,13 +129,16 @@ _HELP = {
     "sandbox_allow_network": "keep network access inside the sandbox",
     "sandbox_ro_paths": "extra host paths visible read-only inside the sandbox (colon-separated)",
     "sandbox_bwrap": "the bwrap executable (default: bwrap on the fixed PATH)",
+    "sandbox_etc_view": "a directory prepared by sidecar.sandbox.build_etc_view, bound read-only as "
+                        "/etc (the local executor builds one per server); empty: the sidecar copies "
+                        "the curated /etc entries into its own temp root at start-up",
 }
 
 
 def _converter(name: str, default: object) -> Callable[[str], object]:
     if isinstance(default, bool):
         return _bool
-    if name == "fd":
+    if name in ("fd", "lifeline_fd"):
         return int
     if isinstance(default, int):
         return int

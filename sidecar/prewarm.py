@@ -82,6 +82,9 @@ class Warm:
         # (None: unknown, leave them) and the CPU seconds its start-up used.
         self.limit_pid: int | None = None
         self.cpu_used = 0
+        # In a sandbox: bubblewrap's own processes above the interpreter (its monitor and its PID
+        # namespace's reaper), found while idle. After a "done" report they only wind down.
+        self.wrapper_pids: set[int] = set()
 
     async def stop_watching(self) -> None:
         self.idle_scope.cancel()
@@ -120,10 +123,11 @@ class Warm:
             self.finished.set()
 
     async def wait_done(self) -> int | None:
-        """The program's exit status as the interpreter reports it just before exiting (pre-warmed
-        Python sends ``D`` + status once its output streams are closed), or ``None`` when the
-        socket closes without a report (other languages, ``os._exit`` in user code, a signal):
-        then only the process's exit tells."""
+        """The program's exit status as the interpreter reports it just before exiting (the
+        pre-warmed Python, Node and bash bootstraps send ``D`` + status once their output streams
+        are closed), or ``None`` when the socket closes without a report (``os._exit`` in user
+        code, a replaced EXIT trap, an uncaught Node exception, a signal): then only the
+        process's exit tells."""
         data = b""
         while len(data) < 2:
             try:

@@ -102,7 +102,7 @@ class RunState:
     out: Capture
     err: Capture
     tmp: str
-    reason: str | None = None  # timeout | output | disk | cpu | file_size | memory | oom | pids
+    reason: str | None = None  # timeout | compile_timeout | output | disk | cpu | file_size | memory | oom | pids
     step_scope: trio.CancelScope | None = None
     pids: set[int] = field(default_factory=set)
     closed: bool = False  # the steps are over: watchers can no longer change the outcome
@@ -290,6 +290,8 @@ class Runner:
         try:
             warm.limit_pid = payload_pid(warm.process.pid) if self.sandbox is not None else warm.process.pid
             warm.cpu_used = _cpu_seconds(warm.limit_pid)
+            if self.sandbox is not None and warm.limit_pid != warm.process.pid:
+                warm.wrapper_pids = _chain(warm.process.pid, warm.limit_pid)
         except (OSError, ValueError, IndexError):
             warm.limit_pid = None
 
@@ -367,8 +369,12 @@ class Runner:
         finally:
             self.busy = False
         self.awaiting_reset = False
-        # The next interpreter starts in the background, after this answer: the caller frees its
-        # slot sooner, and a run that arrives first waits for it (``_take_warm``).
+        # The next interpreter is started now, before this answer: the run's own answer went out
+        # before the reset was asked for, so nothing competes with it, and the interpreter is up
+        # sooner for the next run (which waits for it if it arrives first: ``_take_warm``).
+        # Starting it is a vfork + exec (about a millisecond); its start-up runs on its own.
+        if self._wants_warm and self._nursery is not None:
+            await self._spawn_warm()
         self.replenish()
 
     def _fresh_start(self) -> None:
@@ -432,7 +438,11 @@ class Runner:
             before = files.snapshot(wd)
             steps = with_args(self.spec.steps(self._context(tmp)), args or [])
             oom_before = self._oom_kills()
+            # With a compile budget, compile steps have their own deadline and the program its
+            # full timeout once they are done; without one, all steps share the run's timeout.
+            separate = self.cfg.compile_timeout > 0
             deadline = trio.current_time() + timeout
+            compile_deadline = trio.current_time() + self.cfg.compile_timeout if separate else deadline
             # The disk watcher is owned by the runner's nursery and bound to this run by its
             # scope: the run cancels it when it ends, without waiting for it to wind down (a
             # scheduler round trip on every answer); once ``state.closed`` it can stop nothing.
@@ -442,7 +452,12 @@ class Runner:
             try:
                 for i, step in enumerate(steps):
                     use_warm = warm if (warm is not None and i == len(steps) - 1) else None
-                    exit_code = await self._run_step(step, use_warm, state, deadline, timeout)
+                    if separate and not step.compile:
+                        deadline = trio.current_time() + timeout  # the program's own time starts now
+                    exit_code = await self._run_step(
+                        step, use_warm, state, compile_deadline if step.compile else deadline,
+                        self.cfg.compile_timeout if separate and step.compile else timeout,
+                        "compile_timeout" if separate and step.compile else "timeout")
                     if state.reason is not None or (step.compile and exit_code != 0):
                         break
             finally:
@@ -500,6 +515,10 @@ class Runner:
         if timed_out:
             exit_code = 124
             notes.append(f"Execution timed out after {_fmt_seconds(timeout)} seconds")
+        elif state.reason == "compile_timeout":
+            exit_code = 124
+            notes.append(f"Compilation timed out after {_fmt_seconds(self.cfg.compile_timeout)} seconds "
+                         f"(the compile steps' own limit, KCR_COMPILE_TIMEOUT); the program did not run")
         elif state.reason == "output":
             notes.append("Process stopped: output limit exceeded")
         elif state.reason == "disk":
@@ -589,7 +608,7 @@ class Runner:
             os.close(fd)
 
     async def _run_step(self, step: Step, warm: Warm | None, state: RunState, deadline: float,
-                        timeout: float) -> int:
+                        timeout: float, on_deadline: str = "timeout") -> int:
         if warm is not None:
             proc = warm.process
             # The warm process was limited for MAX_EXECUTION_TIME; tighten CPU to this run
@@ -608,7 +627,7 @@ class Runner:
         reported: int | None = None
         scope = trio.CancelScope(deadline=deadline)
         state.step_scope = scope
-        cleaned = False
+        cleaned = early = False
         try:
             async with trio.open_nursery() as pumps:
                 pumps.start_soon(self._pump, proc.stdout, state.out, state)
@@ -620,17 +639,33 @@ class Runner:
                     else:
                         await proc.wait()
                 if scope.cancelled_caught and state.reason is None:
-                    state.reason = "timeout"
+                    state.reason = on_deadline
                 # The program is done (or stopped): kill what it left behind so the pipes reach EOF,
                 # then give the pumps a moment to drain what is already buffered.
-                await self._kill_leftovers(settle=not scope.cancelled_caught)
-                pumps.cancel_scope.deadline = trio.current_time() + 2
+                early = reported is not None and warm is not None and bool(warm.wrapper_pids)
+                await self._kill_leftovers(settle=not scope.cancelled_caught,
+                                           winding_down=frozenset(warm.wrapper_pids) if warm and early else frozenset())
+                early = early and self._tree_clean
+                if early:
+                    # The program reported "done" after closing its stdout/stderr, and nothing of
+                    # it runs any more: its whole output is in the pipes already. Take it without
+                    # waiting for EOF, which comes only once bubblewrap's monitor (it holds the
+                    # pipes too) has exited after the namespace's teardown.
+                    pumps.cancel_scope.cancel()
+                else:
+                    pumps.cancel_scope.deadline = trio.current_time() + 2
+            if early:
+                _drain(proc.stdout, state.out, state)
+                _drain(proc.stderr, state.err, state)
             # An interpreter that reported its status is already on its way out (the watcher reaps
             # it); there is no need to wait for its teardown before answering.
             cleaned = (warm.exited.is_set() or reported is not None) if warm is not None else (
                 proc.returncode is not None)
         finally:
             state.step_scope = None
+            for stream in (proc.stdout, proc.stderr):  # the pumps are done with them
+                if stream is not None:
+                    stream.close()
             with trio.CancelScope(shield=True):
                 if not cleaned:
                     await self._kill_leftovers()
@@ -649,16 +684,15 @@ class Runner:
     async def _pump(self, stream: trio.abc.ReceiveStream | None, cap: Capture, state: RunState) -> None:
         if stream is None:
             return
-        async with stream:
-            while True:
-                try:
-                    data = await stream.receive_some(65536)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    return
-                if not data:
-                    return
-                if cap.add(data):
-                    state.stop("output")
+        while True:  # the caller closes the stream (after taking what a cancelled pump left)
+            try:
+                data = await stream.receive_some(65536)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            if not data:
+                return
+            if cap.add(data):
+                state.stop("output")
 
     async def _watch_disk(self, state: RunState, scope: trio.CancelScope) -> None:
         with scope:
@@ -697,7 +731,8 @@ class Runner:
         self._killed.update(killed)
         return set(killed)
 
-    async def _kill_leftovers(self, final: bool = False, settle: bool = False) -> set[int]:
+    async def _kill_leftovers(self, final: bool = False, settle: bool = False,
+                              winding_down: frozenset[int] = frozenset()) -> set[int]:
         """``_kill_all`` in a worker thread, skipped when a cheap inline check finds nothing.
 
         Thanks to the subreaper, nothing the run started can leave the sidecar's subtree, so an
@@ -715,9 +750,11 @@ class Runner:
         alive = not_exiting if settle else proctree.alive
 
         def leftovers() -> tuple[set[int], bool]:
-            """(every descendant outside ``keep``, whether one of them still runs) in one scan."""
+            """(every descendant outside ``keep``, whether one of them still runs) in one scan;
+            ``winding_down`` (bubblewrap's own processes once the program reported "done": they
+            exit by themselves, and the program's namespace dies with them) do not count."""
             tree = proctree.descendants(me) - keep
-            return tree, any(alive(p) for p in tree)
+            return tree, any(alive(p) for p in tree - winding_down)
 
         tree, running = leftovers()
         if settle and running:
@@ -733,6 +770,34 @@ class Runner:
             return set()
         self._tree_clean = False
         return await trio.to_thread.run_sync(self._kill_all, final)
+
+
+def _drain(stream: trio.lowlevel.FdStream | None, cap: Capture, state: RunState) -> None:
+    """Take what is in a pipe now, without waiting (its fd is non-blocking)."""
+    if stream is None:
+        return
+    while True:
+        try:
+            data = os.read(stream.fileno(), 65536)
+        except OSError:  # BlockingIOError: empty for now
+            return
+        if not data:
+            return
+        if cap.add(data):
+            state.stop("output")
+
+
+def _chain(top: int, bottom: int) -> set[int]:
+    """The pids from ``top`` down to ``bottom`` (exclusive), following ``bottom``'s parents."""
+    out: set[int] = set()
+    current = bottom
+    for _ in range(8):
+        with open(f"/proc/{current}/stat", "rb") as fh:
+            current = int(fh.read().rsplit(b")", 1)[1].split()[1])
+        out.add(current)
+        if current == top:
+            return out
+    return set()
 
 
 def _cpu_seconds(pid: int) -> int:

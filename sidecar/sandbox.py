@@ -45,6 +45,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
@@ -137,11 +138,14 @@ class Sandbox:
     root: tuple[tuple[str, str], ...] = ()  # from root_layout()
     etc: tuple[str, ...] = ()  # from etc_entries()
     shm_mb: int = SHM_MB
+    # A prepared copy of the curated /etc (``build_etc_view``), bound as one mount; None: bind
+    # each entry of ``etc`` on its own.
+    etc_view: str | None = None
     _static: tuple[str, ...] = field(default=(), compare=False)
 
     @classmethod
     def create(cls, working_dir: str, *, allow_network: bool = False, ro_paths: Iterable[str] = (),
-               bwrap: str | None = None, shm_mb: int = SHM_MB) -> Sandbox:
+               bwrap: str | None = None, shm_mb: int = SHM_MB, etc_view: str | None = None) -> Sandbox:
         exe = bwrap or BWRAP
         if not exe:
             raise FileNotFoundError("bwrap (Debian package bubblewrap) is not installed")
@@ -149,7 +153,7 @@ class Sandbox:
         bound = [v for k, v in root if k == "ro"]
         extra = tuple(dict.fromkeys(p for p in ro_paths if not _covered(p, bound)))
         return cls(exe, os.path.abspath(working_dir), allow_network, extra, root,
-                   tuple(etc_entries(allow_network)), shm_mb)
+                   tuple(etc_entries(allow_network)), shm_mb, etc_view)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_static", tuple(self._build_static()))
@@ -165,8 +169,15 @@ class Sandbox:
             else:
                 target, link = value.split("\0")
                 a += ["--symlink", target, link]
-        for path in self.etc:
-            a += ["--ro-bind-try", path, path]
+        if self.etc_view is not None:
+            # One mount instead of ~40: bubblewrap re-reads /proc/self/mountinfo after every bind,
+            # so each bind costs CPU in proportion to the mounts already there (measured: 15.8 ms
+            # of CPU per sandbox with the entries bound one by one, 7.2 ms without them).
+            a += ["--ro-bind", self.etc_view, "/etc"]
+            a += [x for path in self.etc if path in _live_etc() for x in ("--ro-bind-try", path, path)]
+        else:
+            for path in self.etc:
+                a += ["--ro-bind-try", path, path]
         for path in self.ro_paths:
             if not _under_tmp(path):  # those are bound after the private /tmp (see args)
                 a += ["--ro-bind-try", path, path]
@@ -203,6 +214,75 @@ class Sandbox:
             if env.get("TMPDIR", "").startswith(RUN_DIR):
                 env["TMPDIR"] = "/tmp"
         return self.args(tmp) + list(argv), dict(env)
+
+
+def _live_etc() -> set[str]:
+    """``/etc`` entries that stay live binds over the view: they change while we run (DHCP)."""
+    return {f"/etc/{n}" for n in NETWORK_ETC}
+
+
+def build_etc_view(dest: str, entries: Iterable[str], mount_points: Iterable[str] = ()) -> str:
+    """Copy the curated ``/etc`` entries into ``dest`` (a new directory) and return it.
+
+    Only what any user may read is copied (files readable by others, directories they may
+    enter; symlinks as symlinks), so the sandbox's unprivileged uid sees exactly what it saw
+    through one bind per entry, minus nothing it could read. Entries that must stay live
+    (``_live_etc``) and extra read-only paths below ``/etc`` get an empty placeholder: they are
+    bound on top of the view (bubblewrap cannot create a mount point inside a read-only bind).
+    The copy is taken when the sidecar starts: an ``/etc`` change reaches sandboxes of
+    sidecars started after it.
+    """
+    os.mkdir(dest, 0o755)
+    os.chmod(dest, 0o755)
+    live = _live_etc()
+    for path in entries:
+        target = os.path.join(dest, os.path.relpath(path, "/etc"))
+        if path in live:
+            _placeholder(path, target)
+        else:
+            _copy_readable(path, target)
+    for path in mount_points:
+        if _covered(path, ("/etc",)) and path != "/etc":
+            target = os.path.join(dest, os.path.relpath(path, "/etc"))
+            if not os.path.lexists(target):
+                os.makedirs(os.path.dirname(target), mode=0o755, exist_ok=True)
+                _placeholder(path, target)
+    return dest
+
+
+def _placeholder(source: str, target: str) -> None:
+    if os.path.isdir(source):
+        os.makedirs(target, mode=0o755, exist_ok=True)
+    else:
+        with open(target, "wb"):
+            pass
+        os.chmod(target, 0o644)
+
+
+def _copy_readable(source: str, target: str) -> None:
+    try:
+        st = os.lstat(source)
+    except OSError:
+        return
+    if stat.S_ISLNK(st.st_mode):
+        os.symlink(os.readlink(source), target)
+    elif stat.S_ISDIR(st.st_mode):
+        if st.st_mode & 0o005 != 0o005:  # others may not list or enter it: it stays invisible
+            return
+        os.mkdir(target, 0o755)
+        try:
+            names = sorted(os.listdir(source))
+        except OSError:
+            names = []
+        for name in names:
+            _copy_readable(os.path.join(source, name), os.path.join(target, name))
+        os.chmod(target, stat.S_IMODE(st.st_mode) & 0o755)
+    elif stat.S_ISREG(st.st_mode) and st.st_mode & 0o004:
+        try:
+            shutil.copyfile(source, target)
+        except OSError:
+            return
+        os.chmod(target, stat.S_IMODE(st.st_mode) & 0o755)
 
 
 def exit_signal(returncode: int) -> int | None:
@@ -254,7 +334,7 @@ def _under_tmp(path: str) -> bool:
 
 def probe(*, allow_network: bool = False, ro_paths: Iterable[str] = (), uid: int | None = None,
           gid: int | None = None, base: str | None = None, timeout: float = 15.0,
-          setpriv: str | None = None, bwrap: str | None = None) -> str | None:
+          setpriv: str | None = None, bwrap: str | None = None, etc_view: str | None = None) -> str | None:
     """Run one trivial sandboxed command as the run uid; None if it worked, else why not.
 
     Checks that the namespaces and mounts can be set up here (bwrap installed, user namespaces
@@ -272,7 +352,7 @@ def probe(*, allow_network: bool = False, ro_paths: Iterable[str] = (), uid: int
         if uid is not None:
             for p in (wd, tmp, os.path.join(tmp, "tmp"), os.path.join(tmp, "home")):
                 os.chown(p, uid, gid if gid is not None else uid)
-        sb = Sandbox.create(wd, allow_network=allow_network, ro_paths=ro_paths, bwrap=exe)
+        sb = Sandbox.create(wd, allow_network=allow_network, ro_paths=ro_paths, bwrap=exe, etc_view=etc_view)
         script = 'test "$(pwd)" = /mnt/data && : > /mnt/data/probe && : > /tmp/probe && test ! -e /root'
         argv, env = sb.wrap(["/bin/sh", "-c", script], {"PATH": _SAFE_PATH}, tmp)
         kwargs: dict[str, object] = {}
@@ -302,7 +382,8 @@ class SandboxError(RuntimeError):
 
 def for_sidecar(mode: str, working_dir: str, *, allow_network: bool, ro_paths: str, language: str,
                 python: str, node_path: str | None, uid: int | None, gid: int | None,
-                tmp_root: str, bwrap: str | None = None) -> tuple[Sandbox | None, str | None]:
+                tmp_root: str, bwrap: str | None = None, etc_view: str | None = None
+                ) -> tuple[Sandbox | None, str | None]:
     """The sidecar's sandbox for ``--sandbox none|bwrap|auto``: ``(sandbox or None, warning)``.
 
     Probes once (as the run uid) before anything is served. ``bwrap`` raises ``SandboxError`` when
@@ -318,10 +399,20 @@ def for_sidecar(mode: str, working_dir: str, *, allow_network: bool, ro_paths: s
         extra += python_dirs(python)
     if language in ("js", "ts"):
         extra += split_paths(node_path)
+    view: str | None = etc_view if etc_view and os.path.isdir(etc_view) else None
+    if view is not None and any(not os.path.lexists(os.path.join(view, os.path.relpath(p, "/etc")))
+                                for p in extra if _covered(p, ("/etc",)) and p != "/etc"):
+        view = None  # it has no mount point for one of our extra paths: build our own
+    if view is None:  # a view of our own (a local executor builds one per server and passes it)
+        try:
+            view = build_etc_view(os.path.join(tmp_root, "etc"), etc_entries(allow_network), extra)
+        except OSError:  # e.g. no room: bind the entries one by one (slower, same view)
+            view = None
     error = probe(allow_network=allow_network, ro_paths=extra, uid=uid, gid=gid, base=tmp_root,
-                  bwrap=bwrap)
+                  bwrap=bwrap, etc_view=view)
     if error is None:
-        return Sandbox.create(working_dir, allow_network=allow_network, ro_paths=extra, bwrap=bwrap), None
+        return Sandbox.create(working_dir, allow_network=allow_network, ro_paths=extra, bwrap=bwrap,
+                              etc_view=view), None
     if mode == "bwrap":
         raise SandboxError(f"the bubblewrap sandbox does not work here: {error}")
     return None, f"running user code WITHOUT a sandbox: {error}"

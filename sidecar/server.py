@@ -67,6 +67,34 @@ def listening_socket(cfg: Config) -> socket.socket:
     return sock
 
 
+async def watch_lifeline(fd: int, stop: trio.Event) -> None:
+    """Shut down once the parent is gone: ``fd`` is the read end of a pipe whose write end only
+    the parent holds, so it reaches EOF when the parent exits however it exits (SIGKILL included).
+
+    Why not a parent-death signal: ``PR_SET_PDEATHSIG`` fires when the *thread* that forked us
+    exits, and the executor starts sidecars from Trio worker threads, which retire after 10 s idle.
+    The shutdown then runs the normal path: the HTTP server stops, the runner kills every process
+    of its runs (tree and uid sweep), and bubblewrap's ``--die-with-parent`` ends the sandboxes."""
+    os.set_blocking(fd, False)
+    try:
+        while True:
+            await trio.lowlevel.wait_readable(fd)
+            try:
+                if not os.read(fd, 4096):
+                    break  # EOF: every write end is closed
+            except BlockingIOError:
+                continue
+            except OSError:
+                break
+    finally:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    log("parent_gone", pid=os.getpid())
+    stop.set()
+
+
 async def run(cfg: Config) -> None:
     spec = lookup(cfg.language)
     if spec is None:
@@ -85,7 +113,7 @@ async def run(cfg: Config) -> None:
             for_sidecar, cfg.sandbox, cfg.working_dir, allow_network=cfg.sandbox_allow_network,
             ro_paths=cfg.sandbox_ro_paths, language=spec.code, python=Toolchain(cfg.python).python,
             node_path=cfg.node_path, uid=identity.uid, gid=identity.gid, tmp_root=cfg.tmp_root,
-            bwrap=cfg.sandbox_bwrap or None))
+            bwrap=cfg.sandbox_bwrap or None, etc_view=cfg.sandbox_etc_view or None))
     except SandboxError as exc:
         log("sandbox_unavailable", error=str(exc))
         remove_tree(cfg.tmp_root)
@@ -108,6 +136,8 @@ async def run(cfg: Config) -> None:
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(on_signals)
+        if cfg.lifeline_fd is not None:
+            nursery.start_soon(watch_lifeline, cfg.lifeline_fd, stop)
         await nursery.start(runner.serve)
         server_done = trio.Event()
 

@@ -18,8 +18,10 @@ This module is that decision and nothing else, written in the style of hypercorn
 :class:`ExecCommit` is a state machine fed events (``start``, ``acquisition_decided``,
 ``result_ready``, ``timer_fired``, ``beat_sent``), each stamped with the caller's clock, and it
 answers with the action to take. It never sleeps, reads a clock or touches a socket, so every branch
-is unit-tested with plain numbers (``tests/unit/test_exec_commit.py``); ``api/exec_http.py`` is the
-driver that owns the timers, the channel the events arrive on and the response.
+is unit-tested with plain numbers (``tests/unit/test_exec_commit.py``); ``api/commit_driver.py``
+owns the timers, the channel the events arrive on and the heartbeats, and ``api/exec_http.py`` the
+response. ``/exec/programmatic`` answers by the same machine (``api/ptc_answer.py``) with no hold:
+its runs report no acquisition, so its policy has ``hold_max = 0``.
 """
 
 from __future__ import annotations

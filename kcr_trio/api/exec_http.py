@@ -4,16 +4,14 @@ The handler reads the JSON body (bounded in size and time, authenticated by a ke
 none in a header), runs every check that answers a 4xx *once*, before anything starts, then runs the
 request with ``core.exec`` in the request's own nursery (``api.scope``), so a client that leaves
 cancels it. Whether the answer is plain JSON or a committed ``200`` with heartbeats is decided by
-``api.exec_commit``; this module only drives it: it owns the timers, the channel the run's events
-arrive on, and the response.
+``api.exec_commit`` and driven by ``api.commit_driver`` (timers, signals, heartbeats); this module
+starts the run, reports its signals and builds the response.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import AsyncIterator
-from typing import Literal
 
 import outcome
 import trio
@@ -25,19 +23,9 @@ from kcr_trio.core.exec import ExecOutcome, ExecRequest, ExecService, Phases, ch
 from kcr_trio.core.languages import Language
 from kcr_trio.core.model import FileRef
 
+from .commit_driver import ACQUIRED, Acquired, Driver, heartbeats
 from .errors import dumps
-from .exec_commit import (
-    HEARTBEAT,
-    HEARTBEAT_HEADERS,
-    Action,
-    AnswerNow,
-    Beat,
-    Commit,
-    CommitPolicy,
-    ExecCommit,
-    Finish,
-    Wait,
-)
+from .exec_commit import HEARTBEAT_HEADERS, AnswerNow, Commit, CommitPolicy, ExecCommit
 from .exec_fields import parse_args, parse_timeout_ms
 from .hooks import authenticate
 from .json_body import read_json
@@ -52,9 +40,7 @@ log = logging.getLogger("kcr_trio.api")
 _OUTCOMES = {"timeout": "timeout", "error": "error"}
 
 # What the run reports to the driver: its captured result, or that acquisition is decided.
-ACQUIRED: Literal["acquired"] = "acquired"
-Signal = outcome.Maybe[ExecOutcome] | Literal["acquired"]
-TIMER: Literal["timer"] = "timer"
+Signal = outcome.Maybe[ExecOutcome] | Acquired
 
 
 async def exec_route() -> Response:
@@ -95,55 +81,22 @@ async def respond(req: ExecRequest, language: Language) -> Response:
     svc = services()
     rs.nursery.start_soon(_run, svc.exec_service, req, language, phases, send)
 
-    run = _Driver(ExecCommit(CommitPolicy.from_settings(svc.settings)), receive)
-    action = run.machine.start(trio.current_time())
-    while isinstance(action, Wait):
-        action = await run.next_action(action)
+    run: Driver[outcome.Maybe[ExecOutcome]] = Driver(ExecCommit(CommitPolicy.from_settings(svc.settings)), receive)
+    action = await run.decide()
     if isinstance(action, AnswerNow):
-        assert run.result is not None
-        answer = run.result.unwrap()  # an ApiError raises here: the error handler answers it
+        answer = run.take().unwrap()  # an ApiError raises here: the error handler answers it
         rs.outcome = _OUTCOMES.get(answer.status, "ok")
         return json_response(answer.to_json())
     if not isinstance(action, Commit):
         raise AssertionError(f"unexpected action before the commit: {action}")
     # Slow: commit 200 now and keep the connection audibly alive (keepalive.md, points 1 and 3).
     rs.heartbeat = True
-    return Response(_heartbeat_body(run, rs, req), status=200, content_type="application/json",
+
+    async def final(result: outcome.Maybe[ExecOutcome]) -> bytes:
+        return _final_bytes(result, rs, req)
+
+    return Response(heartbeats(run, final), status=200, content_type="application/json",
                     headers=HEARTBEAT_HEADERS)
-
-
-async def _heartbeat_body(run: _Driver, rs: RequestScope, req: ExecRequest) -> AsyncIterator[bytes]:
-    action: Action = Beat()  # the commit's first heartbeat
-    while not isinstance(action, Finish):
-        if isinstance(action, Beat):
-            yield HEARTBEAT
-            action = run.machine.beat_sent(trio.current_time())
-        elif isinstance(action, Wait):
-            action = await run.next_action(action)
-        else:
-            raise AssertionError(f"unexpected action after the commit: {action}")
-    assert run.result is not None
-    yield _final_bytes(run.result, rs, req)
-
-
-class _Driver:
-    """Feeds the run's signals and the timers to the decision; keeps the result once it came."""
-
-    def __init__(self, machine: ExecCommit, receive: trio.MemoryReceiveChannel[Signal]) -> None:
-        self.machine = machine
-        self.receive = receive
-        self.result: outcome.Maybe[ExecOutcome] | None = None
-
-    async def next_action(self, wait: Wait) -> Action:
-        signal = await _next_signal(self.receive, wait.until)
-        now = trio.current_time()
-        if signal == TIMER:
-            return self.machine.timer_fired(now)
-        if signal == ACQUIRED:
-            return self.machine.acquisition_decided(now)
-        assert not isinstance(signal, str)
-        self.result = signal
-        return self.machine.result_ready(now)
 
 
 def _final_bytes(result: outcome.Maybe[ExecOutcome], rs: RequestScope, req: ExecRequest) -> bytes:
@@ -173,15 +126,3 @@ async def _run(
         log.exception("exec failed", extra={"request_id": req.request_id})
         result = outcome.Error(Unavailable(f"Unexpected error during code execution: {type(exc).__name__}"))
     send.send_nowait(result)
-
-
-async def _next_signal(receive: trio.MemoryReceiveChannel[Signal], until: float | None) -> Signal | Literal["timer"]:
-    """The next signal of the run, or ``TIMER`` once ``until`` passed. Signals already queued come
-    first, so a result that is ready when a timer expires is never mistaken for silence."""
-    try:
-        return receive.receive_nowait()
-    except trio.WouldBlock:
-        pass
-    with trio.move_on_at(math.inf if until is None else until):
-        return await receive.receive()
-    return TIMER

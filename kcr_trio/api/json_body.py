@@ -19,11 +19,13 @@ from kcr_trio.core.errors import ApiError, TooLarge
 from .services import services, unauth_budget
 
 
-async def read_json(limit: int) -> Any:
-    """The request's JSON body: at most ``limit`` bytes, within the body timeout, valid UTF-8 JSON
-    without lone surrogates; a body read before its key is checked is bounded more tightly."""
+async def read_body(limit: int) -> bytes:
+    """The request's body: at most ``limit`` bytes (413), within the body timeout (408); a body read
+    before its key is checked is bounded more tightly (``api/anonymous.py``). Every JSON route reads
+    its body here (``/exec`` through :func:`read_json`, ``/exec/programmatic`` with its own parse)."""
     settings = services().settings
-    data = bytearray()
+    chunks: list[bytes] = []
+    size = 0
     # Not yet authenticated (the key is in the body): bounded per request and globally.
     budget = unauth_budget() if g.get("auth_pending") else None
     held = 0
@@ -35,14 +37,21 @@ async def read_json(limit: int) -> Any:
                 if budget is not None:
                     budget.reserve(held, len(chunk))
                     held += len(chunk)
-                data.extend(chunk)
-                if len(data) > limit:
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > limit:
                     raise TooLarge(f"Request body too large: at most {limit} bytes")
     finally:
         if budget is not None:
             budget.release(held)
     if scope.cancelled_caught:
         raise ApiError("Request body timeout", status=408)
+    return b"".join(chunks)  # one copy, as the bytearray it replaced
+
+
+async def read_json(limit: int) -> Any:
+    """The request's JSON body (:func:`read_body`), valid UTF-8 JSON without lone surrogates."""
+    data = await read_body(limit)
     try:
         value = json.loads(data.decode("utf-8"))
         # "\ud800" escapes decode to lone surrogates, which no UTF-8 consumer (the sidecar,

@@ -12,10 +12,10 @@ things happen only here:
 * **Request ids and cancel.** Every POST's ``X-LibreChat-Code-Request-ID`` is recorded (a reuse is a
   409); cancel finds the execution through it, on any replica, and an id cancelled before its POST
   arrived leaves a tombstone that makes the POST answer the cancelled error.
-* **Heartbeat.** A slow answer commits ``200`` and sends spaces (``keepalive.md``); a failure after
-  that point is written as ``{"status":"error",...}``, which is what the client can read (§1.0.1).
-  A client that leaves before its answer cancels the execution: without the answer it could never
-  continue it.
+* **The answer** (``api.ptc_answer``): plain within the grace, else a committed ``200`` behind
+  heartbeats, decided by the same state machine as ``/exec``; a failure after the commit is written
+  as ``{"status":"error",...}`` (§1.0.1), and a client that leaves before its answer cancels the
+  execution: without the answer it could never continue it.
 
 The principal is an opaque string from the auth layer: ``g.principal`` when an authenticator set
 one (JWT subjects), else a hash of the API key.
@@ -32,14 +32,14 @@ from typing import Any
 
 import httpx
 import trio
-from quart import Response, current_app, g, request
+from quart import Response, g, request
 
 from kcr_trio.api.principal import Principal
 from kcr_trio.config import Settings
-from kcr_trio.core.errors import ApiError, TooLarge
+from kcr_trio.core.errors import ApiError
 from kcr_trio.core.exec import ExecService
-from kcr_trio.core.interfaces import SessionStore
-from kcr_trio.core.ptc_engine import FAILED, Live, PtcEngine
+from kcr_trio.core.interfaces import PtcStore, SessionStore
+from kcr_trio.core.ptc_engine import PtcEngine
 from kcr_trio.core.ptc_state import (
     CANCELLED,
     MAX_RESULT_BYTES,
@@ -55,8 +55,9 @@ from kcr_trio.core.ptc_state import (
     parse_token,
 )
 
-from .errors import dumps
-from .exec_commit import HEARTBEAT, HEARTBEAT_HEADERS
+from .json_body import read_body
+from .ptc_answer import record, respond
+from .services import json_response, services
 
 log = logging.getLogger("kcr_trio.api.ptc")
 
@@ -72,30 +73,32 @@ def register(app: Any) -> None:
     app.add_url_rule(CANCEL_PATH, "exec_programmatic_cancel", cancel, methods=["POST"])
 
 
-def _svc() -> Any:
-    return current_app.extensions["kcr"]
+def _engine() -> PtcEngine:
+    engine = services().ptc
+    if engine is None:  # the routes are registered only with an engine (api/app_factory.py)
+        raise AssertionError("PTC route without a PTC engine")
+    return engine
 
 
-def _json(obj: Any, status: int = 200) -> Response:
-    return Response(dumps(obj), status=status, content_type="application/json")
+def _forwarder() -> httpx.AsyncClient:
+    client = services().ptc_http
+    if client is None:  # open_ptc yields both or neither
+        raise AssertionError("PTC engine without its forwarding client")
+    return client
 
 
-async def _read_json(limit: int, timeout: float) -> tuple[bytes, dict[str, Any]]:
-    data = bytearray()
-    with trio.move_on_after(timeout) as scope:
-        async for chunk in request.body:
-            data.extend(chunk)
-            if len(data) > limit:
-                raise TooLarge(f"Request too large: at most {limit} bytes")
-    if scope.cancelled_caught:
-        raise ApiError("Request body timeout", status=408)
+async def _read_json(limit: int) -> tuple[bytes, dict[str, Any]]:
+    """The body as received (a forwarded continuation relays it as is) and its JSON object. Read by
+    the edge's one body reader (size, time, the unauthenticated budget); the parse errors are this
+    contract's 400s."""
+    raw = await read_body(limit)
     try:
-        value = json.loads(data.decode("utf-8"))
+        value = json.loads(raw.decode("utf-8"))
     except (ValueError, RecursionError):
         raise bad("Request body is not valid JSON") from None
     if not isinstance(value, dict):
         raise bad("Request body must be a JSON object")
-    return bytes(data), value
+    return raw, value
 
 
 def principal_of(body: dict[str, Any]) -> str:
@@ -106,7 +109,7 @@ def principal_of(body: dict[str, Any]) -> str:
         return given.id
     if isinstance(given, str) and given:
         return given
-    svc = _svc()
+    svc = services()
     key = svc.auth.header_key(request.headers) or svc.auth.body_key(body)
     if key:
         return Principal.for_key(key).id
@@ -115,7 +118,8 @@ def principal_of(body: dict[str, Any]) -> str:
 
 async def _authenticate(body: dict[str, Any]) -> None:
     if g.get("auth_pending"):
-        g.principal = _svc().auth.check(_svc().auth.body_key(body))
+        auth = services().auth
+        g.principal = auth.check(auth.body_key(body))
 
 
 def _request_id() -> str | None:
@@ -129,9 +133,8 @@ def _request_id() -> str | None:
 
 # -- POST /exec/programmatic ------------------------------------------------------------------------
 async def programmatic() -> Response:
-    svc = _svc()
-    engine: PtcEngine = svc.ptc
-    raw, body = await _read_json(MAX_BODY, svc.settings.kcr_body_timeout)
+    svc, engine = services(), _engine()
+    raw, body = await _read_json(MAX_BODY)
     await _authenticate(body)
     principal = principal_of(body)
     forwarded = request.headers.get(FORWARDED) is not None
@@ -139,7 +142,7 @@ async def programmatic() -> Response:
     if rid is not None:
         existing = await engine.store.get_request(rid)
         if existing is not None and existing.get("status") == "cancelled":
-            return _json({"status": "error", "error": CANCELLED})
+            return json_response({"status": "error", "error": CANCELLED})
     if "continuation_token" in body:
         return await _continue(engine, raw, body, principal, rid, forwarded)
     if request.headers.get("x-librechat-code-workspace-id"):
@@ -152,20 +155,16 @@ async def programmatic() -> Response:
     await _claim_request_id(engine, rid, principal, None)
     live = await engine.start(start, principal)
     if rid is not None:
-        await engine.store.set_request(rid, _record(principal, live.state.execution_id, "active"), TOKEN_TTL)
-    return await _respond(engine, live, rid, principal)
+        await engine.store.set_request(rid, record(principal, live.state.execution_id, "active"), TOKEN_TTL)
+    return await respond(engine, live, rid, principal)
 
 
 async def _claim_request_id(engine: PtcEngine, rid: str | None, principal: str, eid: str | None) -> None:
     if rid is None:
         return
-    existing = await engine.store.add_request(rid, _record(principal, eid, "active"), TOKEN_TTL)
+    existing = await engine.store.add_request(rid, record(principal, eid, "active"), TOKEN_TTL)
     if existing is not None:
         raise ApiError("Programmatic request ID is already in use", status=409, shape="A")
-
-
-def _record(principal: str, eid: str | None, status: str) -> dict[str, Any]:
-    return {"principal": principal, "execution_id": eid, "status": status}
 
 
 async def _continue(engine: PtcEngine, raw: bytes, body: dict[str, Any], principal: str, rid: str | None,
@@ -186,7 +185,7 @@ async def _continue(engine: PtcEngine, raw: bytes, body: dict[str, Any], princip
     if state.status == "done":  # only identical re-sends of the last round remain possible
         if apply_results(state, results):
             raise not_found()
-        return _json(state.last)
+        return json_response(state.last)
     if live is None:
         # The owner is gone (or we are the owner and lost it): replay here, claimed once.
         if not await engine.store.claim(eid, state.generation, engine.replica):
@@ -206,10 +205,10 @@ async def _continue(engine: PtcEngine, raw: bytes, body: dict[str, Any], princip
         raise
     if not fresh:
         live.busy = False
-        return _json(state.last)
+        return json_response(state.last)
     state.status = "running"
     engine.resume(live, fresh)
-    return await _respond(engine, live, rid, principal)
+    return await respond(engine, live, rid, principal)
 
 
 def _resends_only(state: PtcState, results: list[dict[str, Any]]) -> list[Any]:
@@ -231,7 +230,7 @@ async def _forward(engine: PtcEngine, state: PtcState, raw: bytes) -> Response |
                if k.lower() in ("x-api-key", "authorization", "content-type", "user-agent",
                                 "x-codeapi-expected-profile")}
     headers[FORWARDED] = engine.replica
-    client: httpx.AsyncClient = _svc().ptc_http
+    client = _forwarder()
     try:
         resp = await client.post(state.owner_url.rstrip("/") + PATH, content=raw, headers=headers,
                                  timeout=httpx.Timeout(None, connect=3.0))
@@ -248,85 +247,24 @@ async def _forward(engine: PtcEngine, state: PtcState, raw: bytes) -> Response |
     return Response(resp.content.strip() or b"{}", status=resp.status_code, content_type="application/json")
 
 
-async def _respond(engine: PtcEngine, live: Live, rid: str | None, principal: str) -> Response:
-    """The next answer of ``live``: plain if it comes within the grace, else behind a heartbeat."""
-    settings = _svc().settings
-    delivered = False
-
-    async def finished(answer: Any) -> Any:
-        nonlocal delivered
-        delivered = True
-        live.busy = False
-        if rid is not None:
-            with trio.move_on_after(2):
-                try:
-                    status = "cancelled" if isinstance(answer, dict) and answer.get("error") == CANCELLED else "done"
-                    await engine.store.set_request(rid, _record(principal, live.state.execution_id, status), TOKEN_TTL)
-                except ApiError:
-                    pass
-        return answer
-
-    async def abandon() -> None:
-        live.busy = False
-        if not delivered and live.state.status not in ("done", "cancelled"):
-            with trio.CancelScope(shield=True), trio.move_on_after(5):
-                await engine.cancel(live, "client_gone")
-
-    got = False
-    try:
-        grace = settings.kcr_heartbeat_grace if settings.kcr_heartbeat else float("inf")
-        with trio.move_on_after(grace):
-            answer = await live.outbox.receive()
-            got = True
-        if got:
-            answer = await finished(answer)
-            if isinstance(answer, ApiError):
-                raise answer
-            return _json(answer)
-    except BaseException:
-        if not delivered:
-            await abandon()
-        raise
-
-    async def body() -> AsyncIterator[bytes]:
-        try:
-            yield HEARTBEAT
-            while True:
-                with trio.move_on_after(settings.kcr_heartbeat_interval):
-                    answer = await live.outbox.receive()
-                    break
-                yield HEARTBEAT
-            answer = await finished(answer)
-            if isinstance(answer, ApiError):
-                answer = {"status": "error", "error": FAILED, "stderr": answer.message,
-                          "session_id": live.state.out_session_id or ""}
-            yield dumps(answer)
-        finally:
-            await abandon()
-
-    return Response(body(), status=200, content_type="application/json",
-                    headers=HEARTBEAT_HEADERS)
-
-
 # -- POST /exec/programmatic/cancel -----------------------------------------------------------------
 async def cancel() -> Response:
-    svc = _svc()
-    engine: PtcEngine = svc.ptc
-    raw, body = await _read_json(64 * 1024, svc.settings.kcr_body_timeout)
+    engine = _engine()
+    raw, body = await _read_json(64 * 1024)
     await _authenticate(body)
     principal = principal_of(body)
     rid = body.get("request_id")
     if not isinstance(rid, str) or not REQUEST_ID.match(rid):
         raise bad("request_id must match ^[A-Za-z0-9_-]{16,128}$")
-    record = await engine.store.get_request(rid)
-    if record is None:
-        await engine.store.set_request(rid, _record(principal, None, "cancelled"), TOKEN_TTL)
-        return _json({"status": "cancellation_requested"}, 202)
-    if record.get("principal") != principal:
+    found = await engine.store.get_request(rid)
+    if found is None:
+        await engine.store.set_request(rid, record(principal, None, "cancelled"), TOKEN_TTL)
+        return json_response({"status": "cancellation_requested"}, 202)
+    if found.get("principal") != principal:
         raise ApiError("Programmatic request belongs to another principal", status=403, shape="A")
-    if record.get("status") == "done":
-        return _json({"status": "already_completed"})
-    eid = record.get("execution_id")
+    if found.get("status") == "done":
+        return json_response({"status": "already_completed"})
+    eid = found.get("execution_id")
     if isinstance(eid, str):
         live = engine.executions.get(eid)
         if live is not None:
@@ -338,15 +276,15 @@ async def cancel() -> Response:
                 await _forward_cancel(engine, state, raw)
             else:
                 await engine.store.delete(eid)
-    await engine.store.set_request(rid, _record(principal, eid, "cancelled"), TOKEN_TTL)
-    return _json({"status": "cancellation_requested"}, 202)
+    await engine.store.set_request(rid, record(principal, eid, "cancelled"), TOKEN_TTL)
+    return json_response({"status": "cancellation_requested"}, 202)
 
 
 async def _forward_cancel(engine: PtcEngine, state: PtcState, raw: bytes) -> None:
     headers = {k: v for k, v in request.headers.items() if k.lower() in ("x-api-key", "authorization", "content-type")}
     headers[FORWARDED] = engine.replica
     try:
-        await _svc().ptc_http.post(state.owner_url.rstrip("/") + CANCEL_PATH, content=raw, headers=headers,
+        await _forwarder().post(state.owner_url.rstrip("/") + CANCEL_PATH, content=raw, headers=headers,
                                    timeout=httpx.Timeout(5.0, connect=2.0))
     except httpx.HTTPError as exc:  # the owner vanished meanwhile: forget the state ourselves
         log.warning("ptc cancel forward failed (%s); deleting the state", exc)
@@ -356,18 +294,25 @@ async def _forward_cancel(engine: PtcEngine, state: PtcState, raw: bytes) -> Non
 # -- composition ------------------------------------------------------------------------------------
 @asynccontextmanager
 async def open_ptc(settings: Settings, sessions: SessionStore, exec_service: ExecService, nursery: trio.Nursery
-                   ) -> AsyncIterator[tuple[PtcEngine, httpx.AsyncClient]]:
-    """The engine (its runs owned by ``nursery``, the server's lifetime) and the forwarding client."""
+                   ) -> AsyncIterator[tuple[PtcEngine | None, httpx.AsyncClient | None]]:
+    """The engine (its runs owned by ``nursery``, the server's lifetime) and the forwarding client;
+    neither when the executor's sandboxes have no PTC channel."""
     from kcr_trio.backends.ptc_sidecar import open_ptc_run, run_result
     from kcr_trio.backends.ptc_store import MemoryPtcStore, RedisPtcStore
     from kcr_trio.core.ids import new_id
 
-    if not getattr(exec_service.executor, "ptc_capable", True):  # no sidecar, no PTC channel
-        yield None, None  # type: ignore[misc]
+    if not exec_service.executor.ptc_capable:  # no sidecar, no PTC channel
+        yield None, None
         return
-    store = RedisPtcStore(sessions) if settings.kcr_session_store == "redis" else MemoryPtcStore()
+    store: PtcStore = MemoryPtcStore()
+    if settings.kcr_session_store == "redis":  # shared by the replicas, on the sessions' client
+        from kcr_trio.backends.redis_sessions import RedisSessionStore
+
+        if not isinstance(sessions, RedisSessionStore):
+            raise RuntimeError("KCR_SESSION_STORE=redis: the PTC store needs the Redis session store")
+        store = RedisPtcStore(sessions.redis)
     url = settings.kcr_ptc_advertise_url or f"http://127.0.0.1:{settings.api_port}"
-    capacity = getattr(exec_service.executor, "capacity", None) or 128  # pods: no fixed slot count
+    capacity = exec_service.executor.capacity or 128  # pods: no fixed slot count
     max_suspended = settings.kcr_ptc_max_suspended
     engine = PtcEngine(exec_service, store, replica=new_id(), url=url, live=settings.kcr_ptc_live,
                        open_run=open_ptc_run, run_result=run_result, bash_settle=settings.kcr_ptc_bash_settle,

@@ -11,11 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+import httpx
 from quart import Response, current_app, g, request
 
 from kcr_trio.config import Settings
 from kcr_trio.core.exec import ExecService
 from kcr_trio.core.interfaces import Executor, FileStore, SessionStore
+from kcr_trio.core.ptc_engine import PtcEngine
 
 from .anonymous import UnauthBudget
 from .auth import Authenticator
@@ -39,8 +41,8 @@ class Services:
     warnings: list[str]
     metrics: Metrics | None = None
     limiter: RateLimiter | None = None
-    ptc: Any = None  # core.ptc_engine.PtcEngine (programmatic tool calling)
-    ptc_http: Any = None  # httpx client that forwards continuations to the owning replica
+    ptc: PtcEngine | None = None  # programmatic tool calling; None: its routes are off
+    ptc_http: httpx.AsyncClient | None = None  # forwards continuations to the owning replica
 
 
 def services() -> Services:

@@ -65,6 +65,12 @@ class PodSandbox:
     def pod_name(self) -> str:
         return self.pod.name
 
+    def sidecar_endpoint(self) -> tuple[str, httpx.AsyncClient] | None:
+        """``SidecarEndpoint``: the pod's sidecar, if the inner sandbox talks to one."""
+        from .sidecar_client import SidecarEndpoint
+
+        return self._inner.sidecar_endpoint() if isinstance(self._inner, SidecarEndpoint) else None
+
     async def put_file(self, name: str, chunks: AsyncIterable[bytes]) -> None:
         try:
             await self._inner.put_file(name, chunks)

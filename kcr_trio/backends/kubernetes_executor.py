@@ -65,6 +65,9 @@ __all__ = ["KubernetesExecutor", "KubernetesSettings", "PodSandbox", "SandboxFac
 
 
 class KubernetesExecutor:
+    ptc_capable = True  # Executor: a PTC run talks to the pod's sidecar
+    capacity: int | None = None  # pods are created on demand: no fixed slot count
+
     def __init__(
         self,
         settings: Settings,
@@ -76,6 +79,7 @@ class KubernetesExecutor:
     ) -> None:
         self.settings = settings
         self.k = ksettings
+        self.warnings: list[str] = []  # Executor: nothing found at start-up (problems surface in /ready)
         self.api = api
         self.http = http
         self.sandbox_factory = sandbox_factory or protocol_sandbox_factory(ksettings)

@@ -39,14 +39,13 @@ import logging
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -57,14 +56,20 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from kcr_trio.config import Settings
 from kcr_trio.core.errors import Busy, Unavailable, unsupported_language
-from kcr_trio.core.languages import LANGUAGES
-from sidecar import cgroups, proctree
-from sidecar.cgroups import Cgroups
-from sidecar.languages import Toolchain
-from sidecar.limits import reachable_by
-from sidecar.prewarm import remove_tree
-from sidecar.sandbox import EXTRA_PROCESSES
-from sidecar.toolchains import availability
+from kcr_trio.core.languages import COMPILED, LANGUAGES
+from sidecar import host
+from sidecar.host import (
+    CGROUP_PREFIX,
+    EXTRA_PROCESSES,
+    Cgroups,
+    Toolchain,
+    availability,
+    build_etc_view,
+    etc_entries,
+    reachable_by,
+    remove_tree,
+    split_paths,
+)
 
 from .sidecar_client import SidecarSandbox
 
@@ -72,6 +77,9 @@ log = logging.getLogger("kcr_trio.local_executor")
 # The release starts this long after the sandbox was handed back: the answer, already on its way
 # in the same event loop, goes out first instead of sharing the CPU with the release's HTTP call.
 RELEASE_DELAY = 0.005
+# How long a run waits for a sidecar of its language (being reset or started) before it starts
+# one itself.
+RETURN_WAIT = 5.0
 
 
 class LocalExecutorSettings(BaseSettings):
@@ -117,8 +125,6 @@ def decide_sandbox(settings: Settings, local: LocalExecutorSettings) -> tuple[bo
     ``KCR_UNSANDBOXED_TRUSTED``; ``bwrap``: bubblewrap or refuse; ``none``: unsandboxed, and only
     with ``KCR_UNSANDBOXED_TRUSTED``. Blocking (runs one sandboxed ``sh``): call it in a thread.
     """
-    from sidecar.sandbox import probe, split_paths
-
     mode = settings.kcr_sandbox
     trusted = settings.kcr_unsandboxed_trusted
     if mode == "none":
@@ -128,7 +134,7 @@ def decide_sandbox(settings: Settings, local: LocalExecutorSettings) -> tuple[bo
         return False, _UNSANDBOXED.format(why="KCR_SANDBOX=none")
     # As root, probe as an unprivileged uid, as the sandboxes will run (nobody: it runs only `sh`).
     uid = 65534 if os.geteuid() == 0 else None
-    error = probe(allow_network=settings.kcr_sandbox_allow_network,
+    error = host.probe(allow_network=settings.kcr_sandbox_allow_network,
                   ro_paths=split_paths(local.kcr_local_sandbox_ro_paths), uid=uid, gid=uid,
                   bwrap=local.kcr_local_bwrap or None)
     if error is None:
@@ -184,7 +190,17 @@ class _Sidecar:
         return f"http://127.0.0.1:{self.port}"
 
 
+@dataclass(eq=False)
+class _Waiter:
+    """A run queued for the next sidecar of its language to come back from a reset."""
+
+    event: trio.Event = field(default_factory=trio.Event)
+    sidecar: _Sidecar | None = None
+
+
 class LocalExecutor:
+    ptc_capable = True  # Executor: every sandbox is a sidecar, which carries the PTC channel
+
     def __init__(self, settings: Settings, local: LocalExecutorSettings, nursery: trio.Nursery,
                  http: httpx.AsyncClient) -> None:
         self.settings = settings
@@ -201,15 +217,24 @@ class LocalExecutor:
         self._targets = {code: settings.pool_size(code) for code in LANGUAGES}
         self._pools: dict[str, collections.deque[_Sidecar]] = {c: collections.deque() for c in LANGUAGES}
         self._wake: dict[str, trio.Event] = {c: trio.Event() for c in LANGUAGES}
+        # Releases in flight per language, and the runs queued for the sidecars they return (_take).
+        self._releasing: dict[str, int] = {c: 0 for c in LANGUAGES}
+        self._growing: dict[str, int] = {c: 0 for c in LANGUAGES}  # background starts (_grow)
+        self._waiters: dict[str, collections.deque[_Waiter]] = {c: collections.deque() for c in LANGUAGES}
         self._filled: set[str] = set()
         self._live: set[_Sidecar] = set()
         self._free_uids: list[int] = []
         self._uid_locks: dict[int, int] = {}
         self._next_uid = 0
         self._closing = False
+        # Every sidecar gets the read end; only this process holds the write end (both are
+        # close-on-exec here, the read end is passed explicitly), so a sidecar sees EOF and shuts
+        # down once this server is gone, also after a SIGKILL (sidecar.server.watch_lifeline).
+        self._lifeline_r, self._lifeline_w = os.pipe()
         self._node_path = _node_path(local)
-        self._package_parent = str(Path(proctree.__file__).resolve().parents[1])
+        self._package_parent = host.package_parent()
         self.sandboxed = True  # set from decide_sandbox() before the replenishers start
+        self.etc_view: Path | None = None  # the sandboxes' /etc, built once (prepare_etc_view)
         # {language: why it cannot run here}, from sidecar.toolchains at start-up (blocking stats).
         self.cgroups = Cgroups(None, "not detected")  # set by open_local_executor
         self.missing: dict[str, str] = {
@@ -235,13 +260,7 @@ class LocalExecutor:
         sidecar: _Sidecar | None = None
         self.in_use += 1
         try:
-            pool = self._pools[lang]
-            while pool and sidecar is None:
-                candidate = pool.popleft()
-                if candidate.process.returncode is None:
-                    sidecar = candidate
-                else:
-                    await self._destroy(candidate)
+            sidecar = await self._take(lang, wait)
             self._wake[lang].set()
             if sidecar is None:
                 sidecar = await self._start(lang)
@@ -255,9 +274,91 @@ class LocalExecutor:
             # The sidecar refuses timeouts above MAX_EXECUTION_TIME (422); callers never ask for more,
             # but a clamp keeps a rounding slip from becoming an error.
             yield SidecarSandbox(sidecar.url, client=self._http,
-                                 timeout_cap=float(self.settings.max_execution_time))
+                                 timeout_cap=float(self.settings.max_execution_time),
+                                 compile_timeout=self.settings.kcr_compile_timeout if lang in COMPILED else 0.0)
         finally:
             self._hand_back(sidecar)
+
+    async def _take(self, lang: str, wait: float) -> _Sidecar | None:
+        """A warm sidecar of ``lang`` from its pool, or None (then the caller starts one cold).
+
+        On a miss the pool grows as before (one more sidecar, up to ``max(target, capacity)``),
+        but in the background (``_grow``), and the run takes whichever sidecar of ``lang`` is
+        ready first: one coming back from its reset (milliseconds) or the new one. Before, a miss
+        always waited for its own cold start (~0.4 s of CPU): at c=1 back to back with a pool of
+        one, the second request did (the bash p99 of ~0.5 s). A sidecar that comes back goes to
+        the first waiter directly (``_give``): a waiter is never overtaken by a later run."""
+        pool = self._pools[lang]
+        while pool:
+            candidate = pool.popleft()
+            if candidate.process.returncode is None:
+                return candidate
+            await self._destroy(candidate)
+        self._grow(lang)
+        waiters = self._waiters[lang]
+        if self._coming(lang) <= len(waiters):
+            return None
+        waiter = _Waiter()
+        waiters.append(waiter)
+        try:
+            with trio.move_on_after(min(wait, RETURN_WAIT)):
+                await waiter.event.wait()
+        except BaseException:
+            if waiter.sidecar is not None:  # handed over just as we were cancelled: keep it warm
+                pool.appendleft(waiter.sidecar)
+            raise
+        finally:
+            if waiter in waiters:
+                waiters.remove(waiter)
+        return waiter.sidecar
+
+    def _coming(self, lang: str) -> int:
+        """Sidecars of ``lang`` that will soon be free: being reset or being started for a miss."""
+        return self._releasing[lang] + self._growing[lang]
+
+    def _excess_waiters(self, lang: str) -> None:
+        """Waiters beyond what is coming start their own sidecar now instead of waiting in vain."""
+        waiters = self._waiters[lang]
+        while len(waiters) > self._coming(lang):
+            waiters.pop().event.set()
+
+    def _grow(self, lang: str) -> None:
+        """Start one more sidecar of ``lang`` in the background after a miss, unless the language
+        already has ``max(target, capacity)`` (the most its pool keeps): the pool follows demand."""
+        live = sum(1 for s in self._live if s.language == lang) + self._growing[lang]
+        if self._closing or live >= max(self._targets[lang], self.capacity):
+            return
+        self._growing[lang] += 1
+        try:
+            self._nursery.start_soon(self._start_for_pool, lang)
+        except RuntimeError:  # the nursery is closed (shutdown)
+            self._growing[lang] -= 1
+
+    async def _start_for_pool(self, lang: str) -> None:
+        """``_grow``'s start: the new sidecar goes to a waiting run or the pool; never raises."""
+        sidecar: _Sidecar | None = None
+        try:
+            sidecar = await self._start(lang)
+            if not self._closing:
+                self._give(sidecar)  # before the count drops: the waiter it is for is still queued
+                sidecar = None
+        except Unavailable as exc:
+            log.warning("could not start a %s sidecar: %s", lang, exc.message)
+        finally:
+            self._growing[lang] -= 1
+            self._excess_waiters(lang)
+        if sidecar is not None:  # started while shutting down
+            await self._destroy(sidecar)
+
+    def _give(self, sidecar: _Sidecar) -> None:
+        """A reset sidecar goes to the first run waiting for one, else back to its pool."""
+        waiters = self._waiters[sidecar.language]
+        if waiters:
+            waiter = waiters.popleft()
+            waiter.sidecar = sidecar
+            waiter.event.set()
+        else:
+            self._pools[sidecar.language].append(sidecar)
 
     def _hand_back(self, sidecar: _Sidecar) -> None:
         """Leave the release to the executor's nursery: the caller answers now, the slot stays
@@ -274,15 +375,19 @@ class LocalExecutor:
     async def _release(self, sidecar: _Sidecar) -> None:
         """Reset the sidecar for its next run, or destroy it; then free the slot. Shielded (a
         shutdown must not leave a used sandbox in a pool) and bounded; never raises."""
+        lang = sidecar.language
+        self._releasing[lang] += 1
         try:
             with trio.CancelScope(shield=True):
                 await trio.sleep(RELEASE_DELAY)
                 if await self._reset(sidecar):
                     sidecar.runs += 1
-                    self._pools[sidecar.language].append(sidecar)
+                    self._give(sidecar)
                 else:
                     await self._destroy(sidecar)
         finally:
+            self._releasing[lang] -= 1
+            self._excess_waiters(lang)
             self._free_slot()
 
     def _keep(self, sidecar: _Sidecar) -> bool:
@@ -290,7 +395,11 @@ class LocalExecutor:
 
         Each language keeps at most ``max(target, capacity)`` idle sidecars, and all languages
         together at most ``capacity`` beyond their targets, so a burst of rare languages cannot
-        pin memory; ``kcr_local_max_runs_per_sidecar`` bounds any slow leak in a sidecar."""
+        pin memory; ``kcr_local_max_runs_per_sidecar`` bounds any slow leak in a sidecar. When
+        that shared allowance is used up by idle sidecars of other languages, the one idle longest
+        in the language with the most beyond its target makes room (``_evict_for``): the
+        allowance follows demand. Before, after load moved from one language to another, every
+        run of the new one destroyed its sidecar and the next cold-started one (~0.4 s of CPU)."""
         lang = sidecar.language
         if self._closing or sidecar.process.returncode is not None:
             return False
@@ -300,7 +409,21 @@ class LocalExecutor:
         if len(pool) >= max(target, self.capacity):
             return False
         extra = sum(max(0, len(self._pools[c]) - self._targets[c]) for c in LANGUAGES)
-        return len(pool) < target or extra < self.capacity
+        return len(pool) < target or extra < self.capacity or self._evict_for(lang)
+
+    def _evict_for(self, lang: str) -> bool:
+        """Destroy (in the background) the longest-idle sidecar of the language with the most
+        idle sidecars beyond its target, other than ``lang``; False if there is none."""
+        over = [(len(self._pools[c]) - self._targets[c], c) for c in LANGUAGES if c != lang]
+        excess, victim_lang = max(over)
+        if excess <= 0:
+            return False
+        victim = self._pools[victim_lang].popleft()
+        try:
+            self._nursery.start_soon(self._destroy, victim)
+        except RuntimeError:  # the nursery is closed (shutdown): aclose() kills every sidecar
+            return False
+        return True
 
     async def _reset(self, sidecar: _Sidecar) -> bool:
         """``POST /reset``: the sidecar kills everything of the last run, replaces its working
@@ -360,7 +483,7 @@ class LocalExecutor:
                     await trio.sleep(min(30.0, 0.5 * 2 ** min(failures, 6)))
                     continue
                 failures = 0
-                pool.append(sidecar)
+                self._give(sidecar)  # a run waiting for one gets it, else the pool
             self._filled.add(lang)
             self._wake[lang] = trio.Event()
             await self._wake[lang].wait()
@@ -389,7 +512,7 @@ class LocalExecutor:
             except BlockingIOError:
                 os.close(fd)
                 continue
-            if proctree.count_tasks_of_uid(uid):  # someone not using our locks: stay clear
+            if host.count_tasks_of_uid(uid):  # someone not using our locks: stay clear
                 os.close(fd)
                 continue
             self._uid_locks[uid] = fd
@@ -406,7 +529,8 @@ class LocalExecutor:
             "--max-open-files", str(s.max_open_files), "--max-file-size-mb", str(s.max_file_size_mb),
             "--disk-quota-mb", str(max(self.local.kcr_local_disk_quota_mb, 2 * s.max_file_size_mb)),
             "--prewarm", "true" if s.kcr_sidecar_prewarm else "false", "--reset-between-runs", "true",
-            "--python-preimports", s.kcr_python_preimports,
+            "--python-preimports", s.kcr_python_preimports, "--lifeline-fd", str(self._lifeline_r),
+            "--compile-timeout", str(s.kcr_compile_timeout),
         ]
         if uid is not None:
             argv += ["--run-uid", str(uid), "--run-gid", str(uid), "--run-uid-exclusive", "true"]
@@ -417,6 +541,8 @@ class LocalExecutor:
                      "true" if s.kcr_sandbox_allow_network else "false",
                      "--sandbox-ro-paths", self.local.kcr_local_sandbox_ro_paths,
                      "--sandbox-bwrap", self.local.kcr_local_bwrap]
+            if self.etc_view is not None:
+                argv += ["--sandbox-etc-view", str(self.etc_view)]
         else:
             argv += ["--sandbox", "none"]
         if self.local.kcr_local_python:
@@ -428,7 +554,7 @@ class LocalExecutor:
         return argv
 
     def _group_name(self, directory: Path) -> str:
-        return f"{cgroups.PREFIX}{os.getpid()}/{directory.name}"
+        return f"{CGROUP_PREFIX}{os.getpid()}/{directory.name}"
 
     def _make_groups(self, directory: Path) -> tuple[str, str] | None:
         """This slot's control groups (the run's and its compile steps'), as comma-separated dirs."""
@@ -459,7 +585,7 @@ class LocalExecutor:
                    "PYTHONPATH": self._package_parent, "PYTHONDONTWRITEBYTECODE": "1"}
             process = await trio.lowlevel.open_process(
                 self._argv(lang, sock.fileno(), directory, uid), stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=None, pass_fds=(sock.fileno(),), env=env,
+                stdout=subprocess.PIPE, stderr=None, pass_fds=(sock.fileno(), self._lifeline_r), env=env,
                 start_new_session=True,
             )
             sidecar = _Sidecar(lang, process, port, directory, uid)
@@ -514,20 +640,25 @@ class LocalExecutor:
 
     @staticmethod
     def _kill_sync(sidecar: _Sidecar, alive: bool) -> None:
-        pid = sidecar.process.pid
-        if alive:
-            try:
-                os.kill(pid, signal.SIGSTOP)  # frozen: it cannot start anything new meanwhile
-            except OSError:
-                pass
-            # The sidecar is a subreaper, so every process its runs started is still below it.
-            proctree.kill_tree(pid, grace=0.0)
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        if sidecar.uid is not None:
-            proctree.kill_uid(sidecar.uid, sidecar.uid)  # anything that escaped the tree
+        host.kill_sidecar(sidecar.process.pid, alive, sidecar.uid)
+
+    def prepare_etc_view(self) -> None:
+        """Build the curated ``/etc`` every sandbox of this server binds as one mount
+        (``sidecar.sandbox.build_etc_view``), once per server: copying it per sidecar cost ~150 ms
+        of CPU on every cold start. Views of dead servers are removed first. Blocking."""
+        for entry in self.sandboxes_dir.glob("etc-view-*"):
+            pid = entry.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and (int(pid) == os.getpid() or not Path(f"/proc/{pid}").exists()):
+                remove_tree(str(entry))
+        view = self.sandboxes_dir / f"etc-view-{os.getpid()}"
+        try:
+            build_etc_view(str(view), etc_entries(self.settings.kcr_sandbox_allow_network),
+                           split_paths(self.local.kcr_local_sandbox_ro_paths))
+        except OSError as exc:  # the sidecars then build their own
+            log.warning("could not prepare the sandboxes' /etc view: %s", exc)
+            remove_tree(str(view))
+            return
+        self.etc_view = view
 
     async def aclose(self) -> None:
         self._closing = True
@@ -538,10 +669,17 @@ class LocalExecutor:
             for sidecar in live:
                 nursery.start_soon(self._destroy, sidecar)
         if self.cgroups.version is not None:
-            self.cgroups.remove(f"{cgroups.PREFIX}{os.getpid()}")
+            self.cgroups.remove(f"{CGROUP_PREFIX}{os.getpid()}")
         for fd in self._uid_locks.values():
             os.close(fd)
         self._uid_locks.clear()
+        lifeline, self._lifeline_w, self._lifeline_r = (self._lifeline_w, self._lifeline_r), -1, -1
+        for fd in lifeline:
+            if fd >= 0:
+                os.close(fd)
+        if self.etc_view is not None:
+            await trio.to_thread.run_sync(remove_tree, str(self.etc_view))
+            self.etc_view = None
         self._free_uids.clear()
 
 
@@ -561,11 +699,11 @@ async def open_local_executor(settings: Settings) -> AsyncIterator[LocalExecutor
         raise
     if sandbox_warning:
         log.warning("%s", sandbox_warning)
-    groups = await trio.to_thread.run_sync(partial(cgroups.detect, disabled=not local.kcr_local_cgroups))
+    groups = await trio.to_thread.run_sync(partial(host.detect_cgroups, disabled=not local.kcr_local_cgroups))
     if groups.version is None:
         log.warning("no per-run memory bound: %s", groups.detail)
     else:
-        await trio.to_thread.run_sync(cgroups.sweep_stale, groups)
+        await trio.to_thread.run_sync(host.sweep_stale_cgroups, groups)
     limits = httpx.Limits(max_connections=max(64, 4 * settings.max_concurrent_executions),
                           max_keepalive_connections=32, keepalive_expiry=5.0)
     async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(30.0, connect=5.0),
@@ -580,6 +718,8 @@ async def open_local_executor(settings: Settings) -> AsyncIterator[LocalExecutor
                     executor.warnings.append(f"no per-run memory bound: {groups.detail}")
                 if sandbox_warning:
                     executor.warnings.append(sandbox_warning)
+                if sandboxed:
+                    await trio.to_thread.run_sync(executor.prepare_etc_view)
                 executor.start_replenishers()
                 try:
                     yield executor

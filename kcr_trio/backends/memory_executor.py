@@ -69,6 +69,7 @@ class MemoryExecutor:
     def __init__(self, program: Program, *, capacity: int = 4, retry_after: float = 2.0) -> None:
         self.program = program
         self.capacity = capacity
+        self.warnings: list[str] = []  # nothing on the host to report
         self.retry_after = retry_after
         self._slots = trio.Semaphore(capacity)
         self.released = 0

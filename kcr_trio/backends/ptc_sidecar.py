@@ -22,15 +22,15 @@ from kcr_trio.core.errors import ApiError, Unavailable
 from kcr_trio.core.model import GeneratedFile, RunResult
 from kcr_trio.core.names import guess_content_type
 
+from .sidecar_client import SidecarEndpoint
+
 
 def _endpoint(sandbox: Any) -> tuple[str, httpx.AsyncClient]:
-    seen = 0
-    while sandbox is not None and seen < 4:
-        if hasattr(sandbox, "base_url") and hasattr(sandbox, "_client"):
-            return sandbox.base_url, sandbox._client
-        sandbox, seen = getattr(sandbox, "_inner", None), seen + 1
-    # A capability error (contract §1.0.1): the client tells the model not to retry here.
-    raise ApiError("unsupported_capability", status=409, shape="A")
+    endpoint = sandbox.sidecar_endpoint() if isinstance(sandbox, SidecarEndpoint) else None
+    if endpoint is None:
+        # A capability error (contract §1.0.1): the client tells the model not to retry here.
+        raise ApiError("unsupported_capability", status=409, shape="A")
+    return endpoint
 
 
 class PtcRun:

@@ -18,6 +18,7 @@ import json
 import time
 from typing import Any
 
+from kcr_trio.backends.redis_client import RedisHandle
 from kcr_trio.core.interfaces import PtcStore
 from kcr_trio.core.ptc_state import PtcState
 
@@ -84,51 +85,59 @@ class MemoryPtcStore:
 
 
 class RedisPtcStore:
-    """Shared by every replica on one Redis; built on the session store's client and error mapping."""
+    """Shared by every replica on one Redis. It runs on the session store's client: given that
+    store's :class:`~kcr_trio.backends.redis_client.RedisHandle`, its keys share the prefix and
+    its operations the deadline, pool and error mapping (``Session store unavailable``, 503)."""
 
     shared = True
 
-    def __init__(self, sessions: Any) -> None:
-        self._s = sessions
-        self._r = sessions._r
-        self._p = sessions.prefix + "kcr:ptc:"
+    def __init__(self, redis: RedisHandle) -> None:
+        self._redis = redis
+        self._r = redis.client
+        self._p = redis.prefix + "kcr:ptc:"
 
     async def save(self, state: PtcState, ttl: float) -> None:
         data, key = state.to_json(), self._p + "exec:" + state.execution_id
-        await self._s._run(lambda: self._r.set(key, data, px=max(1, int(ttl * 1000))))
+        await self._redis.run(lambda: self._r.set(key, data, px=_ms(ttl)))
 
     async def load(self, execution_id: str) -> PtcState | None:
         key = self._p + "exec:" + execution_id
-        raw = await self._s._run(lambda: self._r.get(key))
+        raw = await self._redis.run(lambda: self._r.get(key))
         return PtcState.from_json(raw) if raw else None
 
     async def delete(self, execution_id: str) -> None:
         key = self._p + "exec:" + execution_id
-        await self._s._run(lambda: self._r.delete(key))
+        await self._redis.run(lambda: self._r.delete(key))
 
     async def claim(self, execution_id: str, generation: int, replica: str) -> bool:
         key = f"{self._p}claim:{execution_id}:{generation}"
-        return bool(await self._s._run(lambda: self._r.set(key, replica, nx=True, ex=60)))
+        return bool(await self._redis.run(lambda: self._r.set(key, replica, nx=True, ex=60)))
 
     async def add_request(self, request_id: str, record: dict[str, Any], ttl: float) -> dict[str, Any] | None:
         key, data = self._p + "req:" + request_id, json.dumps(record)
-        if await self._s._run(lambda: self._r.set(key, data, nx=True, px=max(1, int(ttl * 1000)))):
+        if await self._redis.run(lambda: self._r.set(key, data, nx=True, px=_ms(ttl))):
             return None
         return await self.get_request(request_id) or {}
 
     async def get_request(self, request_id: str) -> dict[str, Any] | None:
         key = self._p + "req:" + request_id
-        raw = await self._s._run(lambda: self._r.get(key))
-        return json.loads(raw) if raw else None
+        raw = await self._redis.run(lambda: self._r.get(key))
+        found: dict[str, Any] | None = json.loads(raw) if raw else None
+        return found
 
     async def set_request(self, request_id: str, record: dict[str, Any], ttl: float) -> None:
         key, data = self._p + "req:" + request_id, json.dumps(record)
-        await self._s._run(lambda: self._r.set(key, data, px=max(1, int(ttl * 1000))))
+        await self._redis.run(lambda: self._r.set(key, data, px=_ms(ttl)))
 
     async def heartbeat(self, replica: str, url: str, ttl: float) -> None:
         key = self._p + "replica:" + replica
-        await self._s._run(lambda: self._r.set(key, url, px=max(1, int(ttl * 1000))))
+        await self._redis.run(lambda: self._r.set(key, url, px=_ms(ttl)))
 
     async def alive(self, replica: str) -> bool:
         key = self._p + "replica:" + replica
-        return bool(await self._s._run(lambda: self._r.exists(key)))
+        return bool(await self._redis.run(lambda: self._r.exists(key)))
+
+
+def _ms(ttl: float) -> int:
+    """A TTL in whole milliseconds, at least one (Redis refuses ``PX 0``)."""
+    return max(1, int(ttl * 1000))

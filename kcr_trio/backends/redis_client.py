@@ -7,14 +7,19 @@ with short retries, RESP2 and TLS as configured. It runs on the asyncio side of
 :mod:`kcr_trio.backends.aio_bridge`, which is the only way in. Every failure to reach Redis becomes
 ``errors.Unavailable("Session store unavailable: <client-safe reason>")``; the full error is logged
 (at most every 10 s).
+
+Stores built on one client share it through a :class:`RedisHandle`: the client, the key prefix and
+the one way to call it (deadline, cluster queueing, error mapping). The session store builds it; the
+PTC store (``backends/ptc_store.py``) is given the session store's handle and needs nothing else.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlparse, urlunparse
 
 import trio
@@ -25,7 +30,9 @@ from kcr_trio.backends.aio_bridge import StoreErrors, run_aio
 
 log = logging.getLogger(__name__)
 
-__all__ = ["REDIS_ERRORS", "RedisSettings", "build_client", "open_redis_client", "translate"]
+T = TypeVar("T")
+
+__all__ = ["REDIS_ERRORS", "RedisHandle", "RedisSettings", "build_client", "open_redis_client", "translate"]
 
 REDIS_ERRORS = StoreErrors("Session store", "Redis", log)
 _CLOSE_TIMEOUT = 5.0
@@ -141,6 +148,27 @@ def _describe(exc: BaseException) -> str:
         code = (str(exc).split() or ["error"])[0]
         return f"Redis answered {code[:40]}"
     return type(exc).__name__
+
+
+@dataclass(frozen=True)
+class RedisHandle:
+    """One Redis client as the stores on it use it. Every store operation is one :meth:`run`, so
+    they all get the same deadline, the same queueing in cluster mode and the same error mapping
+    (``Session store unavailable: ...``, 503), whichever store issues it."""
+
+    client: Any  # redis-py's asyncio client (standalone, sentinel or cluster)
+    prefix: str  # REDIS_KEY_PREFIX: every key of every store starts with it
+    cluster: bool
+    op_timeout: float  # RedisSettings.operation_timeout()
+    # redis-py's cluster client fails at once ("Too many connections") when a node's pool is
+    # exhausted, where the standalone/sentinel pools wait. Cluster operations queue here instead
+    # (one operation holds at most one connection per node), within the deadline.
+    limiter: trio.CapacityLimiter | None = None
+
+    async def run(self, fn: Callable[[], Awaitable[T]]) -> T:
+        """``await fn()`` against Redis on the asyncio side, within the operation deadline, with
+        every failure mapped to ``Unavailable``."""
+        return await REDIS_ERRORS.call(fn, timeout=self.op_timeout, translate=translate, limiter=self.limiter)
 
 
 def build_client(rs: RedisSettings) -> tuple[Any, bool]:

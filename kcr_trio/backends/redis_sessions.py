@@ -37,8 +37,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from kcr_trio.backends import redis_client
-from kcr_trio.backends.redis_client import REDIS_ERRORS, RedisSettings, open_redis_client
+from kcr_trio.backends.redis_client import RedisHandle, RedisSettings, open_redis_client
 from kcr_trio.backends.redis_schema import (
     EMPTY_SESSION_FIELDS,
     FILES_AND_TOUCH,
@@ -76,15 +75,13 @@ class RedisSessionStore:
         op_timeout: float,
         max_connections: int = 20,
     ) -> None:
+        # The client as every store on it uses it (the PTC store is given this handle).
+        self.redis = RedisHandle(client, prefix, cluster, op_timeout,
+                                 trio.CapacityLimiter(max_connections) if cluster else None)
         self._r = client
         self.prefix = prefix
         self._ttl = int(ttl_hours) * 3600
         self._cluster = cluster
-        self._op_timeout = op_timeout
-        # redis-py's cluster client fails at once ("Too many connections") when a node's pool is
-        # exhausted, where the standalone/sentinel pools wait. Queue cluster operations here
-        # instead (one operation holds at most one connection per node), within the deadline.
-        self._limiter = trio.CapacityLimiter(max_connections) if cluster else None
         self._touch_script = client.register_script(GET_AND_TOUCH)
         self._files_script = client.register_script(FILES_AND_TOUCH)
         self._unlock_script = client.register_script(UNLOCK)
@@ -121,10 +118,8 @@ class RedisSessionStore:
 
     # --- plumbing --------------------------------------------------------------------------------
     async def _run(self, fn: Callable[[], Awaitable[T]]) -> T:
-        """Run one asyncio coroutine function against Redis with a deadline and error mapping
-        (the PTC store shares it)."""
-        return await REDIS_ERRORS.call(fn, timeout=self._op_timeout, translate=redis_client.translate,
-                                       limiter=self._limiter)
+        """Run one asyncio coroutine function against Redis with a deadline and error mapping."""
+        return await self.redis.run(fn)
 
     # --- SessionStore ----------------------------------------------------------------------------
     async def create_session(self, *, entity_id: str | None, user_id: str | None) -> Session:

@@ -29,7 +29,7 @@ import secrets
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 from urllib.parse import quote
 
 import httpx
@@ -45,6 +45,16 @@ _CONNECT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, 
 _BROKEN_ERRORS = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError, httpx.WriteTimeout)
 
 
+@runtime_checkable
+class SidecarEndpoint(Protocol):
+    """A sandbox served by a sidecar over HTTP. Programmatic tool calling talks to that sidecar
+    directly (``backends/ptc_sidecar.py``: ``/ptc/start``, ``/ptc/results``); a sandbox without
+    one (the in-process twin) has no PTC channel."""
+
+    def sidecar_endpoint(self) -> tuple[str, httpx.AsyncClient] | None:
+        """The sidecar's base URL and the client to reach it with, or ``None``."""
+
+
 class SidecarSandbox:
     """A sandbox reached at ``base_url`` (``http://host:port``)."""
 
@@ -56,6 +66,7 @@ class SidecarSandbox:
         timeout_cap: float | None = None,
         answer_margin: float = 15.0,
         file_timeout: float = 60.0,
+        compile_timeout: float = 0.0,
     ) -> None:
         """``timeout_cap``: the sidecar's own maximum (120 for KubeCodeRun's 2.1.3 sidecar, which
         answers 422 above it); longer runs are clamped. ``answer_margin``: how long past the run's
@@ -64,12 +75,19 @@ class SidecarSandbox:
         self._client = client
         self._timeout_cap = timeout_cap
         self._margin = answer_margin
+        # Our sidecar gives compile steps their own budget (``--compile-timeout``) before the
+        # program's timeout starts: the answer may come that much later.
+        self._compile_timeout = compile_timeout
         self._file_timeout = httpx.Timeout(file_timeout, connect=5.0)
         self._inputs: dict[str, int] = {}
         self._generated: list[GeneratedFile] | None = None
 
     def __repr__(self) -> str:
         return f"SidecarSandbox({self.base_url!r})"
+
+    def sidecar_endpoint(self) -> tuple[str, httpx.AsyncClient]:
+        """``SidecarEndpoint``: this sidecar, on this sandbox's client."""
+        return self.base_url, self._client
 
     # --- files in -------------------------------------------------------------------------
     async def put_file(self, name: str, chunks: AsyncIterable[bytes]) -> None:
@@ -116,12 +134,12 @@ class SidecarSandbox:
                 f"{self.base_url}/execute",
                 json=body,
                 headers={"x-request-id": request_id},
-                timeout=httpx.Timeout(wire_timeout + self._margin, connect=5.0),
+                timeout=httpx.Timeout(wire_timeout + self._compile_timeout + self._margin, connect=5.0),
             )
         except _CONNECT_ERRORS as exc:
             raise self._unreachable(exc) from exc
         except httpx.ReadTimeout:
-            why = f"the sandbox did not answer within {wire_timeout + self._margin:g} s"
+            why = f"the sandbox did not answer within {wire_timeout + self._compile_timeout + self._margin:g} s"
             return RunResult(exit_code=124, stdout="", stderr=f"Execution timed out after {wire_timeout} seconds",
                              timed_out=True, duration_ms=(time.monotonic() - started) * 1000, failure=why)
         except _BROKEN_ERRORS as exc:

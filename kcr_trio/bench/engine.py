@@ -1,7 +1,8 @@
 """Execution-engine benchmark: ``kcr-trio bench engine --url URL --key-env VAR [...]``.
 
-Against one running server (the operator starts it; nothing here starts or tunes it), for each
-language of ``--langs`` (default py, js, bash):
+Against one running server, or several side by side (``--url base=URL --url new=URL``: rounds and
+windows alternate between them, so machine noise hits all alike; the operator starts them, nothing
+here starts or tunes them), for each language of ``--langs`` (default py, js, bash):
 
 * **latency**: ``/exec`` of a trivial print at c=1, interleaved round by round with a bare start of
   the same interpreter binary (its real path: ``python3`` resolved past any version-manager shim),
@@ -19,9 +20,11 @@ raw figures. A speed goal lives here, never in a timed test.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -101,27 +104,12 @@ def bare_start(binary: str, lang: str) -> float:
     return time.perf_counter() - started
 
 
-async def latency(client: httpx.AsyncClient, lang: str, binary: str, rounds: int, deadline: float
-                  ) -> dict[str, Any]:
+async def throughput(client: httpx.AsyncClient, lang: str, conc: int, window: float,
+                     pid: int | None = None) -> dict[str, Any]:
+    """exec/s over ``window`` seconds at ``conc``; with ``pid`` (the server), also the CPU its
+    whole process tree used per successful exec (robust to other load on the machine)."""
     tally = Tally()
-    bare: list[float] = []
-    for _ in range(rounds):
-        if trio.current_time() > deadline:
-            break
-        await one_exec(client, lang, tally)
-        bare.append(await trio.to_thread.run_sync(bare_start, binary, lang))
-    exec_ms = [v * 1000 for v in tally.latencies]
-    bare_ms = [v * 1000 for v in bare]
-    p50_exec, p50_bare = pct(exec_ms, 50), pct(bare_ms, 50)
-    return {"rounds": len(bare), "ok": tally.ok, "errors": tally.errors + tally.wrong, "busy": tally.busy,
-            "exec_p50_ms": round(p50_exec, 1), "exec_p99_ms": round(pct(exec_ms, 99), 1),
-            "bare_p50_ms": round(p50_bare, 1), "bare_p99_ms": round(pct(bare_ms, 99), 1),
-            "ratio_p50": round(p50_exec / p50_bare, 3) if bare_ms and exec_ms else None,
-            "binary": binary}
-
-
-async def throughput(client: httpx.AsyncClient, lang: str, conc: int, window: float) -> dict[str, Any]:
-    tally = Tally()
+    before = await trio.to_thread.run_sync(tree, pid) if pid is not None else None
     end = trio.current_time() + window
 
     async def worker() -> None:
@@ -135,9 +123,20 @@ async def throughput(client: httpx.AsyncClient, lang: str, conc: int, window: fl
                 nursery.start_soon(worker)
     elapsed = time.perf_counter() - started
     lat = [v * 1000 for v in tally.latencies]
-    return {"concurrency": conc, "seconds": round(elapsed, 2), "ok": tally.ok,
-            "exec_per_s": round(tally.ok / elapsed, 2), "errors": tally.errors, "wrong": tally.wrong,
-            "busy": tally.busy, "p50_ms": round(pct(lat, 50), 1), "p99_ms": round(pct(lat, 99), 1)}
+    row = {"concurrency": conc, "seconds": round(elapsed, 2), "ok": tally.ok,
+           "exec_per_s": round(tally.ok / elapsed, 2), "errors": tally.errors, "wrong": tally.wrong,
+           "busy": tally.busy, "p50_ms": round(pct(lat, 50), 1), "p99_ms": round(pct(lat, 99), 1)}
+    if pid is not None and before is not None and tally.ok:
+        after = await trio.to_thread.run_sync(tree, pid)
+        row["server_cpu_ms_per_exec"] = round(_used(before, after) / os.sysconf("SC_CLK_TCK")
+                                              * 1000 / tally.ok, 1)
+    return row
+
+
+def _used(before: dict[int, int], after: dict[int, int]) -> int:
+    """CPU ticks of processes alive at both ends, plus all of new ones (with what they reaped)."""
+    return sum(after[p] - before[p] for p in after if p in before) + sum(
+        after[p] for p in after if p not in before)
 
 
 # --- idle CPU -----------------------------------------------------------------------------------
@@ -203,15 +202,58 @@ async def idle_cpu(pid: int, seconds: float) -> dict[str, Any]:
     await trio.sleep(seconds)
     after = tree(pid)
     elapsed = time.perf_counter() - started
-    # CPU of processes alive at both ends, plus what the survivors reaped meanwhile (cutime).
-    used = sum(after[p] - before[p] for p in after if p in before) + sum(
-        after[p] for p in after if p not in before)
+    used = _used(before, after)  # includes what the survivors reaped meanwhile (cutime)
     return {"seconds": round(elapsed, 1), "cpu_percent": round(100 * used / hz / elapsed, 2),
             "processes_before": len(before), "processes_after": len(after),
             "replaced": len(set(before) - set(after)), "new": len(set(after) - set(before))}
 
 
 # --- main ---------------------------------------------------------------------------------------
+def parse_targets(urls: list[str]) -> list[tuple[str, str]]:
+    """``[NAME=]URL`` for each ``--url``; unnamed targets are called by their position."""
+    out: list[tuple[str, str]] = []
+    for i, item in enumerate(urls):
+        name, sep, url = item.partition("=")
+        if not sep or "://" in name:
+            name, url = (f"t{i + 1}" if len(urls) > 1 else "server"), item
+        if name in {n for n, _ in out}:
+            raise SystemExit(f"bench engine: two targets named {name!r}")
+        out.append((name, url))
+    return out
+
+
+def _rotated(items: list[Any], i: int) -> list[Any]:
+    """Each round starts with the next target: no target always runs right after a bare start."""
+    k = i % len(items)
+    return items[k:] + items[:k]
+
+
+async def latency_interleaved(clients: dict[str, httpx.AsyncClient], lang: str, binary: str, rounds: int,
+                              deadline: float) -> dict[str, dict[str, Any]]:
+    """p50/p99 of ``/exec`` on every target and of a bare start, round by round interleaved."""
+    tallies = {name: Tally() for name in clients}
+    bare: list[float] = []
+    for i in range(rounds):
+        if trio.current_time() > deadline:
+            break
+        for name in _rotated(list(clients), i):
+            await one_exec(clients[name], lang, tallies[name])
+            bare.append(await trio.to_thread.run_sync(bare_start, binary, lang))
+    bare_ms = [v * 1000 for v in bare]
+    p50_bare = pct(bare_ms, 50)
+    out = {}
+    for name, tally in tallies.items():
+        exec_ms = [v * 1000 for v in tally.latencies]
+        p50_exec = pct(exec_ms, 50)
+        out[name] = {"rounds": len(bare) // len(clients), "ok": tally.ok, "errors": tally.errors + tally.wrong,
+                     "busy": tally.busy, "exec_p50_ms": round(p50_exec, 1),
+                     "exec_p99_ms": round(pct(exec_ms, 99), 1), "bare_p50_ms": round(p50_bare, 1),
+                     "bare_p99_ms": round(pct(bare_ms, 99), 1),
+                     "ratio_p50": round(p50_exec / p50_bare, 3) if bare_ms and exec_ms else None,
+                     "binary": binary}
+    return out
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     key = os.environ.get(args.key_env, "")
     if not key:
@@ -220,46 +262,91 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     unknown = set(langs) - set(PROGRAMS)
     if unknown:
         raise SystemExit(f"bench engine: unsupported languages {sorted(unknown)} (py, js, bash)")
+    targets = parse_targets(args.url)
     deadline = trio.current_time() + args.max_time
-    report: dict[str, Any] = {"url": args.url, "cpus": os.cpu_count(), "latency": {}, "throughput": {}}
+    report: dict[str, Any] = {"cpus": os.cpu_count(), "repeat": args.repeat, "targets": {}}
+    for name, url in targets:
+        report["targets"][name] = {"url": url, "latency": {}, "throughput": {}}
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-    async with httpx.AsyncClient(base_url=args.url, headers={"X-API-Key": key}, limits=limits,
-                                 timeout=httpx.Timeout(120.0), trust_env=False) as client:
-        pid = args.server_pid
-        if pid is None and httpx.URL(args.url).host in ("127.0.0.1", "localhost"):
-            pid = pid_of_port(httpx.URL(args.url).port or 80)
-        if pid is not None and args.idle > 0:
+    async with contextlib.AsyncExitStack() as stack:
+        clients: dict[str, httpx.AsyncClient] = {}
+        for name, url in targets:
+            clients[name] = await stack.enter_async_context(httpx.AsyncClient(
+                base_url=url, headers={"X-API-Key": key}, limits=limits, timeout=httpx.Timeout(120.0),
+                trust_env=False))
+        if args.idle > 0:
             await trio.sleep(min(5.0, args.idle))  # let the pools settle after start-up
-            report["idle"] = await idle_cpu(pid, args.idle)
-            report["idle"]["pid"] = pid
-            print("idle:", json.dumps(report["idle"]), flush=True)
+        pids: dict[str, int | None] = {}
+        for name, url in targets:
+            pid = args.server_pid if len(targets) == 1 else None
+            if pid is None and httpx.URL(url).host in ("127.0.0.1", "localhost"):
+                pid = pid_of_port(httpx.URL(url).port or 80)
+            pids[name] = pid
+            if pid is not None and args.idle > 0:
+                idle = await idle_cpu(pid, args.idle)
+                idle["pid"] = pid
+                report["targets"][name]["idle"] = idle
+                print(f"[{name}] idle:", json.dumps(idle), flush=True)
         for lang in langs:
             binary = real_binary(lang, args.python)
-            for _ in range(3):  # warm the connection and the pools, untimed
-                await one_exec(client, lang, Tally())
-            report["latency"][lang] = await latency(client, lang, binary, args.rounds, deadline)
-            print(f"latency {lang}:", json.dumps(report["latency"][lang]), flush=True)
+            for client in clients.values():
+                for _ in range(3):  # warm the connection and the pools, untimed
+                    await one_exec(client, lang, Tally())
+            rows = await latency_interleaved(clients, lang, binary, args.rounds, deadline)
+            for name, row in rows.items():
+                report["targets"][name]["latency"][lang] = row
+                print(f"[{name}] latency {lang}:", json.dumps(row), flush=True)
         for lang in langs:
-            rows = []
             for conc in args.conc:
-                if trio.current_time() + args.window > deadline:
-                    break
-                await trio.sleep(args.pause)  # let the pools refill between windows
-                rows.append(await throughput(client, lang, conc, args.window))
-                print(f"throughput {lang}:", json.dumps(rows[-1]), flush=True)
-            report["throughput"][lang] = rows
+                for rep in range(args.repeat):
+                    for name in _rotated(list(clients), rep):
+                        if trio.current_time() + args.window > deadline:
+                            break
+                        await trio.sleep(args.pause)  # let the pools refill between windows
+                        row = await throughput(clients[name], lang, conc, args.window, pids[name])
+                        report["targets"][name]["throughput"].setdefault(lang, []).append(row)
+                        print(f"[{name}] throughput {lang}:", json.dumps(row), flush=True)
+    report["summary"] = summarize(report)
     return report
+
+
+def summarize(report: dict[str, Any]) -> dict[str, Any]:
+    """Per target: p50 ratio to the bare start, and the median exec/s (errors, busy summed) per
+    language and concurrency over the repeated windows."""
+    out: dict[str, Any] = {}
+    for name, t in report["targets"].items():
+        row: dict[str, Any] = {}
+        for lang, lat in t["latency"].items():
+            row[lang] = {"exec_p50_ms": lat["exec_p50_ms"], "exec_p99_ms": lat["exec_p99_ms"],
+                         "p50_ratio": lat["ratio_p50"]}
+        for lang, windows in t["throughput"].items():
+            by_conc: dict[int, list[dict[str, Any]]] = {}
+            for w in windows:
+                by_conc.setdefault(w["concurrency"], []).append(w)
+            for conc, ws in by_conc.items():
+                cpu = [w["server_cpu_ms_per_exec"] for w in ws if "server_cpu_ms_per_exec" in w]
+                row.setdefault(lang, {})[f"c{conc}"] = {
+                    "exec_per_s": round(statistics.median(w["exec_per_s"] for w in ws), 2),
+                    "server_cpu_ms_per_exec": round(statistics.median(cpu), 1) if cpu else None,
+                    "errors": sum(w["errors"] + w["wrong"] for w in ws), "busy": sum(w["busy"] for w in ws),
+                    "windows": len(ws)}
+        out[name] = row
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="kcr-trio bench engine", description=__doc__.split("\n\n")[0])
-    p.add_argument("--url", required=True, help="the server, e.g. http://127.0.0.1:8000")
+    p.add_argument("--url", required=True, action="append",
+                   help="[NAME=]URL of a server, e.g. base=http://127.0.0.1:8000; repeat it to compare "
+                        "servers side by side (rounds and windows interleaved between them)")
     p.add_argument("--key-env", required=True, help="environment variable holding the API key")
     p.add_argument("--langs", default="py,js,bash")
     p.add_argument("--rounds", type=int, default=100, help="latency rounds per language")
     p.add_argument("--conc", default="1,4,8,16")
     p.add_argument("--window", type=float, default=20.0, help="seconds per throughput window")
     p.add_argument("--pause", type=float, default=2.0, help="seconds between windows")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="throughput windows per target, language and concurrency (median reported)")
     p.add_argument("--idle", type=float, default=30.0, help="idle CPU window (0: skip)")
     p.add_argument("--server-pid", type=int, default=None)
     p.add_argument("--python", default=None,
@@ -271,10 +358,10 @@ def main(argv: list[str] | None = None) -> int:
     args.conc = [int(v) for v in args.conc.split(",") if v.strip()]
     if not args.conc or any(not 1 <= c <= 256 for c in args.conc) or not 1 <= args.rounds <= 10000:
         p.error("--conc: 1..256 each; --rounds: 1..10000")
+    if not 1 <= args.repeat <= 100:
+        p.error("--repeat: 1..100")
     report = trio.run(run, args)
-    summary = {lang: {"p50_ratio": r["ratio_p50"], "exec_p50_ms": r["exec_p50_ms"]}
-               for lang, r in report["latency"].items()}
-    print("summary:", json.dumps(summary), flush=True)
+    print("summary:", json.dumps(report["summary"]), flush=True)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(report, fh, indent=2)

@@ -35,7 +35,7 @@ import trio
 from . import output
 from .errors import ApiError, Unavailable, empty_code, single_error, unsupported_language
 from .interfaces import Executor, FileStore, Sandbox, SessionStore
-from .languages import Language, lookup
+from .languages import COMPILED, Language, lookup
 from .model import FileRecord, FileRef, GeneratedFile, RunResult
 from .names import is_plain_filename
 from .runtime import RuntimeStore, Workspace
@@ -60,6 +60,12 @@ class ExecLimits:
     mount_session_uploads: bool = True
     # File refs one request may list (each costs store lookups before the run starts).
     max_file_refs: int = 100
+    # Compiled languages' compile steps get this much time of their own (0: none, the compile
+    # shares the program's timeout); the request's deadline grows by it for those languages.
+    compile_timeout: float = 0.0
+
+    def compile_budget(self, language: str) -> float:
+        return self.compile_timeout if language in COMPILED else 0.0
 
 
 @dataclass(slots=True)
@@ -190,7 +196,8 @@ class ExecService:
             language = validate(req.code, req.lang, self.limits)
             check_refs(len(req.files), self.limits)
         limits = self.limits
-        deadline = trio.current_time() + limits.max_execution_time + limits.overhead
+        deadline = (trio.current_time() + limits.max_execution_time + limits.overhead
+                    + limits.compile_budget(language.code))
         state = _State(session_id=req.session_id or "")
         with trio.CancelScope(deadline=deadline) as scope:
             try:
@@ -254,7 +261,8 @@ class ExecService:
             # 3. Run. The sandbox enforces the timeout; keep time for collection after it.
             run_timeout = min(
                 float(limits.max_execution_time),
-                max(1.0, deadline - trio.current_time() - limits.overhead / 2),
+                max(1.0, deadline - trio.current_time() - limits.overhead / 2
+                    - limits.compile_budget(language.code)),
             )
             if req.timeout is not None:
                 run_timeout = min(run_timeout, req.timeout)

@@ -153,7 +153,28 @@ class Sandbox(Protocol):
 
 @runtime_checkable
 class Executor(Protocol):
-    """Hands out sandboxes, one run each, from warm pools where it can."""
+    """Hands out sandboxes, one run each, from warm pools where it can.
+
+    Besides the two methods, the app reads three facts about an executor at start-up: what it
+    found wrong with its host (``warnings``), whether its sandboxes speak the sidecar's
+    programmatic-tool-calling channel (``ptc_capable``), and how many runs it can hold at once
+    (``capacity``). Read-only here, so an implementation may keep them as plain attributes.
+    """
+
+    @property
+    def warnings(self) -> list[str]:
+        """Start-up findings (no per-run memory bound, an unsafe sandbox root...): shown by
+        ``/ready``. Empty when there is nothing to say."""
+
+    @property
+    def ptc_capable(self) -> bool:
+        """Its sandboxes run the sidecar, which carries ``/exec/programmatic``'s tool-call channel.
+        ``False`` turns the PTC routes off (``api/ptc_http.open_ptc``)."""
+
+    @property
+    def capacity(self) -> int | None:
+        """Concurrent runs it can hold (a fixed slot count), or ``None`` when there is no fixed
+        count (pods are created on demand). PTC sizes its suspended-run limit from it."""
 
     def sandbox(self, language: str, *, wait: float) -> AbstractAsyncContextManager[Sandbox]:
         """A fresh sandbox for ``language``.

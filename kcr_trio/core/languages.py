@@ -38,6 +38,9 @@ LANGUAGES: dict[str, Language] = {
     )
 }
 
+# Languages whose runs start with compile steps (their own time budget: KCR_COMPILE_TIMEOUT).
+COMPILED = frozenset({"go", "java", "c", "cpp", "rs", "f90", "d"})
+
 # The runner's own source files: never reported as generated output (KubeCodeRun main's exact set,
 # plus ours for bash).
 SOURCE_FILES = frozenset(lang.source_file for lang in LANGUAGES.values())

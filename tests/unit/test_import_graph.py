@@ -5,10 +5,9 @@ including the ones inside functions, resolved to module names).
 * Shipped code never imports the test tree (``tests.*`` is not installed).
 * ``kcr_trio.core`` is the pure domain: no arrow into the HTTP edge, the backends or the bench.
 * The sidecar ships alone in language images: it imports nothing from ``kcr_trio``.
-* The backends reach into the sidecar only through the modules listed in ``BACKENDS_TO_SIDECAR``.
-  The local executor still uses several sidecar internals (the engine work changed it recently);
-  giving the sidecar one small public module for it is the planned next step, and this list is
-  there so the set cannot silently grow meanwhile.
+* The backends reach into the sidecar only through the modules listed in ``BACKENDS_TO_SIDECAR``:
+  the local executor through ``sidecar.host``, the sidecar's one public module for a host that
+  runs sidecars on its own machine (its internals stay free to change).
 * Same-shape backends: each client library is imported by one client module only (a store module
   holds store logic and reaches its library through that module and the asyncio bridge); the
   warm-pool model both executors share knows no backend; the Kubernetes executor's concept modules
@@ -25,10 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # backends module -> the sidecar modules it may import (see the module docstring).
 BACKENDS_TO_SIDECAR = {
-    "kcr_trio.backends.local_executor": {
-        "sidecar", "sidecar.cgroups", "sidecar.languages", "sidecar.limits", "sidecar.prewarm",
-        "sidecar.proctree", "sidecar.sandbox", "sidecar.toolchains",
-    },
+    "kcr_trio.backends.local_executor": {"sidecar", "sidecar.host"},
 }
 
 # client library -> the one module that may import it.
@@ -119,6 +115,14 @@ def test_backends_reach_the_sidecar_only_through_known_modules() -> None:
         # ``from sidecar.limits import reachable_by`` also yields ``sidecar.limits.reachable_by``.
         extra = {d for d in deps if d not in allowed and d.rsplit(".", 1)[0] not in allowed - {"sidecar"}}
         assert not extra, f"{mod} imports sidecar internals outside its allowance: {sorted(extra)}"
+
+
+def test_only_the_local_executor_reaches_the_sidecar_and_only_through_its_public_module() -> None:
+    used = offenders("kcr_trio", "kcr_trio.backends", "sidecar")
+    assert set(used) == {"kcr_trio.backends.local_executor"}
+    # ``from sidecar import host`` yields ``sidecar`` and ``sidecar.host``; nothing deeper.
+    assert used["kcr_trio.backends.local_executor"] - {"sidecar"} <= {
+        "sidecar.host", *(f"sidecar.host.{n}" for n in __import__("sidecar.host").host.__all__)}
 
 
 def test_each_client_library_has_one_client_module() -> None:

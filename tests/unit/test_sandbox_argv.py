@@ -128,3 +128,30 @@ def test_toolchain_paths_below_tmp_are_bound_over_the_private_tmp() -> None:
     early = argv.index("/opt/tool")
     assert early < tmp_mount < late
     assert argv[late - 1] == "--ro-bind-try"
+
+
+def test_etc_view_is_one_bind_and_holds_only_what_others_may_read(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    from sidecar.sandbox import build_etc_view
+
+    entries = ["/etc/passwd", "/etc/ssl", "/etc/resolv.conf", "/etc/no-such-entry"]
+    view = Path(build_etc_view(str(tmp_path / "etc"), entries, ["/etc/extra/tool", "/opt/x"]))
+    assert (view / "passwd").read_bytes() == Path("/etc/passwd").read_bytes()
+    for src, _dirs, names in os.walk("/etc/ssl"):
+        for name in names:
+            path = Path(src, name)
+            copy = view / path.relative_to("/etc")
+            if path.is_symlink():
+                assert copy.is_symlink() and os.readlink(copy) == os.readlink(path)
+            elif not os.lstat(path).st_mode & stat.S_IROTH or not os.access(src, os.X_OK):
+                assert not copy.exists()
+    if Path("/etc/ssl/private").is_dir() and not os.stat("/etc/ssl/private").st_mode & stat.S_IXOTH:
+        assert not (view / "ssl" / "private").exists()  # others may not enter it: not copied
+    # Live entries and extra read-only paths below /etc get empty mount points, bound on top.
+    assert (view / "resolv.conf").read_bytes() == b"" and (view / "extra" / "tool").exists()
+    assert not (view / "no-such-entry").exists()
+    argv = make(etc_view=str(view), etc=("/etc/passwd", "/etc/resolv.conf")).args(None)
+    assert (str(view), "/etc") in pairs(argv, "--ro-bind")
+    assert pairs(argv, "--ro-bind-try") == [("/etc/resolv.conf", "/etc/resolv.conf")]

@@ -47,3 +47,19 @@ def test_typescript_without_the_package_is_a_clear_error() -> None:
         text = str(body)
         assert "typescript" in text and "npm install -g typescript" in text, body
         assert "Cannot find module" not in text
+
+
+def test_compile_timeout_is_a_clear_error_through_exec() -> None:
+    from tests.integration.sidecar.test_limits import SLOW_COMPILE
+
+    with server_process({"KCR_COMPILE_TIMEOUT": "2", "MAX_EXECUTION_TIME": "20"}) as server:
+        resp = httpx.post(server.url + "/exec", headers=HEADERS, timeout=120,
+                          json={"lang": "cpp", "code": SLOW_COMPILE})
+        assert resp.status_code == 200, resp.text
+        body = resp.json()
+        assert "Compilation timed out after 2 seconds" in body["stderr"], body
+        assert "KCR_COMPILE_TIMEOUT" in body["stderr"] and "Execution timed out" not in body["stderr"], body
+        # The slot is free again and the next compiled run is normal.
+        ok = httpx.post(server.url + "/exec", headers=HEADERS, timeout=120,
+                        json={"lang": "c", "code": '#include <stdio.h>\nint main(void) { puts("ok"); }'})
+        assert ok.status_code == 200 and ok.json()["stdout"] == "ok\n", ok.text

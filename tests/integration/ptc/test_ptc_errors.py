@@ -221,3 +221,20 @@ def test_attached_workspace_is_a_capability_error(ptc_server: ServerProcess) -> 
     resp = post(ptc_server, {"lang": "bash", "code": ": &\nwait \"$!\"\nls", "tools": []},
                 {"X-LibreChat-Code-Workspace-ID": "proj-1"})
     assert resp.status_code == 409 and resp.json()["error"] == "unsupported_capability"
+
+
+def test_body_key_bounded_like_exec(ptc_server: ServerProcess) -> None:
+    """A request whose key is only in its JSON body is read before it is authenticated: the PTC
+    routes share the edge's body reader, so it is bounded like ``/exec``'s (KCR_UNAUTH_BODY_BYTES,
+    256 KiB by default) and still authenticated by that key when it is small."""
+    small = {"code": "r = await get_weather(city='Oslo')\nprint(r)\n", "tools": [WEATHER], "api_key": TEST_KEY}
+    data = answer(httpx.post(ptc_server.url + "/exec/programmatic", json=small, timeout=60))
+    assert data["status"] == "tool_call_required"
+    answer(cont(ptc_server, data["continuation_token"], results_for(data["tool_calls"])))
+    big = {**small, "code": "#" + "x" * (300 * 1024) + "\nprint(1)\n"}
+    resp = httpx.post(ptc_server.url + "/exec/programmatic", json=big, timeout=60)
+    assert resp.status_code == 413, resp.text
+    assert "before the API key is checked" in resp.json()["error"]
+    wrong = httpx.post(ptc_server.url + "/exec/programmatic", json={**small, "api_key": "wrong-key-0123456789"},
+                       timeout=60)
+    assert wrong.status_code == 401

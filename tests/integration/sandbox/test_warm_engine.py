@@ -69,3 +69,39 @@ async def test_spinning_daemon_threads_exit_0_in_50_of_50_runs() -> None:
             res = await run(client, SPINNERS)
             codes.append((res["exit_code"], res["stdout"], res["stderr"]))
         assert codes == [(0, "ok\n", "")] * 50
+
+
+# Pre-warmed py, js and bash report "done" (status, after closing stdout/stderr); the sidecar then
+# answers without waiting for bubblewrap's teardown, taking what is in the pipes. The status and
+# every byte of output must be exactly what a plain run gives.
+REPORTS = {
+    "py": ("print('hi')\nraise SystemExit(3)", "import sys\nsys.stdout.write('x' * 300000)",
+           "import sys\nprint('err', file=sys.stderr)\nsys.exit(2)"),
+    "js": ("console.log('hi'); process.exitCode = 3;", "process.stdout.write('x'.repeat(300000));",
+           "console.error('err'); process.exit(2);"),
+    "bash": ("echo hi; exit 3", "head -c 300000 /dev/zero | tr '\\0' x", "echo err >&2; exit 2"),
+}
+
+
+@pytest.mark.parametrize("language", ["py", "js", "bash"])
+async def test_reported_status_and_complete_output(language: str) -> None:
+    status, big, err = REPORTS[language]
+    async with sandboxed(language) as (_sc, client):
+        for _ in range(5):
+            res = await run(client, status)
+            assert (res["exit_code"], res["stdout"], res["stderr"]) == (3, "hi\n", ""), res
+            res = await run(client, big)
+            assert res["exit_code"] == 0 and res["stdout"] == "x" * 300000 and res["stderr"] == "", (
+                res["exit_code"], len(res["stdout"]), res["stderr"])
+            res = await run(client, err)
+            assert (res["exit_code"], res["stdout"], res["stderr"]) == (2, "", "err\n"), res
+
+
+async def test_node_uncaught_exception_keeps_its_report_on_stderr() -> None:
+    """Node emits 'exit' before printing an uncaught exception: no early report then."""
+    async with sandboxed("js") as (_sc, client):
+        for code in ("throw new Error('boom');", "Promise.reject(new Error('boom'));"):
+            res = await run(client, code)
+            assert res["exit_code"] == 1 and "Error: boom" in res["stderr"], res
+        res = await run(client, "process.on('exit', (c) => { console.log('bye', c); });")
+        assert (res["exit_code"], res["stdout"]) == (0, "bye 0\n"), res

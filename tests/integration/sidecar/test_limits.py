@@ -137,3 +137,32 @@ async def test_prewarmed_interpreter_killed_while_idle_is_replaced() -> None:
         assert await wait_until(lambda: not os.path.exists(f"/proc/{first}"), timeout=5)  # reaped
         res = await run(client, "print('fine')")
         assert res["stdout"] == "fine\n"
+
+
+# A compile step that runs far longer than any budget here: GCC evaluates this constexpr loop
+# (4e10 steps) at compile time, within its default evaluation limits.
+SLOW_COMPILE = """constexpr long spin() {
+  long s = 0;
+  for (long i = 0; i < 200000; ++i)
+    for (long j = 0; j < 200000; ++j) s += i ^ j;
+  return s;
+}
+constexpr long value = spin();
+int main() { return value == 0; }
+"""
+
+
+async def test_compile_timeout_is_its_own_limit_with_a_clear_error() -> None:
+    async with running_sidecar("cpp", "--compile-timeout", "2") as sc, \
+            httpx.AsyncClient(base_url=sc.url, timeout=60) as client:
+        res = await run(client, SLOW_COMPILE, timeout=30)
+        assert res["killed"] == "compile_timeout" and res["exit_code"] == 124, res
+        assert res["timed_out"] is False  # the program's timeout (30 s) is not what stopped it
+        assert "Compilation timed out after 2 seconds" in res["stderr"]
+        assert "KCR_COMPILE_TIMEOUT" in res["stderr"] and "the program did not run" in res["stderr"]
+        assert await wait_until(lambda: len(sc.user_processes()) <= 1, timeout=5), sc.user_processes()
+        # The program's own timeout still binds what runs after the compile step.
+        res = await run(client, "int main() { for (;;) {} }", timeout=1)
+        assert res["killed"] == "timeout" and res["timed_out"] is True and res["exit_code"] == 124, res
+        ok = await run(client, '#include <cstdio>\nint main() { std::puts("still serving"); }')
+        assert ok["exit_code"] == 0 and ok["stdout"] == "still serving\n", ok

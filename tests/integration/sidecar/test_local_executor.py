@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -182,3 +183,24 @@ async def test_two_executors_never_share_a_run_uid(data_dir: str) -> None:
         import shutil
 
         shutil.rmtree(other, ignore_errors=True)
+
+
+async def test_the_idle_allowance_follows_demand_between_languages(data_dir: str) -> None:
+    """All languages together keep at most ``capacity`` idle sidecars beyond their targets. When
+    runs move to another language, an idle sidecar of the old one makes room: before, every run of
+    the new language destroyed its sidecar and the next one cold-started another."""
+    async with open_local_executor(make_settings(data_dir, pod_pool_py=0)) as ex:
+        async with ex.sandbox("py", wait=5) as sb:
+            assert (await sb.run("print(1)", timeout=10, request_id="p")).stdout == "1\n"
+        assert await wait_until(lambda: ex.in_use == 0, timeout=15)
+        (old,) = ex._pools["py"]  # kept: the allowance (1 = capacity) was free
+        async with ex.sandbox("bash", wait=5) as sb:
+            assert (await sb.run("echo 2", timeout=10, request_id="b1")).stdout == "2\n"
+        assert await wait_until(lambda: ex.in_use == 0 and old not in ex._live, timeout=15)
+        assert not ex._pools["py"] and len(ex._pools["bash"]) == 1  # py made room for bash
+        assert await wait_until(lambda: pid_gone(old.process.pid), timeout=15)
+        (kept,) = ex._pools["bash"]
+        async with ex.sandbox("bash", wait=5) as sb:  # the next bash run reuses it: no cold start
+            assert (await sb.run("echo 3", timeout=10, request_id="b2")).stdout == "3\n"
+        assert await wait_until(lambda: ex.in_use == 0, timeout=15)
+        assert ex._pools["bash"] == collections.deque([kept]) and kept.runs == 2
