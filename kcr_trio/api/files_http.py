@@ -21,12 +21,13 @@ from kcr_trio.core.errors import ApiError, NotFound
 from kcr_trio.core.files import Upload, store_uploads
 from kcr_trio.core.files import delete_file as delete_stored_file
 from kcr_trio.core.ids import is_safe_id
+from kcr_trio.core.interfaces import Spooled
 from kcr_trio.core.model import FileRecord, utcnow
 from kcr_trio.core.names import content_disposition, guess_content_type
 
 from .scope import current
 from .services import json_response, request_user_id, services
-from .uploads import ParsedForm, parse_multipart, spooled_chunks
+from .uploads import ParsedForm, parse_multipart
 
 # CORS for browser downloads, only when KCR_CORS_ORIGINS names origins (off by default, as in
 # KubeCodeRun's ENABLE_CORS=false): LibreChat downloads server-side and needs none of it.
@@ -105,7 +106,7 @@ async def _parse_upload(batch: bool) -> ParsedForm:
 async def _store_form(form: ParsedForm) -> tuple[str, list[FileRecord]]:
     svc = services()
     uploads = [
-        Upload(item.filename, item.content_type, item.size, partial(_spooled, item.path))
+        Upload(item.filename, item.content_type, item.size, partial(_spooled, item.path, item.size))
         for item in form.files
     ]
     return await store_uploads(
@@ -118,8 +119,10 @@ async def _store_form(form: ParsedForm) -> tuple[str, list[FileRecord]]:
     )
 
 
-def _spooled(path: Path) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
-    return nullcontext(spooled_chunks(path))
+def _spooled(path: Path, size: int) -> AbstractAsyncContextManager[Spooled]:
+    """The spool file itself, not its chunks: the store sends (S3) or links (local disk) it without
+    a second copy. It stays in place until ``form.cleanup()``, after the store is done."""
+    return nullcontext(Spooled(path, size))
 
 
 def _no_files() -> ApiError:
@@ -138,9 +141,8 @@ async def list_files(session_id: str) -> Response:
     detail = request.args.get("detail", "full")
     if not is_safe_id(session_id):
         return json_response([])
-    records = await sessions.list_files(session_id)
     if detail == "summary":
-        session = await sessions.get_session(session_id)
+        records, session = await sessions.list_files_and_session(session_id)
         now = utcnow()
         items = []
         for r in records:
@@ -152,6 +154,7 @@ async def list_files(session_id: str) -> Response:
                 stamp = r.created_at
             items.append(wire_shapes.file_summary(session_id, r, stamp))
         return json_response(items)
+    records = await sessions.list_files(session_id)
     if detail == "simple":
         return json_response([wire_shapes.file_simple(r) for r in records])
     return json_response([wire_shapes.file_full(session_id, r) for r in records])

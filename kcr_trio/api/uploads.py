@@ -36,7 +36,6 @@ MAX_FIELD_BYTES = 64 * 1024
 MAX_PARTS = 1000
 MAX_PART_HEADER_BYTES = 16 * 1024
 SPOOL_FLUSH_BYTES = 512 * 1024  # per upload in memory at most, before it is written to the spool file
-SPOOL_READ_BYTES = 1024 * 1024  # read-back chunk for the store (one worker-thread hand-off each)
 
 
 class _SpoolWriter:
@@ -303,9 +302,3 @@ class _Parts:
 
     def _finish(self) -> None:
         self.finished = True
-
-
-async def spooled_chunks(path: Path, chunk_size: int = SPOOL_READ_BYTES) -> AsyncIterator[bytes]:
-    async with await trio.open_file(path, "rb") as handle:
-        while data := await handle.read(chunk_size):
-            yield data

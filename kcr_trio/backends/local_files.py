@@ -1,17 +1,19 @@
 """File bytes on the local disk: the embedded default and the S3 store's twin.
 
 Objects live at ``<root>/<object key>``. Writes go to a temporary file in ``<root>/.partial/`` and are
-renamed into place only when complete, so a reader never sees half a file and a cancelled upload
+renamed into place only when complete (an upload's spool file, ``interfaces.Spooled``, is
+hard-linked there instead of copied when it is on the same filesystem), so a reader never sees half a file and a cancelled upload
 leaves nothing behind (the ``finally`` removes the partial file). Disk I/O runs in Trio's worker
 threads in large chunks; nothing holds a whole file in memory.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -20,8 +22,11 @@ import trio
 
 from kcr_trio.core.errors import NotFound, TooLarge, Unavailable
 from kcr_trio.core.ids import new_id
+from kcr_trio.core.interfaces import Body, Spooled
 
 CHUNK = 256 * 1024
+_UMASK = os.umask(0o022)  # read once, at import (os.umask can only be read by setting it)
+os.umask(_UMASK)
 _KEY_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*(/[A-Za-z0-9_-][A-Za-z0-9_.-]*)*$")
 
 
@@ -38,18 +43,17 @@ class LocalFileStore:
             raise NotFound("File not found")
         return self.root / key
 
-    async def put(
-        self,
-        key: str,
-        chunks: AsyncIterable[bytes],
-        *,
-        content_type: str,
-        max_bytes: int | None = None,
-    ) -> int:
+    async def put(self, key: str, chunks: Body, *, content_type: str, max_bytes: int | None = None) -> int:
         target = self._path(key)
         tmp = self._partial / f"{new_id()}.part"
         size = 0
         try:
+            if isinstance(chunks, Spooled):
+                if max_bytes is not None and chunks.size > max_bytes:
+                    raise TooLarge(f"File exceeds maximum size of {max_bytes // (1024 * 1024)}MB")
+                await trio.to_thread.run_sync(_link_or_copy, chunks, tmp)
+                await trio.to_thread.run_sync(_install, tmp, target)
+                return chunks.size
             async with await trio.open_file(tmp, "wb") as out:
                 async for chunk in chunks:
                     size += len(chunk)
@@ -129,6 +133,18 @@ class LocalFileStore:
 async def _read_chunks(handle: Any) -> AsyncIterator[bytes]:
     while chunk := await handle.read(CHUNK):
         yield chunk
+
+
+def _link_or_copy(spooled: Spooled, tmp: Path) -> None:
+    """A second name for the caller's spool file (same filesystem: no bytes move), else a copy.
+    The spool is ``mkstemp``'s 0600; stored objects get the mode a fresh file would have."""
+    try:
+        os.link(spooled.path, tmp)
+    except OSError:
+        shutil.copyfile(spooled.path, tmp)
+    if os.stat(tmp).st_size != spooled.size:
+        raise OSError(errno.EIO, "the upload spool changed size")
+    os.chmod(tmp, 0o666 & ~_UMASK)
 
 
 def _install(tmp: Path, target: Path) -> None:

@@ -92,6 +92,9 @@ class MemorySessionStore:
             return []
         return sorted(self._files.get(session_id, {}).values(), key=lambda r: r.created_at)
 
+    async def list_files_and_session(self, session_id: str) -> tuple[list[FileRecord], Session | None]:
+        return await self.list_files(session_id), await self.get_session(session_id)
+
     async def delete_file(self, session_id: str, file_id: str) -> FileRecord | None:
         await trio.lowlevel.checkpoint()
         return self._files.get(session_id, {}).pop(file_id, None)

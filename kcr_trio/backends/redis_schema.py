@@ -29,7 +29,7 @@ import json
 from kcr_trio.core.model import FOREVER, FileRecord, Session, utcnow
 
 __all__ = [
-    "EMPTY_SESSION_FIELDS", "GET_AND_TOUCH", "UNLOCK", "file_from_hash", "iso", "pairs_to_dict", "parse_time",
+    "EMPTY_SESSION_FIELDS", "FILES_AND_TOUCH", "GET_AND_TOUCH", "UNLOCK", "file_from_hash", "iso", "pairs_to_dict", "parse_time",
     "session_from_hash",
 ]
 
@@ -62,6 +62,31 @@ for i = 1, #h, 2 do
   end
 end
 return h
+"""
+
+# ``/files?detail=summary`` (LibreChat's priming call) needs a session's files and its session:
+# GET_AND_TOUCH on KEYS[1] (``sessions:{sid}``), then SMEMBERS of KEYS[2] (``session_files:{sid}``)
+# and HGETALL of ``ARGV[2] .. fid`` (``files:{sid}:{fid}``) for each member. One round trip instead
+# of three, and one bridged call instead of two: redis-py through the bridge was ~30 % of a
+# ``/files`` request's CPU. Reads the same keys as the separate calls and writes only
+# ``last_activity``, exactly as GET_AND_TOUCH does. The file keys are built inside the script, so
+# this runs only where all keys live on one server (standalone, sentinel), never in cluster mode.
+FILES_AND_TOUCH = """
+local h = redis.call('HGETALL', KEYS[1])
+for i = 1, #h, 2 do
+  if h[i] == 'status' then
+    if h[i + 1] == 'active' then
+      redis.call('HSET', KEYS[1], 'last_activity', ARGV[1])
+    end
+    break
+  end
+end
+local out = {h}
+local fids = redis.call('SMEMBERS', KEYS[2])
+for i = 1, #fids do
+  out[i + 1] = redis.call('HGETALL', ARGV[2] .. fids[i])
+end
+return out
 """
 
 

@@ -23,7 +23,7 @@ The stores come in through the ``core.interfaces`` Protocols; nothing here does 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Literal
@@ -32,7 +32,7 @@ import trio
 
 from .errors import ApiError, single_error
 from .ids import new_id
-from .interfaces import FileStore, SessionStore
+from .interfaces import Body, FileStore, SessionStore
 from .model import FileRecord, utcnow
 from .names import sanitize_filename
 
@@ -50,9 +50,10 @@ CLEANUP_TIMEOUT = 5.0
 SESSION_FOLDERS = ("uploads", "outputs")
 
 # Where one file's bytes come from: an async context manager yielding its chunks (a sandbox's
-# ``open_file``; for bytes already at hand, ``contextlib.nullcontext(chunks)``). Entered only once
-# the transfer has its slot, and left (also by cancellation) as soon as the bytes are stored.
-Source = Callable[[], AbstractAsyncContextManager[AsyncIterable[bytes]]]
+# ``open_file``; for bytes already at hand, ``contextlib.nullcontext(chunks)``) or, for an upload's
+# spool file, an ``interfaces.Spooled`` the store can send without copying it again. Entered only
+# once the transfer has its slot, and left (also by cancellation) as soon as the bytes are stored.
+Source = Callable[[], AbstractAsyncContextManager[Body]]
 
 
 @dataclass(slots=True)

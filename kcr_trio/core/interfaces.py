@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from .model import FileRecord, GeneratedFile, RunResult, Session
@@ -47,6 +49,11 @@ class SessionStore(Protocol):
     async def list_files(self, session_id: str) -> list[FileRecord]:
         """The session's files, oldest first; ``[]`` for an unknown session."""
 
+    async def list_files_and_session(self, session_id: str) -> tuple[list[FileRecord], Session | None]:
+        """``(list_files(sid), get_session(sid))``, the session refreshed as ``get_session`` does,
+        in one call where the store can (``/files?detail=summary``, LibreChat's priming call, needs
+        both: one Redis round trip instead of three)."""
+
     async def delete_file(self, session_id: str, file_id: str) -> FileRecord | None:
         """Remove and return the metadata, or ``None`` if there was none."""
 
@@ -73,14 +80,29 @@ class SessionStore(Protocol):
         last step of a purge, after the files' bytes are gone. Idempotent."""
 
 
+@dataclass(frozen=True, slots=True)
+class Spooled:
+    """Bytes already complete in a local file (an upload's spool, ``api/uploads.py``): ``size``
+    bytes at ``path``. Handed to ``FileStore.put`` instead of chunks so the store can send the file
+    as it is (S3) or link it into place (local disk) rather than copying it a second time: a
+    10 MB upload spent a third of its CPU on that second copy. The file belongs to the caller,
+    stays in place until ``put`` returns, and is never changed or moved by the store."""
+
+    path: Path
+    size: int
+
+
+# What ``FileStore.put`` stores: chunks as they come, or a file already complete on local disk.
+Body = AsyncIterable[bytes] | Spooled
+
+
 @runtime_checkable
 class FileStore(Protocol):
     """File bytes by object key (``sessions/{sid}/uploads/{fid}``, ``.../outputs/{fid}``)."""
 
-    async def put(
-        self, key: str, chunks: AsyncIterable[bytes], *, content_type: str, max_bytes: int | None = None
-    ) -> int:
-        """Stream ``chunks`` into ``key``; return the size. Atomic: readers see all or nothing.
+    async def put(self, key: str, chunks: Body, *, content_type: str, max_bytes: int | None = None) -> int:
+        """Stream ``chunks`` (or a ``Spooled`` file) into ``key``; return the size. Atomic:
+        readers see all or nothing.
 
         Raises ``errors.TooLarge`` (and stores nothing) when more than ``max_bytes`` arrive.
         """

@@ -192,6 +192,13 @@ async def test_records_written_by_kcr_are_read_listed_and_downloaded(
                 assert b"".join([c async for c in stream]) == body
         single = await store.get_file(sid, files["out"][6])  # type: ignore[index]
         assert single is not None and single.kind == "output"
+        # /files?detail=summary's one script reads the same records and the same session.
+        before = set(raw.keys("*"))
+        both, touched = await store.list_files_and_session(sid)
+        assert both == listed
+        assert touched is not None and touched.active and touched.metadata == {"entity_id": eid}
+        assert iso_utc(raw.hget(f"sessions:{sid}", "last_activity")) == touched.last_activity
+        assert raw.ttl(f"sessions:{sid}") > 86000 and set(raw.keys("*")) == before
 
 
 async def test_get_session_never_resurrects_an_expired_hash(redis_store, raw: redis.Redis) -> None:
@@ -212,6 +219,22 @@ async def test_inactive_sessions_are_not_touched(redis_store, raw: redis.Redis) 
     got = await redis_store.get_session(s.session_id)
     assert got is not None and got.status == "terminated" and not got.active
     assert raw.hget(f"{p}sessions:{s.session_id}", "last_activity") == "2020-01-01T00:00:00+00:00"
+
+
+async def test_files_and_session_script_keeps_the_touch_rules(redis_store, raw: redis.Redis) -> None:
+    """The one-call listing writes only ``last_activity``, only on an active session, and never
+    brings back a hash that expired (GET_AND_TOUCH's rules)."""
+    p = redis_store.prefix
+    s = await redis_store.create_session(entity_id=None, user_id=None)
+    await redis_store.add_file(_record(s.session_id, new_id(), "upload"))
+    raw.hset(f"{p}sessions:{s.session_id}", mapping={"status": "terminated", "last_activity": "2020-01-01T00:00:00+00:00"})
+    files, got = await redis_store.list_files_and_session(s.session_id)
+    assert len(files) == 1 and got is not None and not got.active
+    assert raw.hget(f"{p}sessions:{s.session_id}", "last_activity") == "2020-01-01T00:00:00+00:00"
+    raw.delete(f"{p}sessions:{s.session_id}")  # what a TTL expiry does
+    files, got = await redis_store.list_files_and_session(s.session_id)
+    assert len(files) == 1 and got is None  # the files' own keys outlive it, as with list_files
+    assert raw.exists(f"{p}sessions:{s.session_id}") == 0
 
 
 async def test_session_past_expires_at_is_gone(redis_store, raw: redis.Redis) -> None:

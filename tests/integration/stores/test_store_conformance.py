@@ -6,12 +6,13 @@ from __future__ import annotations
 import datetime as dt
 import os
 from functools import partial
+from pathlib import Path
 
 import pytest
 import trio
 
 from kcr_trio.core import errors
-from kcr_trio.core.interfaces import FileStore, SessionStore
+from kcr_trio.core.interfaces import FileStore, SessionStore, Spooled
 from kcr_trio.core.model import FOREVER, FileRecord, utcnow
 
 
@@ -129,6 +130,34 @@ async def test_file_lookups_are_scoped_to_their_session(session_store: SessionSt
     assert await session_store.list_files("no-such-session") == []
 
 
+async def test_files_and_session_in_one_call(session_store: SessionStore) -> None:
+    """``/files?detail=summary``'s one call answers exactly what ``list_files`` and ``get_session``
+    answer, and refreshes ``last_activity`` as ``get_session`` does."""
+    s = await session_store.create_session(entity_id="ent-both", user_id="u-both")
+    for i, age in enumerate((3, 1, 2)):
+        await session_store.add_file(record(s.session_id, f"file-{i}", name=f"f{i}.csv", age=age))
+    await session_store.add_file(record("other-session", "file-x"))
+    seen = (await session_store.get_session(s.session_id)).last_activity  # type: ignore[union-attr]
+    with trio.fail_after(2):
+        while utcnow() <= seen:
+            await trio.sleep(0.001)
+
+    records, session = await session_store.list_files_and_session(s.session_id)
+    assert [r.file_id for r in records] == ["file-0", "file-2", "file-1"]  # oldest first
+    assert records == await session_store.list_files(s.session_id)
+    assert session is not None and session.session_id == s.session_id and session.active
+    assert session.metadata == {"entity_id": "ent-both", "user_id": "u-both"}
+    assert session.last_activity > seen
+    stored = await session_store.get_session(s.session_id)
+    assert stored is not None and stored.last_activity >= session.last_activity
+
+    assert await session_store.list_files_and_session("no-such-session") == ([], None)
+    await session_store.forget_session(s.session_id)
+    assert await session_store.list_files_and_session(s.session_id) == (
+        await session_store.list_files(s.session_id), None
+    )
+
+
 async def test_hit_counts_per_key_in_a_window(session_store: SessionStore) -> None:
     key = f"k-{os.getpid()}-{id(session_store)}"
     counts = [await session_store.hit(key, 3600) for _ in range(3)]
@@ -193,6 +222,42 @@ async def test_too_large_stores_nothing(file_store: FileStore) -> None:
         await read_all(file_store, key)
     # Exactly at the limit is fine.
     assert await file_store.put(key, chunks(b"a" * 1000), content_type="text/plain", max_bytes=1000) == 1000
+
+
+async def test_put_from_a_spool_file(file_store: FileStore, tmp_path: Path) -> None:
+    """An upload's spool goes in as a file (no second copy); the caller's file is left as it was,
+    and the stored object does not depend on it afterwards (the edge removes its spool)."""
+    data = os.urandom(3_000_001)
+    spool = tmp_path / "spool.upload"
+    spool.write_bytes(data)
+    key = "sessions/s-spool/uploads/f-spool"
+    assert await file_store.put(key, Spooled(spool, len(data)), content_type="text/csv", max_bytes=len(data)) == len(data)
+    assert spool.read_bytes() == data
+    spool.unlink()
+    assert await read_all(file_store, key) == data
+
+
+async def test_spool_over_the_limit_stores_nothing(file_store: FileStore, tmp_path: Path) -> None:
+    spool = tmp_path / "big.upload"
+    spool.write_bytes(b"x" * 1001)
+    key = "sessions/s-spool-big/uploads/f-big"
+    with pytest.raises(errors.TooLarge):
+        await file_store.put(key, Spooled(spool, 1001), content_type="text/plain", max_bytes=1000)
+    with pytest.raises(errors.NotFound):
+        await read_all(file_store, key)
+    assert spool.exists()
+
+
+async def test_spool_that_changed_size_stores_nothing(file_store: FileStore, tmp_path: Path) -> None:
+    """The size is signed into the S3 PUT and returned as the file's size: a spool that is not the
+    size announced is refused, never stored short or long."""
+    spool = tmp_path / "short.upload"
+    spool.write_bytes(b"abc")
+    key = "sessions/s-spool-short/uploads/f-short"
+    with pytest.raises(errors.Unavailable):
+        await file_store.put(key, Spooled(spool, 10), content_type="text/plain")
+    with pytest.raises(errors.NotFound):
+        await read_all(file_store, key)
 
 
 async def test_open_missing_is_not_found(file_store: FileStore) -> None:
