@@ -21,6 +21,11 @@ Counting rules (the executor calls these; every counter has one increment and on
 * ``starting``: :meth:`~WarmPool.plan_starts` adds as many as should start now; the executor calls
   :meth:`~WarmPool.start_ended` once per start in a ``finally`` (also on cancellation), then
   :meth:`~WarmPool.start_succeeded` or :meth:`~WarmPool.start_failed`.
+* ``returning`` and ``growing`` (reusable items, the local executor): items on their way back
+  (being reset after a run) and starts begun for a miss (:meth:`~WarmPool.plan_grow`). Together
+  they are what is *coming*: :meth:`~WarmPool.wait_for_coming` queues a run only for an item that
+  is coming, and :meth:`~WarmPool.dismiss_excess_waiters` lets the newest waiters go (to start
+  their own) when fewer are coming than wait.
 """
 
 from __future__ import annotations
@@ -71,6 +76,8 @@ class WarmPool(Generic[T]):
         self.failures_in_a_row = 0
         self.retry_scheduled = False  # a failed start is backing off; it will refill afterwards
         self.refilled = trio.Event()  # set (and replaced) whenever an item is kept warm
+        self.returning = 0  # used items on their way back (being reset)
+        self.growing = 0  # starts begun for a miss (plan_grow), beyond the refill to target
         self._waiters: deque[_Waiter[T]] = deque()
 
     def __repr__(self) -> str:
@@ -120,6 +127,28 @@ class WarmPool(Generic[T]):
         """Requests waiting for an item."""
         return sum(1 for w in self._waiters if not w.abandoned)
 
+    def coming(self) -> int:
+        """Items that will soon be free: on their way back, or being started for a miss."""
+        return self.returning + self.growing
+
+    async def wait_for_coming(self, timeout: float) -> T | None:
+        """Like :meth:`wait_for`, but only when more items are coming than requests already wait
+        for them; else ``None`` at once (the caller starts its own instead of waiting in vain).
+        Whichever coming item is free first goes to the longest-waiting request. Returns ``None``
+        without a checkpoint: the caller's cold start follows at once."""
+        if self.coming() <= self.queued:
+            return None
+        return await self.wait_for(timeout)
+
+    def dismiss_excess_waiters(self) -> None:
+        """Wake the newest waiters, with no item, until no more wait than items are coming (call
+        after ``returning`` or ``growing`` dropped): they stop waiting for an item that will not
+        come."""
+        while self._waiters and self.queued > self.coming():
+            waiter = self._waiters.pop()
+            if not waiter.abandoned:
+                waiter.event.set()
+
     # --- giving back ---------------------------------------------------------------------------
     def offer(self, item: T) -> None:
         """A usable item: hand it to the longest-waiting request, else keep it warm."""
@@ -167,6 +196,19 @@ class WarmPool(Generic[T]):
         n = max(0, min(self.shortfall(), room))
         self.starting += n
         return n
+
+    def plan_grow(self, live: int, capacity: int) -> bool:
+        """Whether to start one more item for a miss (counted in ``growing`` until
+        :meth:`grow_ended`): the pool follows demand up to ``max(target, capacity)`` items of this
+        language in all (``live``: the executor's count of its items that exist, in any state)."""
+        if live + self.growing >= max(self.target, capacity):
+            return False
+        self.growing += 1
+        return True
+
+    def grow_ended(self) -> None:
+        """One start begun by :meth:`plan_grow` is over, however it ended (call in a ``finally``)."""
+        self.growing -= 1
 
     def start_ended(self) -> None:
         """One planned start is over, however it ended (call in a ``finally``)."""
@@ -259,6 +301,20 @@ class WarmPools(Mapping[str, WarmPool[T]]):
             return True
         extra = sum(max(0, len(p.ready) - p.target) for p in self._pools.values())
         return extra < capacity
+
+    def make_room(self, language: str) -> T | None:
+        """Free a place in the shared allowance beyond targets for ``language``: the longest-warm
+        item of the other language with the most warm items beyond its target, removed from its
+        pool (the caller destroys it), or ``None`` when no other language is beyond its target.
+        Used when :meth:`may_keep` refused only for the shared bound, so the allowance follows
+        demand instead of staying pinned by a language the load moved away from."""
+        over = [(len(p.ready) - p.target, lang) for lang, p in self._pools.items() if lang != language]
+        if not over:
+            return None
+        excess, victim_language = max(over)
+        if excess <= 0:
+            return None
+        return self._pools[victim_language].ready.popleft()
 
     async def wait_filled_once(self, timeout: float | None = None) -> bool:
         """Wait until every pool reached its target once (``True``), or the timeout passes."""

@@ -23,9 +23,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 # backends module -> the sidecar modules it may import (see the module docstring).
-BACKENDS_TO_SIDECAR = {
-    "kcr_trio.backends.local_executor": {"sidecar", "sidecar.host"},
-}
+# The local executor is these modules (split by concept: settings, sidecar processes, pools).
+LOCAL_EXECUTOR = ("kcr_trio.backends.local_executor", "kcr_trio.backends.local_sidecars",
+                  "kcr_trio.backends.local_settings")
+BACKENDS_TO_SIDECAR = {mod: {"sidecar", "sidecar.host"} for mod in LOCAL_EXECUTOR}
 
 # client library -> the one module that may import it.
 CLIENT_LIBRARIES = {
@@ -119,10 +120,11 @@ def test_backends_reach_the_sidecar_only_through_known_modules() -> None:
 
 def test_only_the_local_executor_reaches_the_sidecar_and_only_through_its_public_module() -> None:
     used = offenders("kcr_trio", "kcr_trio.backends", "sidecar")
-    assert set(used) == {"kcr_trio.backends.local_executor"}
+    assert set(used) == set(LOCAL_EXECUTOR)
     # ``from sidecar import host`` yields ``sidecar`` and ``sidecar.host``; nothing deeper.
-    assert used["kcr_trio.backends.local_executor"] - {"sidecar"} <= {
-        "sidecar.host", *(f"sidecar.host.{n}" for n in __import__("sidecar.host").host.__all__)}
+    public = {"sidecar.host", *(f"sidecar.host.{n}" for n in __import__("sidecar.host").host.__all__)}
+    for mod in LOCAL_EXECUTOR:
+        assert used[mod] - {"sidecar"} <= public, mod
 
 
 def test_each_client_library_has_one_client_module() -> None:

@@ -199,3 +199,69 @@ def test_counts_are_the_reported_fields() -> None:
     pool.plan_starts(parallel=5)
     assert pool.counts() == {"target": 2, "ready": 1, "starting": 1, "in_use": 0, "waiting": 0,
                              "warmed": False, "last_error": None}
+
+
+async def test_wait_for_coming_queues_only_for_items_that_are_coming() -> None:
+    pool: WarmPool[str] = WarmPool("py", 1)
+    assert await pool.wait_for_coming(5) is None  # nothing coming: start your own
+    pool.returning += 1
+    got: list[str | None] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: _collect(pool, got))
+        await trio.testing.wait_all_tasks_blocked()
+        assert pool.queued == 1
+        assert await pool.wait_for_coming(5) is None  # the one coming is already spoken for
+        pool.returning -= 1
+        pool.offer("a")
+    assert got == ["a"] and pool.in_use == 1
+
+
+async def _collect(pool: WarmPool[str], got: list[str | None]) -> None:
+    got.append(await pool.wait_for_coming(5))
+
+
+async def test_dismiss_excess_waiters_lets_the_newest_go_first() -> None:
+    pool: WarmPool[str] = WarmPool("py", 1)
+    pool.growing = 2
+    order: list[tuple[int, str | None]] = []
+
+    async def wait(i: int) -> None:
+        order.append((i, await pool.wait_for_coming(5)))
+
+    async with trio.open_nursery() as nursery:
+        for i in range(2):
+            nursery.start_soon(wait, i)
+            await trio.testing.wait_all_tasks_blocked()
+        pool.grow_ended()  # one start failed: one waiter too many
+        pool.dismiss_excess_waiters()
+        await trio.testing.wait_all_tasks_blocked()
+        assert order == [(1, None)] and pool.queued == 1
+        pool.grow_ended()
+        pool.offer("b")  # the oldest waiter is still served
+    assert order == [(1, None), (0, "b")]
+
+
+def test_plan_grow_follows_demand_up_to_max_of_target_and_capacity() -> None:
+    pool: WarmPool[str] = WarmPool("py", 1)
+    assert pool.plan_grow(live=1, capacity=3) and pool.growing == 1
+    assert pool.plan_grow(live=1, capacity=3) and pool.growing == 2
+    assert not pool.plan_grow(live=1, capacity=3)  # 1 live + 2 growing = max(1, 3)
+    pool.grow_ended()
+    assert pool.growing == 1
+    big: WarmPool[str] = WarmPool("js", 4)
+    assert big.plan_grow(live=3, capacity=2)  # the target bounds when above capacity
+    assert not big.plan_grow(live=3, capacity=2)
+
+
+def test_make_room_takes_the_longest_warm_item_of_the_language_most_over_target() -> None:
+    pools: WarmPools[str] = WarmPools({"py": 1, "js": 0, "bash": 0})
+    for item in ("p1", "p2", "p3"):
+        pools["py"].offer(item)
+    pools["js"].offer("j1")
+    assert not pools.may_keep("bash", capacity=3)  # 2 py + 1 js extras use the allowance
+    assert pools.make_room("bash") == "p1"  # py is 2 over its target, js 1: py's oldest goes
+    assert list(pools["py"].ready) == ["p2", "p3"]
+    assert pools.may_keep("bash", capacity=3)
+    assert pools.make_room("py") == "j1"  # never from the language asking
+    assert pools.make_room("py") is None and pools.make_room("js") == "p2"
+    assert WarmPools[str]({"py": 1}).make_room("py") is None

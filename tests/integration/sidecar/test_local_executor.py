@@ -79,7 +79,7 @@ async def test_run_through_the_executor_and_replenish(data_dir: str) -> None:
         # until it ends. It resets the sidecar for its next run: every process of the run gone,
         # a new, empty working directory, and a new interpreter (one run per interpreter).
         assert await wait_until(lambda: ex.in_use == 0, timeout=15)
-        assert first in ex._pools["py"] and first.runs == 1
+        assert first in ex.pools["py"].ready and first.runs == 1
         assert all(pid_gone(p) for p in interpreter)
         assert list((first.directory / "wd").iterdir()) == []
         assert await wait_until(lambda: bool(proctree.descendants(first.process.pid)), timeout=15)
@@ -105,7 +105,7 @@ async def test_cancelling_run_kills_the_program_and_frees_the_slot(data_dir: str
         assert await warm(ex)
         program_pid: list[int] = []
         async with ex.sandbox("py", wait=5) as sb:
-            (sidecar,) = [s for s in ex._live if s not in ex._pools["py"]]
+            (sidecar,) = [s for s in ex._live if s not in ex.pools["py"].ready]
             pid_file = sidecar.directory / "wd" / "pid"
 
             def pid_written() -> bool:
@@ -193,14 +193,14 @@ async def test_the_idle_allowance_follows_demand_between_languages(data_dir: str
         async with ex.sandbox("py", wait=5) as sb:
             assert (await sb.run("print(1)", timeout=10, request_id="p")).stdout == "1\n"
         assert await wait_until(lambda: ex.in_use == 0, timeout=15)
-        (old,) = ex._pools["py"]  # kept: the allowance (1 = capacity) was free
+        (old,) = ex.pools["py"].ready  # kept: the allowance (1 = capacity) was free
         async with ex.sandbox("bash", wait=5) as sb:
             assert (await sb.run("echo 2", timeout=10, request_id="b1")).stdout == "2\n"
         assert await wait_until(lambda: ex.in_use == 0 and old not in ex._live, timeout=15)
-        assert not ex._pools["py"] and len(ex._pools["bash"]) == 1  # py made room for bash
+        assert not ex.pools["py"].ready and len(ex.pools["bash"].ready) == 1  # py made room for bash
         assert await wait_until(lambda: pid_gone(old.process.pid), timeout=15)
-        (kept,) = ex._pools["bash"]
+        (kept,) = ex.pools["bash"].ready
         async with ex.sandbox("bash", wait=5) as sb:  # the next bash run reuses it: no cold start
             assert (await sb.run("echo 3", timeout=10, request_id="b2")).stdout == "3\n"
         assert await wait_until(lambda: ex.in_use == 0, timeout=15)
-        assert ex._pools["bash"] == collections.deque([kept]) and kept.runs == 2
+        assert ex.pools["bash"].ready == collections.deque([kept]) and kept.runs == 2
