@@ -31,6 +31,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from .wire import with_connection_close
+
 CLOSE_PREFIXES = ("/files/", "/download/", "/upload", "/sessions/")
 AXIOS_DEFAULT_ACCEPT = b"application/json, text/plain, */*"
 _AGENT_PREFIXES = (b"librechat", b"axios/")
@@ -71,9 +73,6 @@ class CloseForAxiosClients:
             return
 
         async def closing_send(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start":
-                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"connection"]
-                message = {**message, "headers": [*headers, (b"connection", b"close")]}
-            await send(message)
+            await send(with_connection_close(message))
 
         await self.app(scope, receive, closing_send)

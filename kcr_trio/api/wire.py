@@ -69,6 +69,16 @@ def install_json_rejections() -> None:
     H11Protocol._kcr_json_rejections = True  # type: ignore[attr-defined]
 
 
+
+def with_connection_close(message: dict[str, Any]) -> dict[str, Any]:
+    """``message`` with ``Connection: close`` if it starts a response (any other ``connection``
+    header replaced); other ASGI messages pass unchanged. Hypercorn closes the socket after an
+    answer that carries it, which is what every wrapper here relies on."""
+    if message["type"] != "http.response.start":
+        return message
+    headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"connection"]
+    return {**message, "headers": [*headers, (b"connection", b"close")]}
+
 class CloseAmbiguousFraming:
     """ASGI wrapper: ``Connection: close`` on the answer to a request with both length headers."""
 
@@ -85,10 +95,7 @@ class CloseAmbiguousFraming:
             return
 
         async def closing_send(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start":
-                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"connection"]
-                message = {**message, "headers": [*headers, (b"connection", b"close")]}
-            await send(message)
+            await send(with_connection_close(message))
 
         await self.app(scope, receive, closing_send)
 
@@ -121,10 +128,7 @@ class CloseOnEarlyAnswer:
             return message
 
         async def closing_send(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start" and not body_done:
-                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"connection"]
-                message = {**message, "headers": [*headers, (b"connection", b"close")]}
-            await send(message)
+            await send(message if body_done else with_connection_close(message))
 
         await self.app(scope, watching_receive, closing_send)
 

@@ -51,7 +51,7 @@ return 0
 
 # Read a session and, only if it exists and is active, refresh last_activity: one round trip, and
 # never creates a hash (HSET on a key that just expired would).
-GET_AND_TOUCH = """
+_READ_AND_TOUCH_SESSION = """
 local h = redis.call('HGETALL', KEYS[1])
 for i = 1, #h, 2 do
   if h[i] == 'status' then
@@ -61,8 +61,8 @@ for i = 1, #h, 2 do
     break
   end
 end
-return h
 """
+GET_AND_TOUCH = _READ_AND_TOUCH_SESSION + "return h\n"
 
 # ``/files?detail=summary`` (LibreChat's priming call) needs a session's files and its session:
 # GET_AND_TOUCH on KEYS[1] (``sessions:{sid}``), then SMEMBERS of KEYS[2] (``session_files:{sid}``)
@@ -71,16 +71,7 @@ return h
 # ``/files`` request's CPU. Reads the same keys as the separate calls and writes only
 # ``last_activity``, exactly as GET_AND_TOUCH does. The file keys are built inside the script, so
 # this runs only where all keys live on one server (standalone, sentinel), never in cluster mode.
-FILES_AND_TOUCH = """
-local h = redis.call('HGETALL', KEYS[1])
-for i = 1, #h, 2 do
-  if h[i] == 'status' then
-    if h[i + 1] == 'active' then
-      redis.call('HSET', KEYS[1], 'last_activity', ARGV[1])
-    end
-    break
-  end
-end
+FILES_AND_TOUCH = _READ_AND_TOUCH_SESSION + """
 local out = {h}
 local fids = redis.call('SMEMBERS', KEYS[2])
 for i = 1, #fids do
