@@ -16,11 +16,16 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kcr_trio.backends.redis_client import RedisHandle
 from kcr_trio.core.interfaces import PtcStore
 from kcr_trio.core.ptc_state import PtcState
+
+if TYPE_CHECKING:
+    # Only for the annotation: the Redis client (and trio-asyncio under it) is the optional ``prod``
+    # extra, and the embedded default imports this module for ``MemoryPtcStore`` after a plain
+    # ``pip install .``.
+    from kcr_trio.backends.redis_client import RedisHandle
 
 __all__ = ["MemoryPtcStore", "PtcStore", "RedisPtcStore"]
 
