@@ -130,6 +130,12 @@ class RedisSessionStore:
         """Run one asyncio coroutine function against Redis with a deadline and error mapping."""
         return await self.redis.run(fn)
 
+    async def _script(self, script: Script, registered: Any, keys: list[str], args: list[str]) -> Any:
+        """A read script on the native client if there is one, else redis-py's registered twin."""
+        if self._native is not None:
+            return await self.redis.run_native(lambda r: r.evalsha(script, keys, args))
+        return await self._run(lambda: registered(keys=keys, args=args))
+
     # --- SessionStore ----------------------------------------------------------------------------
     async def create_session(self, *, entity_id: str | None, user_id: str | None) -> Session:
         sid = new_id()
@@ -166,11 +172,7 @@ class RedisSessionStore:
 
     async def get_session(self, session_id: str) -> Session | None:
         now = utcnow()
-        keys, args = [self.session_key(session_id)], [iso(now)]
-        if self._native is not None:
-            flat = await self.redis.run_native(lambda r: r.evalsha(_TOUCH, keys, args))
-        else:
-            flat = await self._run(lambda: self._touch_script(keys=keys, args=args))
+        flat = await self._script(_TOUCH, self._touch_script, [self.session_key(session_id)], [iso(now)])
         return _live_session(flat, now)
 
     async def find_entity_session(self, entity_id: str) -> Session | None:
@@ -271,10 +273,7 @@ class RedisSessionStore:
         now = utcnow()
         keys = [self.session_key(session_id), self.session_files_key(session_id)]
         args = [iso(now), self.file_key(session_id, "")]
-        if self._native is not None:
-            out = await self.redis.run_native(lambda r: r.evalsha(_FILES, keys, args))
-        else:
-            out = await self._run(lambda: self._files_script(keys=keys, args=args))
+        out = await self._script(_FILES, self._files_script, keys, args)
         hashes = [pairs_to_dict(flat) for flat in out[1:]]
         records = [r for r in map(file_from_hash, hashes) if r and r.session_id == session_id]
         records.sort(key=lambda r: r.file_id)  # list_files' order: member order, then creation time
@@ -374,16 +373,13 @@ class RedisSessionStore:
 
     def pool_stats(self) -> dict[str, int]:
         """In-use and idle connections of the standalone/sentinel pool (tests assert on this).
-        ``in_use`` counts the native client's too (nothing may stay in use in either); its idle
-        connections and bound are ``native_idle`` and ``native_max``."""
+        ``in_use`` counts the native client's too; its own are ``native_idle`` and ``native_max``."""
         pool = getattr(self._r, "connection_pool", None)
         if pool is None:
             return {}
-        stats = {
-            "in_use": len(getattr(pool, "_in_use_connections", ())),
-            "idle": len(getattr(pool, "_available_connections", ())),
-            "max": int(getattr(pool, "max_connections", 0)),
-        }
+        stats = {"in_use": len(getattr(pool, "_in_use_connections", ())),
+                 "idle": len(getattr(pool, "_available_connections", ())),
+                 "max": int(getattr(pool, "max_connections", 0))}
         if self._native is not None:
             native = self._native.stats()
             stats["in_use"] += native["in_use"]
