@@ -11,6 +11,9 @@ Scope, deliberately narrow: standalone Redis over plain TCP (``redis://``, optio
 db). TLS, sentinel and cluster keep redis-py (``backends/redis_client.py``), and so does everything
 that is not a hot read (multi-command writes, scans, the PTC store). ``RedisSessionStore`` uses
 this client only where it was built (:func:`native_target`) and otherwise runs exactly as before.
+Two clients means two pools, each bounded by ``REDIS_MAX_CONNECTIONS``: a replica may hold up to
+twice that many connections to a standalone Redis (in practice the redis-py pool stays small:
+writes and cleanup are a small share of the traffic). ``KCR_REDIS_NATIVE=false`` keeps one pool.
 
 Behaviour matches what the store promises with redis-py:
 
