@@ -45,6 +45,7 @@ from kcr_trio.config import Settings
 from kcr_trio.core.exec import ExecLimits, ExecService
 from kcr_trio.core.interfaces import Executor, FileStore, SessionStore
 from kcr_trio.core.runtime import RuntimeLimits, RuntimeStore
+from kcr_trio import log_stream
 from kcr_trio.logs import setup_logging
 
 log = logging.getLogger("kcr_trio.app")
@@ -286,6 +287,8 @@ async def serve(
                 nursery.cancel_scope.cancel()  # stop the signal watcher
 
             nursery.start_soon(_watch_signals, shutdown)
+            if (access_lines := log_stream.installed()) is not None:  # batched stderr writes
+                await nursery.start(access_lines.run)
             binds = await nursery.start(run_server)
             if svc.metrics is not None and settings.kcr_metrics_port is not None:
                 metrics_config = hypercorn_config(settings)
