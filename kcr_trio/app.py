@@ -24,6 +24,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
+from kcr_trio import log_stream
 from kcr_trio.api.app_factory import create_app
 from kcr_trio.api.auth import Authenticator
 from kcr_trio.api.connection_policy import CloseForAxiosClients
@@ -45,7 +46,6 @@ from kcr_trio.config import Settings
 from kcr_trio.core.exec import ExecLimits, ExecService
 from kcr_trio.core.interfaces import Executor, FileStore, SessionStore
 from kcr_trio.core.runtime import RuntimeLimits, RuntimeStore
-from kcr_trio import log_stream
 from kcr_trio.logs import setup_logging
 
 log = logging.getLogger("kcr_trio.app")
