@@ -177,3 +177,18 @@ def test_setup_logging_installs_it() -> None:
         root.handlers[:], level = saved
         root.setLevel(level)
     assert log_stream.installed() is None or log_stream.installed() in saved[0]
+
+
+def test_access_line_encoding_is_unchanged() -> None:
+    """``api.scope``'s prebuilt encoder and timestamp write what ``json.dumps``/``strftime`` wrote."""
+    import datetime as dt
+    import re
+
+    from kcr_trio.api import scope
+
+    record = {"ts": "x", "status": 200, "duration_ms": 0.5, "path": "/é", "odd": dt.timedelta(seconds=1)}
+    assert scope._encode(record) == json.dumps(record, separators=(",", ":"), default=str)
+    ts = scope._timestamp()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", ts)
+    parsed = dt.datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.UTC)
+    assert abs((dt.datetime.now(dt.UTC) - parsed).total_seconds()) < 60
