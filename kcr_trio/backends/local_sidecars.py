@@ -142,6 +142,9 @@ class SidecarProcesses:
             "--prewarm", "true" if s.kcr_sidecar_prewarm else "false", "--reset-between-runs", "true",
             "--python-preimports", s.kcr_python_preimports, "--lifeline-fd", str(self._lifeline_r),
             "--compile-timeout", str(s.kcr_compile_timeout),
+            # One Node start-up snapshot per server, shared by its js sidecars (same filesystem
+            # as their temp roots: runs get a hard link).
+            "--node-snapshot-dir", str(self.server_dir.path),
         ]
         if uid is not None:
             argv += ["--run-uid", str(uid), "--run-gid", str(uid), "--run-uid-exclusive", "true"]
