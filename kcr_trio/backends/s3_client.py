@@ -1,6 +1,7 @@
-"""The S3/MinIO client the file store runs on: settings, the builder, and error mapping.
+"""The S3/MinIO client the file store runs on: the builder, the upload PUT, and error mapping; the
+one module that speaks the S3 wire.
 
-Settings are KubeCodeRun's MinIO variables (plus the ``AWS_*`` aliases and ours, ``KCR_``).
+Settings are KubeCodeRun's MinIO variables (:mod:`kcr_trio.backends.s3_settings`, re-exported).
 Credentials: static keys or IAM (``MINIO_USE_IAM``: web identity from
 ``AWS_WEB_IDENTITY_TOKEN_FILE`` + ``AWS_ROLE_ARN``, else the instance/container role), TLS with an
 optional CA bundle.
@@ -8,7 +9,8 @@ optional CA bundle.
 The builder puts ``miniopy-async`` on our own aiohttp session: a bounded connection pool,
 connect/read timeouts, and no hidden retries (miniopy's default session retries 5xx five times with
 5-minute timeouts, which would hide an outage for minutes). It runs on the asyncio side of
-:mod:`kcr_trio.backends.aio_bridge`, which is the only way in.
+:mod:`kcr_trio.backends.aio_bridge`, which is the only way in. Uploads of a complete local file are
+the exception: :class:`FilePut` signs and sends them on Trio sockets (see there why).
 
 Failures: unreachable or failing S3 becomes ``errors.Unavailable("File store unavailable: <client-safe
 reason>")`` (the full error is logged at most every 10 s); a missing object ``errors.NotFound``.
@@ -334,7 +336,8 @@ class FilePut:
         self._region = s3.minio_region
         self._connect_timeout = s3.kcr_s3_connect_timeout
         self._read_timeout = s3.kcr_s3_read_timeout
-        self._slots = trio.Semaphore(s3.kcr_s3_max_connections)
+        self._max = s3.kcr_s3_max_connections
+        self._slots = trio.Semaphore(self._max)
         self._idle: list[trio.abc.Stream] = []
 
     @staticmethod
@@ -355,12 +358,12 @@ class FilePut:
                 stream, reused = await self._checkout(fresh)
                 try:
                     keep = await self._exchange(stream, request, fd, size)
-                except _Stale:
+                except _Stale:  # only a kept connection is tried again (a PUT is idempotent)
                     await trio.aclose_forcefully(stream)
                     if reused:
                         await self.aclose()  # the server closed its idle connections: drop the others too
                         continue
-                    raise ConnectionResetError("S3 closed the connection without an answer") from None
+                    raise trio.BrokenResourceError("S3 closed the connection without an answer") from None
                 except BaseException:
                     await trio.aclose_forcefully(stream)
                     raise
@@ -371,6 +374,10 @@ class FilePut:
                 return
         finally:
             self._slots.release()
+
+    def stats(self) -> tuple[int, int]:
+        """(connections busy with a PUT, kept idle)."""
+        return self._max - self._slots.value, len(self._idle)
 
     async def aclose(self) -> None:
         idle, self._idle = self._idle, []
@@ -407,10 +414,8 @@ class FilePut:
             failure = exc  # S3 may have refused early (and closed): its answer says why
         try:
             status, code = await self._answer(conn, stream)
-        except _Stale:
-            if failure is not None:
-                raise failure from None
-            raise
+        except _Stale as stale:
+            raise stale from failure  # no answer at all: the sending failure (if any) is why
         if not 200 <= status < 300:
             raise S3Refused(status, code)
         if failure is not None:

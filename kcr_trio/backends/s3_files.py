@@ -294,12 +294,15 @@ class S3FileStore:
         }
 
     def pool_stats(self) -> dict[str, int]:
-        """Connections held by callers and idle in aiohttp's connector (tests assert on this)."""
+        """Connections held by callers (aiohttp's and the Trio PUT's) and idle (aiohttp's connector; the
+        Trio PUT's as ``put_idle``); tests assert on this."""
         connector = getattr(self._session, "connector", None)
         if connector is None:
             return {}
         idle = sum(len(v) for v in getattr(connector, "_conns", {}).values())
-        return {"in_use": len(getattr(connector, "_acquired", ())), "idle": idle, "max": connector.limit}
+        busy, put_idle = self._file_put.stats() if self._file_put is not None else (0, 0)
+        return {"in_use": len(getattr(connector, "_acquired", ())) + busy, "idle": idle, "max": connector.limit,
+                "put_idle": put_idle}
 
 
 def _open_spooled(spooled: Spooled) -> IO[bytes]:

@@ -5,7 +5,7 @@ would catch a wrong canonical request before a real S3 or MinIO refuses every up
 from __future__ import annotations
 
 import hashlib
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 from botocore.auth import SigV4Auth
@@ -14,7 +14,7 @@ from botocore.credentials import Credentials
 
 from kcr_trio.backends.s3_client import sign_v4
 
-NOW = datetime(2026, 12, 5, 10, 21, 40, tzinfo=timezone.utc)
+NOW = datetime(2026, 12, 5, 10, 21, 40, tzinfo=UTC)
 
 
 def botocore_authorization(host: str, path: str, headers: dict[str, str], body: bytes, region: str) -> str:
