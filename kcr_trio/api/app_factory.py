@@ -23,6 +23,7 @@ from quart_trio import QuartTrio
 from kcr_trio.core.errors import ApiError
 
 from . import exec_http, files_http, hooks, ops_http, ptc_http
+from .body_queue import KcrRequest
 from .scope import current
 from .services import SERVICES, Services
 
@@ -40,6 +41,7 @@ class KcrQuart(QuartTrio):
     Streaming bodies (downloads) continue after the handler returned and are not cut by it.
     """
 
+    request_class = KcrRequest  # the body reaches handlers without copies (api/body_queue.py)
     request_timeout: float = 30.0
     body_timeout: float = 60.0
 
