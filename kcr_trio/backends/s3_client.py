@@ -342,11 +342,14 @@ class FilePut:
 
     @staticmethod
     def usable(s3: S3Settings) -> bool:
+        host = s3.minio_endpoint.lower()
         return bool(not s3.minio_use_iam and s3.minio_access_key and s3.minio_secret_key
-                    and not s3.minio_endpoint.endswith("amazonaws.com"))
+                    and "amazonaws.com" not in host and "aliyuncs.com" not in host)  # virtual-host style
 
     async def put(self, bucket: str, key: str, fd: int, size: int, sha256: str, content_type: str) -> None:
         path = f"/{quote(bucket)}/{quote(key)}"
+        if not (content_type.isascii() and content_type.isprintable()):
+            content_type = "application/octet-stream"  # a header value must be plain ASCII
         headers = sign_v4("PUT", self._host_header, path, {"content-length": str(size), "content-type": content_type},
                           sha256, access_key=self._keys[0], secret_key=self._keys[1], region=self._region,
                           now=datetime.now(UTC))
