@@ -1,6 +1,7 @@
-"""The S3/MinIO client the file store runs on: settings, the builder, and error mapping.
+"""The S3/MinIO client the file store runs on: the builder, the upload PUT, and error mapping; the
+one module that speaks the S3 wire.
 
-Settings are KubeCodeRun's MinIO variables (plus the ``AWS_*`` aliases and ours, ``KCR_``).
+Settings are KubeCodeRun's MinIO variables (:mod:`kcr_trio.backends.s3_settings`, re-exported).
 Credentials: static keys or IAM (``MINIO_USE_IAM``: web identity from
 ``AWS_WEB_IDENTITY_TOKEN_FILE`` + ``AWS_ROLE_ARN``, else the instance/container role), TLS with an
 optional CA bundle.
@@ -8,7 +9,8 @@ optional CA bundle.
 The builder puts ``miniopy-async`` on our own aiohttp session: a bounded connection pool,
 connect/read timeouts, and no hidden retries (miniopy's default session retries 5xx five times with
 5-minute timeouts, which would hide an outage for minutes). It runs on the asyncio side of
-:mod:`kcr_trio.backends.aio_bridge`, which is the only way in.
+:mod:`kcr_trio.backends.aio_bridge`, which is the only way in. Uploads of a complete local file are
+the exception: :class:`FilePut` signs and sends them on Trio sockets (see there why).
 
 Failures: unreachable or failing S3 becomes ``errors.Unavailable("File store unavailable: <client-safe
 reason>")`` (the full error is logged at most every 10 s); a missing object ``errors.NotFound``.
@@ -16,25 +18,30 @@ reason>")`` (the full error is logged at most every 10 s); a missing object ``er
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import io
 import logging
 import os
+import re
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
-from typing import IO, Any
+from datetime import UTC, datetime
+from typing import IO, Any, cast
+from urllib.parse import quote
 
+import h11
 import trio
-from pydantic import AliasChoices, Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from kcr_trio.backends.aio_bridge import StoreErrors, run_aio
-from kcr_trio.core.errors import NotFound
+from kcr_trio.backends.s3_settings import S3Settings
+from kcr_trio.core.errors import NotFound, Unavailable
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "MISSING_KEY_CODES", "S3_ERRORS", "KeepOpen", "S3Settings", "build_client", "error_code", "open_s3_client",
+    "MISSING_KEY_CODES", "S3_ERRORS", "FilePut", "KeepOpen", "S3Refused", "S3Settings", "build_client", "error_code", "open_s3_client",
     "release_response", "remove_batch", "translate",
 ]
 
@@ -44,63 +51,30 @@ RELEASE_TIMEOUT = 2.0  # closing one response on the way out of a (cancelled) do
 _CLOSE_TIMEOUT = 5.0
 
 
-class S3Settings(BaseSettings):
-    """KubeCodeRun's MinIO variables; read only when ``KCR_FILE_STORE=s3``."""
+class S3Refused(Exception):
+    """S3 answered with an error status: the HTTP status and S3's error ``Code`` (if it sent one)."""
 
-    model_config = SettingsConfigDict(
-        env_file=".env", env_file_encoding="utf-8", case_sensitive=False, extra="ignore", populate_by_name=True
-    )
-
-    minio_endpoint: str = "localhost:9000"  # host[:port], no scheme
-    minio_access_key: str | None = Field(None, validation_alias=AliasChoices("minio_access_key", "aws_access_key_id"))
-    minio_secret_key: str | None = Field(
-        None, validation_alias=AliasChoices("minio_secret_key", "aws_secret_access_key")
-    )
-    minio_secure: bool = False
-    minio_bucket: str = "kubecoderun-files"
-    minio_region: str = "us-east-1"
-    minio_use_iam: bool = False
-    aws_web_identity_token_file: str | None = None
-    aws_role_arn: str | None = None
-    minio_ca_certs: str | None = None
-    # Ours.
-    kcr_minio_create_bucket: bool = True  # create the bucket when missing (KubeCodeRun does)
-    kcr_s3_max_connections: int = Field(20, ge=1)
-    kcr_s3_connect_timeout: float = Field(5.0, gt=0)  # includes waiting for a pooled connection
-    kcr_s3_read_timeout: float = Field(30.0, gt=0)  # longest silence on an open connection
-    kcr_spool_dir: Path | None = None  # default: <KCR_DATA_DIR>/spool
-
-    @field_validator("minio_endpoint", mode="before")
-    @classmethod
-    def _strip_scheme(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            for scheme in ("http://", "https://"):
-                if v.startswith(scheme):
-                    v = v[len(scheme) :]
-            return v.rstrip("/")
-        return v
-
-    @field_validator(
-        "minio_access_key", "minio_secret_key", "aws_web_identity_token_file", "aws_role_arn", "minio_ca_certs",
-        mode="before",
-    )
-    @classmethod
-    def _blank_is_none(cls, v: Any) -> Any:
-        return None if isinstance(v, str) and not v.strip() else v
+    def __init__(self, status: int, code: str | None) -> None:
+        super().__init__(f"S3 answered HTTP {status}" + (f" ({code})" if code else ""))
+        self.status = status
+        self.code = code
 
 
 def error_code(exc: BaseException) -> str | None:
     """The S3 error code (``NoSuchKey``, ``NoSuchBucket``...) of an error S3 answered, else ``None``."""
     from miniopy_async.error import S3Error
 
-    return exc.code if isinstance(exc, S3Error) else None
+    return exc.code if isinstance(exc, (S3Error, S3Refused)) else None
 
 
 def translate(exc: Exception, *, bucket: str) -> Exception | None:
     """An S3 or transport failure -> ``NotFound`` / ``Unavailable``; ``None`` for anything else."""
     from miniopy_async.error import InvalidResponseError, S3Error, ServerError
 
-    if isinstance(exc, S3Error):
+    if isinstance(exc, S3Refused) and exc.code is None:
+        S3_ERRORS.log_failure(exc)
+        return S3_ERRORS.unavailable(f"S3 answered HTTP {exc.status}")
+    if isinstance(exc, (S3Error, S3Refused)):
         code = exc.code
         if code in MISSING_KEY_CODES:
             return NotFound("File not found in storage")
@@ -123,16 +97,22 @@ def _is_transport_error(exc: BaseException) -> bool:
 
     import aiohttp
 
-    return isinstance(exc, (aiohttp.ClientError, OSError, asyncio.TimeoutError, TimeoutError))
+    return isinstance(exc, (aiohttp.ClientError, OSError, asyncio.TimeoutError, TimeoutError, trio.TooSlowError,
+                            trio.BrokenResourceError, h11.ProtocolError))
 
 
 def _transport_reason(exc: BaseException) -> str:
     """A short, client-safe reason (no internal addresses); the full error goes to the log."""
     import asyncio
-    import ssl
 
     import aiohttp
 
+    if isinstance(exc, trio.BrokenResourceError) and isinstance(exc.__cause__, ssl.SSLError):
+        return "TLS handshake with S3 failed"  # trio's SSLStream wraps the handshake's error
+    if isinstance(exc, (trio.BrokenResourceError, h11.ProtocolError)):
+        return "S3 closed the connection"
+    if isinstance(exc, trio.TooSlowError):
+        return "S3 timed out"
     if isinstance(exc, (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError, ssl.SSLError)):
         return "TLS handshake with S3 failed"
     if isinstance(exc, aiohttp.ClientPayloadError):
@@ -146,22 +126,24 @@ def _transport_reason(exc: BaseException) -> str:
     return "cannot reach S3"
 
 
+def ssl_context(s3: S3Settings) -> ssl.SSLContext | None:
+    """The TLS context for ``MINIO_SECURE`` (``MINIO_CA_CERTS``, else ``SSL_CERT_FILE`` or certifi)."""
+    if not s3.minio_secure:
+        return None
+    if s3.minio_ca_certs:
+        return ssl.create_default_context(cafile=s3.minio_ca_certs)
+    import certifi
+
+    return ssl.create_default_context(cafile=os.environ.get("SSL_CERT_FILE") or certifi.where())
+
+
 def build_client(s3: S3Settings) -> tuple[Any, Any]:
     """Create the aiohttp session and the Minio client. Runs inside the asyncio context."""
-    import ssl
-
     import aiohttp
     from miniopy_async.api import Minio
     from miniopy_async.credentials.providers import IamAwsProvider
 
-    ssl_ctx: ssl.SSLContext | bool = False
-    if s3.minio_secure:
-        if s3.minio_ca_certs:
-            ssl_ctx = ssl.create_default_context(cafile=s3.minio_ca_certs)
-        else:
-            import certifi
-
-            ssl_ctx = ssl.create_default_context(cafile=os.environ.get("SSL_CERT_FILE") or certifi.where())
+    ssl_ctx: ssl.SSLContext | bool = ssl_context(s3) or False
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=s3.kcr_s3_max_connections, ssl=ssl_ctx),
         timeout=aiohttp.ClientTimeout(
@@ -279,3 +261,214 @@ class KeepOpen(io.RawIOBase):
 
     def close(self) -> None:
         """Left open on purpose (see the class docstring)."""
+
+
+# --- One PUT of a complete local file, on Trio sockets ----------------------------------------------
+# Why not miniopy-async for this request: sending a 10 MB spool through it cost ~20 ms of CPU
+# (measured): a second SHA-256 pass in 8 KiB reads, aiohttp's 256 KiB file reads each handed to a
+# worker thread through the asyncio bridge, and the bridge hops themselves. Here the payload digest
+# comes with the file (computed while the upload edge wrote its spool) and the body goes to the
+# socket with ``os.sendfile`` (no copy through Python), over TLS in 1 MiB reads.
+
+TLS_PIECE = 1024 * 1024
+MAX_ERROR_BODY = 64 * 1024
+_CODE = re.compile(rb"<Code>([^<]{1,128})</Code>")
+
+
+class _Stale(Exception):
+    """The connection ended before any byte of an answer (a kept-alive one the server had closed)."""
+
+
+class _FileSpan:
+    """``size`` bytes of a file as an h11 body piece: h11 only needs the length (its sendfile support)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def _hmac(key: bytes, text: str) -> bytes:
+    return hmac.new(key, text.encode(), hashlib.sha256).digest()
+
+
+def sign_v4(method: str, host: str, path: str, headers: dict[str, str], payload_sha256: str, *, access_key: str,
+            secret_key: str, region: str, now: datetime) -> dict[str, str]:
+    """``headers`` plus ``host``, ``x-amz-date``, ``x-amz-content-sha256`` and ``authorization``:
+    AWS Signature Version 4 for service ``s3``, no query string, every header signed. ``path`` is
+    sent as given (already URI-encoded; S3 does not encode it twice)."""
+    amz_date = now.strftime("%Y%m%dT%H%M%SZ")
+    day = amz_date[:8]
+    signed = {k.lower(): " ".join(v.split()) for k, v in headers.items()}
+    signed.update({"host": host, "x-amz-date": amz_date, "x-amz-content-sha256": payload_sha256})
+    names = sorted(signed)
+    canonical = "\n".join([method, path, "", *(f"{n}:{signed[n]}" for n in names), "", ";".join(names), payload_sha256])
+    scope = f"{day}/{region}/s3/aws4_request"
+    to_sign = "\n".join(["AWS4-HMAC-SHA256", amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest()])
+    key = _hmac(("AWS4" + secret_key).encode(), day)
+    for part in (region, "s3", "aws4_request"):
+        key = _hmac(key, part)
+    signature = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
+    signed["authorization"] = (f"AWS4-HMAC-SHA256 Credential={access_key}/{scope}, "
+                               f"SignedHeaders={';'.join(names)}, Signature={signature}")
+    return signed
+
+
+class FilePut:
+    """``PUT`` a complete local file with a known SHA-256 as one object, over Trio sockets, keeping
+    idle connections for the next upload. At most ``KCR_S3_MAX_CONNECTIONS`` at once (waiting for
+    one counts as connecting, as in aiohttp); a kept connection the server closed meanwhile is
+    replaced once (a PUT is idempotent). Any failure or cancellation drops the connection at once.
+
+    Only for static keys on a path-style endpoint (``usable``): IAM credentials rotate through
+    miniopy's provider, and AWS itself wants virtual-host addressing; those keep miniopy.
+    """
+
+    def __init__(self, s3: S3Settings) -> None:
+        host, _, port = s3.minio_endpoint.rpartition(":")
+        if not host or not port.isdigit():
+            host, port = s3.minio_endpoint, "443" if s3.minio_secure else "80"
+        self._host, self._port = host.strip("[]"), int(port)
+        self._host_header = s3.minio_endpoint
+        self._ssl = ssl_context(s3)
+        self._keys = (s3.minio_access_key or "", s3.minio_secret_key or "")
+        self._region = s3.minio_region
+        self._connect_timeout = s3.kcr_s3_connect_timeout
+        self._read_timeout = s3.kcr_s3_read_timeout
+        self._max = s3.kcr_s3_max_connections
+        self._slots = trio.Semaphore(self._max)
+        self._idle: list[trio.abc.Stream] = []
+
+    @staticmethod
+    def usable(s3: S3Settings) -> bool:
+        host = s3.minio_endpoint.lower()
+        return bool(not s3.minio_use_iam and s3.minio_access_key and s3.minio_secret_key
+                    and "amazonaws.com" not in host and "aliyuncs.com" not in host)  # virtual-host style
+
+    async def put(self, bucket: str, key: str, fd: int, size: int, sha256: str, content_type: str) -> None:
+        path = f"/{quote(bucket)}/{quote(key)}"
+        if not (content_type.isascii() and content_type.isprintable()):
+            content_type = "application/octet-stream"  # a header value must be plain ASCII
+        headers = sign_v4("PUT", self._host_header, path, {"content-length": str(size), "content-type": content_type},
+                          sha256, access_key=self._keys[0], secret_key=self._keys[1], region=self._region,
+                          now=datetime.now(UTC))
+        request = h11.Request(method="PUT", target=path, headers=list(headers.items()))
+        with trio.fail_after(self._connect_timeout):
+            await self._slots.acquire()
+        try:
+            for fresh in (False, True):
+                stream, reused = await self._checkout(fresh)
+                try:
+                    keep = await self._exchange(stream, request, fd, size)
+                except _Stale:  # only a kept connection is tried again (a PUT is idempotent)
+                    await trio.aclose_forcefully(stream)
+                    if reused:
+                        await self.aclose()  # the server closed its idle connections: drop the others too
+                        continue
+                    raise trio.BrokenResourceError("S3 closed the connection without an answer") from None
+                except BaseException:
+                    await trio.aclose_forcefully(stream)
+                    raise
+                if keep:
+                    self._idle.append(stream)
+                else:
+                    await trio.aclose_forcefully(stream)
+                return
+        finally:
+            self._slots.release()
+
+    def stats(self) -> tuple[int, int]:
+        """(connections busy with a PUT, kept idle)."""
+        return self._max - self._slots.value, len(self._idle)
+
+    async def aclose(self) -> None:
+        idle, self._idle = self._idle, []
+        for stream in idle:
+            await trio.aclose_forcefully(stream)
+
+    async def _checkout(self, fresh: bool) -> tuple[trio.abc.Stream, bool]:
+        if self._idle and not fresh:
+            return self._idle.pop(), True
+        with trio.fail_after(self._connect_timeout):
+            tcp = await trio.open_tcp_stream(self._host, self._port)
+            if self._ssl is None:
+                return tcp, False
+            tls = trio.SSLStream(tcp, self._ssl, server_hostname=self._host, https_compatible=True)
+            try:
+                await tls.do_handshake()
+            except BaseException:
+                await trio.aclose_forcefully(tcp)
+                raise
+            return tls, False
+
+    async def _exchange(self, stream: trio.abc.Stream, request: h11.Request, fd: int, size: int) -> bool:
+        """Send the request and the file, read the answer; True if the connection can be kept."""
+        conn = h11.Connection(h11.CLIENT)
+        head = conn.send(request)
+        conn.send_with_data_passthrough(h11.Data(data=cast(bytes, _FileSpan(size))))
+        conn.send(h11.EndOfMessage())
+        failure: BaseException | None = None
+        try:
+            with trio.fail_after(self._read_timeout):
+                await stream.send_all(head or b"")
+            await self._send_file(stream, fd, size)
+        except (trio.BrokenResourceError, OSError) as exc:
+            failure = exc  # S3 may have refused early (and closed): its answer says why
+        try:
+            status, code = await self._answer(conn, stream)
+        except _Stale as stale:
+            raise stale from failure  # no answer at all: the sending failure (if any) is why
+        if not 200 <= status < 300:
+            raise S3Refused(status, code)
+        if failure is not None:
+            raise failure
+        return conn.our_state is h11.DONE and conn.their_state is h11.DONE
+
+    async def _send_file(self, stream: trio.abc.Stream, fd: int, size: int) -> None:
+        offset = 0
+        while offset < size:
+            await trio.lowlevel.checkpoint()
+            if isinstance(stream, trio.SocketStream):
+                try:
+                    sent = os.sendfile(stream.socket.fileno(), fd, offset, size - offset)
+                except BlockingIOError:
+                    with trio.fail_after(self._read_timeout):
+                        await trio.lowlevel.wait_writable(stream.socket)
+                    continue
+            else:
+                data = await trio.to_thread.run_sync(os.pread, fd, min(TLS_PIECE, size - offset), offset)
+                with trio.fail_after(self._read_timeout):
+                    await stream.send_all(data)
+                sent = len(data)
+            if not sent:
+                raise Unavailable("File store unavailable: the upload spool ended early")
+            offset += sent
+
+    async def _answer(self, conn: h11.Connection, stream: trio.abc.Stream) -> tuple[int, str | None]:
+        status, body, received = 0, bytearray(), False
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                try:
+                    with trio.fail_after(self._read_timeout):
+                        data = await stream.receive_some(64 * 1024)
+                except (trio.BrokenResourceError, OSError) as exc:
+                    if received:
+                        raise
+                    raise _Stale from exc
+                if not data and not received:
+                    raise _Stale
+                received = True
+                conn.receive_data(bytes(data))
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.Data):
+                if len(body) < MAX_ERROR_BODY:
+                    body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                break
+            elif isinstance(event, h11.ConnectionClosed):
+                raise ConnectionResetError("S3 closed the connection")
+        found = None if 200 <= status < 300 else _CODE.search(body)
+        return status, found.group(1).decode("ascii", "replace") if found else None
