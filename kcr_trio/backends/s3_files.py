@@ -50,13 +50,13 @@ from kcr_trio.backends import s3_client
 from kcr_trio.backends.s3_client import (
     MISSING_KEY_CODES,
     S3_ERRORS,
-    FilePut,
     KeepOpen,
     S3Settings,
     open_s3_client,
     release_response,
     remove_batch,
 )
+from kcr_trio.backends.s3_put import FilePut
 from kcr_trio.config import Settings
 from kcr_trio.core.errors import NotFound, TooLarge, Unavailable
 from kcr_trio.core.interfaces import Body, Spooled
@@ -183,7 +183,7 @@ class S3FileStore:
 
     async def _put_file(self, key: str, spool: IO[bytes], size: int, content_type: str, digest: str,
                         timeout: float) -> None:
-        """The file as one PUT on Trio sockets (``s3_client.FilePut``), with the same deadline and
+        """The file as one PUT on Trio sockets (``s3_put.FilePut``), with the same deadline and
         error mapping as a bridged call."""
         assert self._file_put is not None
         with S3_ERRORS.map_exceptions(self._translate), trio.move_on_after(timeout) as deadline:

@@ -1,4 +1,4 @@
-"""The S3 PUT we sign ourselves (``s3_client.sign_v4``) carries the same Signature V4 as botocore's
+"""The S3 PUT we sign ourselves (``s3_put.sign_v4``) carries the same Signature V4 as botocore's
 signer computes for the same request. moto does not check signatures, so this is the test that
 would catch a wrong canonical request before a real S3 or MinIO refuses every upload."""
 
@@ -12,7 +12,7 @@ from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
-from kcr_trio.backends.s3_client import sign_v4
+from kcr_trio.backends.s3_put import sign_v4
 
 NOW = datetime(2026, 12, 5, 10, 21, 40, tzinfo=UTC)
 

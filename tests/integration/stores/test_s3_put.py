@@ -1,4 +1,4 @@
-"""The S3 store's own PUT (``s3_client.FilePut``: SigV4 on Trio sockets, the file sent with
+"""The S3 store's own PUT (``s3_put.FilePut``: SigV4 on Trio sockets, the file sent with
 ``sendfile``) against a real S3 server (moto), seen through a TCP relay in between that counts
 connections, can close them, hold the body half-way, or withhold S3's answer.
 
