@@ -117,7 +117,8 @@ class LocalExecutor(SidecarProcesses):
             # but a clamp keeps a rounding slip from becoming an error.
             yield SidecarSandbox(sidecar.url, client=self._http,
                                  timeout_cap=float(self.settings.max_execution_time),
-                                 compile_timeout=self.settings.kcr_compile_timeout if lang in COMPILED else 0.0)
+                                 compile_timeout=self.settings.kcr_compile_timeout if lang in COMPILED else 0.0,
+                                 wire=sidecar.wire)
         finally:
             self._hand_back(sidecar)
 
