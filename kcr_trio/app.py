@@ -28,6 +28,7 @@ from kcr_trio.api.app_factory import create_app
 from kcr_trio.api.auth import Authenticator
 from kcr_trio.api.connection_policy import CloseForAxiosClients
 from kcr_trio.api.metrics import Metrics
+from kcr_trio.api.one_write import install_one_write_answers
 from kcr_trio.api.ops_http import render_metrics
 from kcr_trio.api.probes import probe_routes
 from kcr_trio.api.ratelimit import RateLimiter
@@ -221,6 +222,7 @@ def build_asgi(svc: Services) -> Any:
     install_json_rejections()
     install_half_close_support()
     install_stalled_head_408()
+    install_one_write_answers()
     scoped = RequestScopeMiddleware(create_app(svc), on_finish=on_finish, fast_routes=probe_routes(svc))
     settings = svc.settings
     return CloseAmbiguousFraming(CloseOnEarlyAnswer(CloseForAxiosClients(

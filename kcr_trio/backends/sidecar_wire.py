@@ -72,7 +72,7 @@ class SidecarWire:
                     (b"content-length", str(len(body)).encode()),
                     *((k.encode("latin-1"), v.encode("latin-1", "replace")) for k, v in headers)]
             data = conn.send(h11.Request(method="POST", target=path, headers=head))
-            data += conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage())  # type: ignore[operator]
+            data += conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage())
             try:
                 with trio.fail_after(timeout):
                     await stream.send_all(data)
