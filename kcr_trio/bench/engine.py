@@ -97,6 +97,16 @@ async def one_exec(client: httpx.AsyncClient, lang: str, tally: Tally) -> float:
     return elapsed
 
 
+async def one_health(client: httpx.AsyncClient) -> float:
+    """Seconds for one ``GET /health`` (NaN if it failed: it then counts as no sample)."""
+    started = time.perf_counter()
+    try:
+        resp = await client.get("/health")
+    except httpx.HTTPError:
+        return float("nan")
+    return time.perf_counter() - started if resp.status_code == 200 else float("nan")
+
+
 def bare_start(binary: str, lang: str) -> float:
     started = time.perf_counter()
     subprocess.run([binary, *BARE[lang]], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -230,8 +240,14 @@ def _rotated(items: list[Any], i: int) -> list[Any]:
 
 async def latency_interleaved(clients: dict[str, httpx.AsyncClient], lang: str, binary: str, rounds: int,
                               deadline: float) -> dict[str, dict[str, Any]]:
-    """p50/p99 of ``/exec`` on every target and of a bare start, round by round interleaved."""
+    """p50/p99 of ``/exec`` on every target and of a bare start, round by round interleaved.
+
+    Each round also times a ``GET /health`` with the same client on the same connection: the floor
+    any HTTP answer of that server costs this client (its own cost included), against which a
+    target of a fraction of a bare start must be read (for bash, 0.25x of a bare start is below it).
+    """
     tallies = {name: Tally() for name in clients}
+    health: dict[str, list[float]] = {name: [] for name in clients}
     bare: list[float] = []
     for i in range(rounds):
         if trio.current_time() > deadline:
@@ -239,6 +255,7 @@ async def latency_interleaved(clients: dict[str, httpx.AsyncClient], lang: str, 
         for name in _rotated(list(clients), i):
             await one_exec(clients[name], lang, tallies[name])
             bare.append(await trio.to_thread.run_sync(bare_start, binary, lang))
+            health[name].append(await one_health(clients[name]))
     bare_ms = [v * 1000 for v in bare]
     p50_bare = pct(bare_ms, 50)
     out = {}
@@ -249,6 +266,7 @@ async def latency_interleaved(clients: dict[str, httpx.AsyncClient], lang: str, 
                      "busy": tally.busy, "exec_p50_ms": round(p50_exec, 1),
                      "exec_p99_ms": round(pct(exec_ms, 99), 1), "bare_p50_ms": round(p50_bare, 1),
                      "bare_p99_ms": round(pct(bare_ms, 99), 1),
+                     "health_p50_ms": round(pct([v * 1000 for v in health[name] if v == v], 50), 2),
                      "ratio_p50": round(p50_exec / p50_bare, 3) if bare_ms and exec_ms else None,
                      "binary": binary}
     return out

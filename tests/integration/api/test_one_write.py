@@ -80,5 +80,5 @@ async def test_a_streamed_answer_sends_its_head_at_once(server) -> None:  # type
     status, headers, _ = split_response(b"".join(c for _, c in chunks))
     assert status.startswith("HTTP/1.1 200") and headers["transfer-encoding"] == "chunked"
     # The head of a committed (heartbeat) answer is a write of its own, before any body byte.
-    first = [w for w in writes if w][0]
+    first = next(w for w in writes if w)
     assert first.startswith(b"HTTP/1.1 200") and first.endswith(b"\r\n\r\n")
