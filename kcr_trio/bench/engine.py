@@ -28,11 +28,14 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 import trio
+
+from .lean import LeanClient
 
 PROGRAMS = {"py": "print('hi')", "js": "console.log('hi')", "bash": "echo hi"}
 BARE = {"py": ["-c", "print('hi')"], "js": ["-e", "console.log('hi')"], "bash": ["-c", "echo hi"]}
@@ -62,6 +65,10 @@ def pct(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))]
 
 
+# What a latency round talks through: httpx, or the lean client (``bench/lean.py``).
+Client = httpx.AsyncClient | LeanClient
+
+
 @dataclass
 class Tally:
     ok: int = 0
@@ -71,7 +78,7 @@ class Tally:
     latencies: list[float] = field(default_factory=list)
 
 
-async def one_exec(client: httpx.AsyncClient, lang: str, tally: Tally) -> float:
+async def one_exec(client: Client, lang: str, tally: Tally) -> float:
     started = time.perf_counter()
     try:
         resp = await client.post("/exec", json={"lang": lang, "code": PROGRAMS[lang]})
@@ -97,7 +104,7 @@ async def one_exec(client: httpx.AsyncClient, lang: str, tally: Tally) -> float:
     return elapsed
 
 
-async def one_health(client: httpx.AsyncClient) -> float:
+async def one_health(client: Client) -> float:
     """Seconds for one ``GET /health`` (NaN if it failed: it then counts as no sample)."""
     started = time.perf_counter()
     try:
@@ -238,7 +245,7 @@ def _rotated(items: list[Any], i: int) -> list[Any]:
     return items[k:] + items[:k]
 
 
-async def latency_interleaved(clients: dict[str, httpx.AsyncClient], lang: str, binary: str, rounds: int,
+async def latency_interleaved(clients: Mapping[str, Client], lang: str, binary: str, rounds: int,
                               deadline: float) -> dict[str, dict[str, Any]]:
     """p50/p99 of ``/exec`` on every target and of a bare start, round by round interleaved.
 
@@ -292,6 +299,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             clients[name] = await stack.enter_async_context(httpx.AsyncClient(
                 base_url=url, headers={"X-API-Key": key}, limits=limits, timeout=httpx.Timeout(120.0),
                 trust_env=False))
+        # Latency rounds: the lean client (bench/lean.py) unless told otherwise; throughput: httpx.
+        timed: dict[str, Any] = dict(clients)
+        if args.latency_client == "h11":
+            for name, url in targets:
+                lean = LeanClient(url, headers={"X-API-Key": key})
+                stack.push_async_callback(lean.aclose)
+                timed[name] = lean
+        report["latency_client"] = args.latency_client
         if args.idle > 0:
             await trio.sleep(min(5.0, args.idle))  # let the pools settle after start-up
         pids: dict[str, int | None] = {}
@@ -307,10 +322,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 print(f"[{name}] idle:", json.dumps(idle), flush=True)
         for lang in langs:
             binary = real_binary(lang, args.python)
-            for client in clients.values():
+            for client in timed.values():
                 for _ in range(3):  # warm the connection and the pools, untimed
                     await one_exec(client, lang, Tally())
-            rows = await latency_interleaved(clients, lang, binary, args.rounds, deadline)
+            rows = await latency_interleaved(timed, lang, binary, args.rounds, deadline)
             for name, row in rows.items():
                 report["targets"][name]["latency"][lang] = row
                 print(f"[{name}] latency {lang}:", json.dumps(row), flush=True)
@@ -371,6 +386,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="python3 to resolve for the bare start (default: python3 on the sandbox's PATH; "
                         "set it when the server runs user code with KCR_LOCAL_PYTHON)")
     p.add_argument("--max-time", type=float, default=1800.0)
+    p.add_argument("--latency-client", choices=("h11", "httpx"), default="h11",
+                   help="client of the c=1 latency rounds: h11 on one kept-alive connection (lean, the "
+                        "default) or httpx (as the throughput windows); both are HTTP/1.1 over TCP")
     p.add_argument("--json", default=None, help="write the figures here")
     args = p.parse_args(argv)
     args.conc = [int(v) for v in args.conc.split(",") if v.strip()]
