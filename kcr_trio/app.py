@@ -27,10 +27,10 @@ from hypercorn.trio import serve as hypercorn_serve
 from kcr_trio.api.app_factory import create_app
 from kcr_trio.api.auth import Authenticator
 from kcr_trio.api.connection_policy import CloseForAxiosClients
+from kcr_trio.api.files_fast import fast_router
+from kcr_trio.api.h11_head import install_coalesced_head
 from kcr_trio.api.metrics import Metrics
-from kcr_trio.api.one_write import install_one_write_answers
 from kcr_trio.api.ops_http import render_metrics
-from kcr_trio.api.probes import probe_routes
 from kcr_trio.api.ratelimit import RateLimiter
 from kcr_trio.api.scope import RequestScopeMiddleware
 from kcr_trio.api.services import Services
@@ -222,8 +222,8 @@ def build_asgi(svc: Services) -> Any:
     install_json_rejections()
     install_half_close_support()
     install_stalled_head_408()
-    install_one_write_answers()
-    scoped = RequestScopeMiddleware(create_app(svc), on_finish=on_finish, fast_routes=probe_routes(svc))
+    install_coalesced_head()
+    scoped = RequestScopeMiddleware(create_app(svc), on_finish=on_finish, fast_route=fast_router(svc))
     settings = svc.settings
     return CloseAmbiguousFraming(CloseOnEarlyAnswer(CloseForAxiosClients(
         scoped, enabled=settings.kcr_connection_close, clients=settings.kcr_connection_close_clients)))

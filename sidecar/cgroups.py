@@ -42,9 +42,10 @@ ENTER = ('p=$$; while [ "$1" != -- ]; do echo "$p" > "$1" || { echo "kcr-trio: c
 SH = shutil.which("sh", path="/usr/bin:/bin") or "/bin/sh"
 
 
-def enter_argv(procs_files: list[str]) -> list[str]:
-    """The prefix that puts the process into ``procs_files``' groups before ``exec``."""
-    return [SH, "-c", ENTER, "kcr-cgroup", *procs_files, "--"]
+def enter_argv(procs_files: list[str], prelude: str = "") -> list[str]:
+    """The prefix that puts the process into ``procs_files``' groups before ``exec``; ``prelude``
+    (shell commands ending in ``;``, e.g. ``limits.ulimit_script``) runs first."""
+    return [SH, "-c", prelude + ENTER, "kcr-cgroup", *procs_files, "--"]
 
 
 @dataclass

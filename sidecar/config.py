@@ -59,6 +59,7 @@ class Config:
     run_gid: int = 65534
     run_uid_exclusive: bool = False  # this uid is ours alone: enables the kill(-1) sweep
     tmp_root: str = ""  # where private per-run temp dirs go (default: the system temp dir)
+    node_snapshot_dir: str = ""  # where the pre-warmed js interpreter's start-up snapshot lives
     announce: bool = False  # print one JSON line with port/pid to stdout once ready
     kill_grace_ms: int = 20
     max_body_mb: int = 16  # /execute request body
@@ -117,6 +118,9 @@ _HELP = {
     "run_gid": "gid for user code when the sidecar runs as root",
     "run_uid_exclusive": "the uid is this sidecar's alone: also sweep it with kill(-1)",
     "tmp_root": "parent of the per-run private temp dirs",
+    "node_snapshot_dir": "pre-warmed js starts from a Node start-up snapshot kept here (built once "
+                         "per directory; same filesystem as tmp_root: runs get a hard link); empty: "
+                         "no snapshot (node -e)",
     "lifeline_fd": "an inherited pipe's read end whose write end only the parent holds: when it "
                    "reaches EOF (the parent exited or was killed, even by SIGKILL) the sidecar shuts "
                    "down and kills every process of its runs",

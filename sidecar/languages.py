@@ -234,6 +234,7 @@ class Context:
     tmp: str  # private temp dir of this run (outside the working dir)
     memory_mb: int
     tools: Toolchain
+    node_snapshot: str | None = None  # pre-warmed js: a start-up snapshot blob (node_snapshot.py)
 
 
 class Toolchain:
@@ -261,6 +262,11 @@ def _py(c: Context) -> list[Step]:
     # The same bootstrap as the pre-warmed path (without the wait), so both behave identically
     # and neither needs the working directory's absolute path to be reachable.
     return [Step([c.tools.python, "-c", PY_BOOT, "code.py", "", "-"], env={"PYTHONUNBUFFERED": "1"})]
+
+
+def node_flags(memory_mb: int) -> list[str]:
+    """Node's flags for a run: the heap cap (a snapshot must be built with exactly these)."""
+    return [f"--max-old-space-size={memory_mb}"]
 
 
 def _node_env(c: Context) -> dict[str, str]:
@@ -393,8 +399,12 @@ def prewarm_step(spec: LanguageSpec, c: Context, preimports: str, fd: int) -> St
     if spec.prewarm == "py":
         return Step([c.tools.python, "-c", PY_BOOT, "code.py", preimports, str(fd)],
                     env={"PYTHONUNBUFFERED": "1"})
+    if spec.prewarm == "js" and c.node_snapshot:  # the same NODE_BOOT, from a snapshot
+        argv = [c.tools("node"), "--snapshot-blob", c.node_snapshot, *node_flags(c.memory_mb),
+                spec.prewarm, str(fd), spec.source_file]
+        return Step(argv, env=_node_env(c), address_space_mb=c.memory_mb + 1024)
     if spec.prewarm in ("js", "ts"):
-        argv = [c.tools("node"), f"--max-old-space-size={c.memory_mb}", "-e", NODE_BOOT, "--",
+        argv = [c.tools("node"), *node_flags(c.memory_mb), "-e", NODE_BOOT, "--",
                 spec.prewarm, str(fd), spec.source_file]
         return Step(argv, env=_node_env(c), address_space_mb=c.memory_mb + 1024)
     if spec.prewarm == "bash":

@@ -18,6 +18,7 @@ stops the program when it has added more than ``disk_quota_mb`` or ``max_files``
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -33,10 +34,19 @@ from typing import Any
 
 import trio
 
-from . import files, proctree
+from . import files, node_snapshot, proctree
 from .cgroups import Group
 from .config import Config
-from .languages import SOURCE_FILES, Context, LanguageSpec, Step, Toolchain, prewarm_step, with_args
+from .languages import (
+    SOURCE_FILES,
+    Context,
+    LanguageSpec,
+    Step,
+    Toolchain,
+    node_flags,
+    prewarm_step,
+    with_args,
+)
 from .limits import MB, Identity, Limits, SpawnSpec, base_env, cpu_limit_for, spawn_user
 from .prewarm import Warm, make_private_tmp, remove_tree
 from .sandbox import EXTRA_PROCESSES, Sandbox, exit_signal, not_exiting, payload_pid
@@ -143,6 +153,7 @@ class Runner:
         self._hurry: trio.Event | None = None
         self._housekeeping: trio.Event | None = None
         self.warm_broken = False
+        self._node_blob: str | None = None  # pre-warmed js: the start-up snapshot (node_snapshot.py)
         self.sandbox: Sandbox | None = None  # set by the server when user code runs in bubblewrap
         # ``reset_between_runs``: set after every run, cleared by ``reset``. While set, no
         # interpreter is started (it would share the uid and the directory with what the last run
@@ -175,6 +186,10 @@ class Runner:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                if self.prewarm_enabled and self.spec.prewarm == "js" and self.cfg.node_snapshot_dir:
+                    self._node_blob = await trio.to_thread.run_sync(
+                        node_snapshot.ensure, self.cfg.node_snapshot_dir, self.tools("node"),
+                        node_flags(self.cfg.max_memory_mb))
                 if self.prewarm_enabled:
                     await self._spawn_warm()
                 task_status.started()
@@ -190,6 +205,20 @@ class Runner:
 
     def _context(self, tmp: str) -> Context:
         return Context(tmp=tmp, memory_mb=self.cfg.max_memory_mb, tools=self.tools)
+
+    def _warm_context(self, tmp: str) -> Context:
+        """The context of a pre-warmed interpreter: with the Node snapshot, when there is one,
+        as a hard link in the run's private temp dir (bound into the sandbox; root-owned and
+        read-only, so a run can at most unlink its own link)."""
+        c = self._context(tmp)
+        if self._node_blob:
+            link = os.path.join(tmp, "node.blob")
+            try:
+                os.link(self._node_blob, link)
+            except OSError:  # another filesystem, or the blob is gone: start without it
+                return c
+            c = dataclasses.replace(c, node_snapshot=link)
+        return c
 
     def _limits(self, timeout: float, step: Step) -> Limits:
         nproc = self.cfg.max_pids
@@ -234,7 +263,7 @@ class Runner:
                 return
             tmp = make_private_tmp(self.cfg.tmp_root, self.identity)
             parent, child = Warm.pair()
-            step = prewarm_step(self.spec, self._context(tmp), self.cfg.python_preimports, child.fileno())
+            step = prewarm_step(self.spec, self._warm_context(tmp), self.cfg.python_preimports, child.fileno())
             assert step is not None
             try:
                 spec = self._spec_for(step, tmp, self.cfg.max_execution_time, pass_fd=child.fileno())

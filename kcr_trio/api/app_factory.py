@@ -23,7 +23,7 @@ from quart_trio import QuartTrio
 from kcr_trio.core.errors import ApiError
 
 from . import exec_http, files_http, hooks, ops_http, ptc_http
-from .scope import current
+from .scope import RequestScope, current
 from .services import SERVICES, Services
 
 # Routes that need no handler deadline: /exec has its own; /health touches nothing that can hang
@@ -44,14 +44,25 @@ class KcrQuart(QuartTrio):
     body_timeout: float = 60.0
 
     async def dispatch_request(self, request_context: Any = None) -> Any:
-        path = request.path
-        if path in _OWN_DEADLINE:
+        timeout = handler_timeout(request.path, self.request_timeout, self.body_timeout)
+        if timeout is None:
             return await super().dispatch_request(request_context)
-        timeout = self.request_timeout + (self.body_timeout if path.startswith("/upload") else 0.0)
         with trio.move_on_after(timeout):
             return await super().dispatch_request(request_context)
-        current(request.scope).outcome = "timeout"
-        raise ApiError("Request timed out", status=504)
+        raise timed_out(current(request.scope))
+
+
+def handler_timeout(path: str, request_timeout: float, body_timeout: float) -> float | None:
+    """The handler deadline of a path (``None``: the route keeps its own), as :class:`KcrQuart`
+    applies it; the plain ASGI routes (``api.files_fast``) apply the same."""
+    if path in _OWN_DEADLINE:
+        return None
+    return request_timeout + (body_timeout if path.startswith("/upload") else 0.0)
+
+
+def timed_out(rs: RequestScope) -> ApiError:
+    rs.outcome = "timeout"
+    return ApiError("Request timed out", status=504)
 
 
 def create_app(svc: Services) -> QuartTrio:

@@ -21,7 +21,7 @@ from kcr_trio.core.errors import ApiError, NotFound
 from kcr_trio.core.files import Upload, store_uploads
 from kcr_trio.core.files import delete_file as delete_stored_file
 from kcr_trio.core.ids import is_safe_id
-from kcr_trio.core.interfaces import Spooled
+from kcr_trio.core.interfaces import SessionStore, Spooled
 from kcr_trio.core.model import FileRecord, utcnow
 from kcr_trio.core.names import content_disposition, guess_content_type
 
@@ -137,10 +137,13 @@ def _no_files() -> ApiError:
 
 
 async def list_files(session_id: str) -> Response:
-    sessions = services().sessions
-    detail = request.args.get("detail", "full")
+    return json_response(await listing(services().sessions, session_id, request.args.get("detail", "full")))
+
+
+async def listing(sessions: SessionStore, session_id: str, detail: str) -> list[Any]:
+    """``GET /files/{session_id}``'s answer; also served below Quart by ``api.files_fast``."""
     if not is_safe_id(session_id):
-        return json_response([])
+        return []
     if detail == "summary":
         records, session = await sessions.list_files_and_session(session_id)
         now = utcnow()
@@ -153,11 +156,11 @@ async def list_files(session_id: str) -> Response:
             else:
                 stamp = r.created_at
             items.append(wire_shapes.file_summary(session_id, r, stamp))
-        return json_response(items)
+        return items
     records = await sessions.list_files(session_id)
     if detail == "simple":
-        return json_response([wire_shapes.file_simple(r) for r in records])
-    return json_response([wire_shapes.file_full(session_id, r) for r in records])
+        return [wire_shapes.file_simple(r) for r in records]
+    return [wire_shapes.file_full(session_id, r) for r in records]
 
 
 async def freshness(session_id: str, file_id: str) -> Response:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from quart import Response, g, request
@@ -27,11 +29,11 @@ from kcr_trio.core.errors import ApiError, Busy, Unauthorized
 
 from .anonymous import UnauthBudget
 from .errors import error_body
-from .principal import TRUSTED
+from .principal import TRUSTED, Principal
 from .profiles import install as install_profiles
-from .ratelimit import RateLimited
-from .scope import current
-from .services import UNAUTH_BUDGET, json_response, services
+from .ratelimit import Quota, RateLimited
+from .scope import RequestScope, current
+from .services import UNAUTH_BUDGET, Services, json_response, services
 
 log = logging.getLogger("kcr_trio.api")
 
@@ -62,12 +64,17 @@ def install(app: Any, settings: Settings) -> None:
 
 
 async def api_error(exc: ApiError) -> Response:
-    rs = current(request.scope)
+    return json_response(*error_answer(exc, current(request.scope)))
+
+
+def error_answer(exc: ApiError, rs: RequestScope) -> tuple[dict[str, Any], int, dict[str, str]]:
+    """The body, status and headers of an ``ApiError``'s answer, and what it records on the scope
+    (shared with the plain ASGI routes, ``api.files_fast``)."""
     if isinstance(exc, Busy):
         rs.outcome = "busy"
     elif isinstance(exc, RateLimited):
         rs.extra["rate_limited"] = exc.limit
-    return json_response(error_body(exc), exc.status, dict(exc.headers))
+    return error_body(exc), exc.status, dict(exc.headers)
 
 
 async def http_error(exc: HTTPException) -> Response:
@@ -82,32 +89,70 @@ async def http_error(exc: HTTPException) -> Response:
 
 
 async def unexpected_error(exc: Exception) -> Response:
-    log.exception("unexpected error", extra={"request_id": current(request.scope).request_id})
-    return json_response(error_body(ApiError("Internal server error", status=500)), 500)
+    return json_response(unexpected_answer(exc, current(request.scope)), 500)
+
+
+def unexpected_answer(exc: BaseException, rs: RequestScope) -> dict[str, Any]:
+    """Log a bug and give the body of its 500 (shared with ``api.files_fast``)."""
+    log.exception("unexpected error", extra={"request_id": rs.request_id}, exc_info=exc)
+    return error_body(ApiError("Internal server error", status=500))
 
 
 # -- before and after every request ---------------------------------------------------------------
 
 
-async def authenticate(key: str | None) -> None:
+@dataclass
+class Caller:
+    """Who the auth check found: a principal (``None`` on exempt routes), the rate-limit quotas it
+    used (``None`` when no limit applies), or ``pending``: the key travels in the JSON body."""
+
+    principal: Principal | None = None
+    quotas: list[Quota] | None = None
+    pending: bool = False
+
+
+async def check_key(svc: Services, key: str | None, peer: str | None) -> Caller:
     """Check the key; count wrong keys per IP and requests per key (``api.ratelimit``).
 
     A valid key always passes, whatever failed before from the same address: behind an ingress
     every client shares one peer IP, and wrong keys must never lock LibreChat out. Only failing
     requests are throttled (429 once their address has used up its failures).
     """
-    svc = services()
     limiter = svc.limiter if svc.limiter is not None and svc.limiter.active else None
     try:
-        g.principal = principal = svc.auth.check(key)
+        principal = svc.auth.check(key)
     except Unauthorized:
         if limiter is not None and key:
-            peer = (request.scope.get("client") or (None,))[0]
             limiter.check_blocked(peer)
             await limiter.auth_failed(peer)
         raise
     if limiter is not None and limiter.limits:
-        g.quotas = await limiter.check_key(principal.id)  # a JWT principal outlives its tokens
+        return Caller(principal, await limiter.check_key(principal.id))  # a JWT principal outlives its tokens
+    return Caller(principal)
+
+
+async def authorise(svc: Services, method: str, path: str, peer: str | None, headers: Any,
+                    key_in_body: Callable[[], bool]) -> Caller:
+    """The auth decision for one request, framework-free: the Quart hook below and the plain ASGI
+    routes (``api.files_fast``) both call it, so they answer every case alike. ``headers``: anything
+    with a case-insensitive ``get``; ``key_in_body()``: whether a POST/PUT/PATCH body may carry the key."""
+    auth = svc.auth
+    if auth.is_exempt(method, path):
+        return Caller()
+    if auth.is_trusted(peer):
+        return Caller(TRUSTED)
+    key = auth.header_key(headers)
+    if key is None and method in ("POST", "PUT", "PATCH") and key_in_body():
+        return Caller(pending=True)  # the handler checks the key in the JSON body
+    return await check_key(svc, key, peer)
+
+
+async def authenticate(key: str | None) -> None:
+    """``check_key`` for the current Quart request (a handler that read the key from its body)."""
+    caller = await check_key(services(), key, _peer())
+    g.principal = caller.principal
+    if caller.quotas is not None:
+        g.quotas = caller.quotas
 
 
 async def content_type_and_auth() -> None:
@@ -119,28 +164,32 @@ async def content_type_and_auth() -> None:
         content_type = request.headers.get("content-type", "")
         if not any(t in content_type.lower() for t in JSON_TYPES):
             raise ApiError(f"Unsupported content type: {content_type}", status=415, shape="A")
-    auth = services().auth
-    if auth.is_exempt(method, path):
-        return
-    peer = (request.scope.get("client") or (None,))[0]
-    if auth.is_trusted(peer):
-        g.principal = TRUSTED
-        return
-    key = auth.header_key(request.headers)
-    if key is not None:
-        await authenticate(key)
-    elif method in ("POST", "PUT", "PATCH") and request.mimetype == "application/json":
-        g.auth_pending = True  # the handler checks the key in the JSON body
-    else:
-        await authenticate(None)
+    caller = await authorise(services(), method, path, _peer(), request.headers,
+                             lambda: request.mimetype == "application/json")
+    if caller.pending:
+        g.auth_pending = True
+    elif caller.principal is not None:
+        g.principal = caller.principal
+        if caller.quotas is not None:
+            g.quotas = caller.quotas
+
+
+def _peer() -> str | None:
+    peer: str | None = (request.scope.get("client") or (None,))[0]
+    return peer
+
+
+def quota_headers(quotas: list[Quota] | None) -> dict[str, str]:
+    """The tightest window's state, as a client would want to pace itself (none without quotas)."""
+    if not quotas:
+        return {}
+    quota = min(quotas, key=lambda q: q.limit - q.used)
+    return quota.headers(time.time())
 
 
 async def response_headers(response: Response) -> Response:
     for name, value in SECURITY_HEADERS.items():
         response.headers.setdefault(name, value)
-    quotas = g.get("quotas")
-    if quotas:  # the tightest window's state, as a client would want to pace itself
-        quota = min(quotas, key=lambda q: q.limit - q.used)
-        for name, value in quota.headers(time.time()).items():
-            response.headers.setdefault(name, value)
+    for name, value in quota_headers(g.get("quotas")).items():
+        response.headers.setdefault(name, value)
     return response

@@ -84,14 +84,20 @@ async def ready_report(svc: Services) -> tuple[int, dict[str, Any]]:
     return (200 if ok else 503), body
 
 
-def probe_routes(svc: Services) -> dict[str, Asgi]:
-    """The plain ASGI handlers, by path, for :class:`api.scope.RequestScopeMiddleware`."""
+def app_headers(svc: Services) -> list[tuple[bytes, bytes]]:
+    """What ``hooks.response_headers`` and ``profiles`` add to every app answer to a request that is
+    not an ``/exec``: the security headers and the execution profile served by default."""
     from .hooks import SECURITY_HEADERS
     from .profiles import ACTUAL_HEADER, served_profiles
 
-    # What hooks.response_headers and profiles add to every app answer.
     headers = [(name.lower().encode(), value.encode()) for name, value in SECURITY_HEADERS.items()]
     headers.append((ACTUAL_HEADER.lower().encode(), served_profiles(svc.settings)[0].encode()))
+    return headers
+
+
+def probe_routes(svc: Services) -> dict[str, Asgi]:
+    """The plain ASGI handlers, by path, for :class:`api.scope.RequestScopeMiddleware`."""
+    headers = app_headers(svc)
     health = dumps(health_body(svc))  # fixed for the server's lifetime
 
     async def answer(scope: dict[str, Any], send: Any, route: str, status: int, body: bytes) -> None:

@@ -36,7 +36,7 @@ import contextvars
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -94,11 +94,13 @@ def current(scope: Mapping[str, Any]) -> RequestScope:
 class RequestScopeMiddleware:
     """Wraps the ASGI app; see the module docstring for what and why."""
 
-    def __init__(self, app: Any, *, on_finish: Any = None, fast_routes: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, app: Any, *, on_finish: Any = None,
+                 fast_route: Callable[[str, str], Any] | None = None) -> None:
         self.app = app
         self.on_finish = on_finish  # callable(RequestScope, asgi scope) for metrics
-        # GET/HEAD of these paths go to these plain ASGI apps instead of ``app`` (``api.probes``).
-        self.fast_routes = dict(fast_routes or {})
+        # (method, path) -> a plain ASGI app that answers it instead of ``app``, or None
+        # (``api.files_fast.fast_router``: the probes and the file listing).
+        self.fast_route = fast_route
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -155,8 +157,8 @@ class RequestScopeMiddleware:
                     await send(message)
 
                 app = self.app
-                if scope.get("method") in ("GET", "HEAD"):
-                    app = self.fast_routes.get(scope.get("path", ""), app)
+                if self.fast_route is not None:
+                    app = self.fast_route(scope.get("method", ""), scope.get("path", "")) or app
                 try:
                     await app(scope, wrapped_receive, wrapped_send)
                 finally:

@@ -150,12 +150,17 @@ class StoreErrors:
         timeout: float,
         translate: Translate,
         limiter: trio.CapacityLimiter | None = None,
+        bridged: bool = True,
     ) -> T:
         """``await fn()`` on the asyncio side within ``timeout`` seconds (queueing for ``limiter``
-        included), with every failure mapped (see :meth:`map_exceptions`)."""
+        included), with every failure mapped (see :meth:`map_exceptions`). ``bridged=False``: ``fn``
+        is a Trio coroutine function (a Trio-native client of the same store), awaited directly
+        under the same deadline and mapping."""
         with self.map_exceptions(translate):
             try:
                 with trio.fail_after(timeout):
+                    if not bridged:
+                        return await fn()
                     if limiter is None:
                         return await run_aio(fn)
                     async with limiter:

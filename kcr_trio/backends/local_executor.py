@@ -341,6 +341,7 @@ async def open_local_executor(settings: Settings) -> AsyncIterator[LocalExecutor
                     executor.warnings.append(f"no per-run memory bound: {groups.detail}")
                 if sandbox_warning:
                     executor.warnings.append(sandbox_warning)
+                await trio.to_thread.run_sync(executor.sweep_dead_servers)
                 if sandboxed:
                     await trio.to_thread.run_sync(executor.prepare_etc_view)
                 executor.start_replenishers()

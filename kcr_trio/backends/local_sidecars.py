@@ -45,6 +45,7 @@ from sidecar.host import (
     split_paths,
 )
 
+from . import sandbox_dirs
 from .local_settings import LocalExecutorSettings, node_path, sandbox_root
 from .sidecar_wire import SidecarWire
 
@@ -87,6 +88,9 @@ class SidecarProcesses:
         self.sandboxes_dir, warning = sandbox_root(
             settings, local.kcr_local_run_uid_base if self._root_mode else None)
         self.warnings: list[str] = [warning] if warning else []
+        # This server's sidecar directories, locked while it or any of its sidecars lives, so the
+        # next server can tell a dead server's leftovers from a live one's (sandbox_dirs).
+        self.server_dir = sandbox_dirs.claim(self.sandboxes_dir)
         self._live: set[LocalSidecar] = set()
         self._free_uids: list[int] = []
         self._uid_locks: dict[int, int] = {}
@@ -147,6 +151,9 @@ class SidecarProcesses:
             "--prewarm", "true" if s.kcr_sidecar_prewarm else "false", "--reset-between-runs", "true",
             "--python-preimports", s.kcr_python_preimports, "--lifeline-fd", str(self._lifeline_r),
             "--compile-timeout", str(s.kcr_compile_timeout),
+            # One Node start-up snapshot per server, shared by its js sidecars (same filesystem
+            # as their temp roots: runs get a hard link).
+            "--node-snapshot-dir", str(self.server_dir.path),
         ]
         if uid is not None:
             argv += ["--run-uid", str(uid), "--run-gid", str(uid), "--run-uid-exclusive", "true"]
@@ -187,7 +194,7 @@ class SidecarProcesses:
     async def _start(self, lang: str) -> LocalSidecar:
         """Start one sidecar and wait until it announces itself; raises ``Unavailable``."""
         uid = self._alloc_uid()
-        directory = self.sandboxes_dir / f"{lang}-{secrets.token_hex(8)}"
+        directory = self.server_dir.path / f"{lang}-{secrets.token_hex(8)}"
         directory.mkdir(mode=0o711)
         (directory / "tmp").mkdir(mode=0o711)
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -201,7 +208,7 @@ class SidecarProcesses:
                    "PYTHONPATH": self._package_parent, "PYTHONDONTWRITEBYTECODE": "1"}
             process = await trio.lowlevel.open_process(
                 self._argv(lang, sock.fileno(), directory, uid), stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=None, pass_fds=(sock.fileno(), self._lifeline_r), env=env,
+                stdout=subprocess.PIPE, stderr=None, pass_fds=(sock.fileno(), self._lifeline_r, self.server_dir.lock_fd), env=env,
                 start_new_session=True,
             )
             sidecar = LocalSidecar(lang, process, port, directory, uid)
@@ -278,6 +285,11 @@ class SidecarProcesses:
             return
         self.etc_view = view
 
+    def sweep_dead_servers(self) -> None:
+        """Remove the sidecar directories of servers that died without cleaning up (SIGKILL):
+        only those whose lock nobody holds any more (``sandbox_dirs``). Blocking."""
+        sandbox_dirs.sweep_dead(self.sandboxes_dir)
+
     async def _close_processes(self) -> None:
         """Kill every sidecar ever started (shielded and bounded each), then give back the
         host-wide resources: control groups, uid locks, the lifeline, the ``/etc`` view."""
@@ -297,6 +309,8 @@ class SidecarProcesses:
         if self.etc_view is not None:
             await trio.to_thread.run_sync(remove_tree, str(self.etc_view))
             self.etc_view = None
+        await trio.to_thread.run_sync(_remove_tree, self.server_dir.path)
+        self.server_dir.close()
         self._free_uids.clear()
 
 

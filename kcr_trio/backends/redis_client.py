@@ -27,12 +27,13 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from kcr_trio.backends.aio_bridge import StoreErrors, run_aio
+from kcr_trio.backends.redis_resp import RespAuthError, RespError, RespPool, native_target
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-__all__ = ["REDIS_ERRORS", "RedisHandle", "RedisSettings", "build_client", "open_redis_client", "translate"]
+__all__ = ["REDIS_ERRORS", "RedisHandle", "RedisSettings", "build_client", "open_native", "open_redis_client", "translate"]
 
 REDIS_ERRORS = StoreErrors("Session store", "Redis", log)
 _CLOSE_TIMEOUT = 5.0
@@ -66,6 +67,9 @@ class RedisSettings(BaseSettings):
     redis_socket_connect_timeout: float = Field(5.0, gt=0)
     # Ours: longest wait for a free pooled connection before answering 503.
     kcr_redis_pool_timeout: float = Field(5.0, gt=0)
+    # Ours: the session store's hot reads on the Trio-native client (``backends/redis_resp.py``)
+    # where it applies (standalone, plain TCP); false: everything on redis-py.
+    kcr_redis_native: bool = True
 
     @field_validator("redis_host", mode="before")
     @classmethod
@@ -126,7 +130,7 @@ def translate(exc: Exception) -> Exception | None:
 
     from redis.exceptions import RedisError
 
-    if not isinstance(exc, (RedisError, OSError, asyncio.TimeoutError, TimeoutError)):
+    if not isinstance(exc, (RedisError, RespError, OSError, asyncio.TimeoutError, TimeoutError)):
         return None
     return REDIS_ERRORS.unavailable(_describe(exc))
 
@@ -136,6 +140,13 @@ def _describe(exc: BaseException) -> str:
     from redis import exceptions as rex
 
     REDIS_ERRORS.log_failure(exc)
+    if isinstance(exc, RespError):  # the native client's error replies, named as redis-py names them
+        code = (str(exc).split() or ["error"])[0]
+        if isinstance(exc, RespAuthError) or code in ("NOAUTH", "WRONGPASS"):
+            return "Redis rejected the credentials"
+        if code == "LOADING":
+            return "Redis is loading its data"
+        return f"Redis answered {code[:40]}"
     if isinstance(exc, rex.AuthenticationError):
         return "Redis rejected the credentials"
     if isinstance(exc, rex.BusyLoadingError):
@@ -165,10 +176,36 @@ class RedisHandle:
     # (one operation holds at most one connection per node), within the deadline.
     limiter: trio.CapacityLimiter | None = None
 
+    # The Trio-native client for the session store's hot reads (standalone, plain TCP), or None.
+    native: RespPool | None = None
+
     async def run(self, fn: Callable[[], Awaitable[T]]) -> T:
         """``await fn()`` against Redis on the asyncio side, within the operation deadline, with
         every failure mapped to ``Unavailable``."""
         return await REDIS_ERRORS.call(fn, timeout=self.op_timeout, translate=translate, limiter=self.limiter)
+
+    async def run_native(self, fn: Callable[[RespPool], Awaitable[T]]) -> T:
+        """``await fn(native)`` on the Trio-native client: the same deadline and error mapping."""
+        native = self.native
+        assert native is not None, "run_native without a native client"
+        return await REDIS_ERRORS.call(lambda: fn(native), timeout=self.op_timeout, translate=translate, bridged=False)
+
+
+@asynccontextmanager
+async def open_native(rs: RedisSettings) -> AsyncIterator[RespPool | None]:
+    """The Trio-native pool where it applies (``KCR_REDIS_NATIVE``, standalone, plain TCP), else None."""
+    target = native_target(rs.url(), tls=bool(rs.tls_kwargs())) if (
+        rs.kcr_redis_native and rs.redis_mode == "standalone") else None
+    if target is None:
+        yield None
+        return
+    pool = RespPool(target, max_connections=rs.redis_max_connections, pool_timeout=rs.kcr_redis_pool_timeout,
+                    socket_timeout=rs.redis_socket_timeout, connect_timeout=rs.redis_socket_connect_timeout)
+    try:
+        yield pool
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT):
+            await pool.aclose()
 
 
 def build_client(rs: RedisSettings) -> tuple[Any, bool]:

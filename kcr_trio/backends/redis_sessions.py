@@ -18,7 +18,10 @@ Deliberate differences from KubeCodeRun, all invisible to it:
 
 Client: redis-py's asyncio client (settings, builder and error mapping in
 :mod:`kcr_trio.backends.redis_client`), a Trio deadline around every operation through the bridge's
-one error-mapping helper. No blocking commands are used. Every failure to reach Redis becomes
+one error-mapping helper. The hot reads (``get_session``, ``get_file``, ``list_files_and_session``)
+use the Trio-native client of :mod:`kcr_trio.backends.redis_resp` instead where it applies
+(standalone Redis over plain TCP): same commands, same keys, same deadline and error mapping,
+without the bridge's per-call cost. No blocking commands are used. Every failure to reach Redis becomes
 ``errors.Unavailable("Session store unavailable: ...")``.
 
 Cancellation: each public method is one bridged asyncio task; cancelling the caller cancels it and
@@ -37,7 +40,8 @@ from typing import Any, TypeVar
 
 import trio
 
-from kcr_trio.backends.redis_client import RedisHandle, RedisSettings, open_redis_client
+from kcr_trio.backends.redis_client import RedisHandle, RedisSettings, open_native, open_redis_client
+from kcr_trio.backends.redis_resp import RespPool, Script
 from kcr_trio.backends.redis_schema import (
     EMPTY_SESSION_FIELDS,
     FILES_AND_TOUCH,
@@ -58,6 +62,7 @@ T = TypeVar("T")
 # RedisSettings stays importable from here (tests and helpers import it from the store module).
 __all__ = ["RedisSessionStore", "RedisSettings", "open_redis_sessions"]
 
+_TOUCH, _FILES = Script.of(GET_AND_TOUCH), Script.of(FILES_AND_TOUCH)
 _ENTITY_SCAN_LIMIT = 1000  # members of one entity set examined per lookup
 _EXPIRED_SCAN_LIMIT = 5000  # sessions returned per cleanup pass
 
@@ -74,10 +79,14 @@ class RedisSessionStore:
         cluster: bool,
         op_timeout: float,
         max_connections: int = 20,
+        native: RespPool | None = None,
     ) -> None:
         # The client as every store on it uses it (the PTC store is given this handle).
         self.redis = RedisHandle(client, prefix, cluster, op_timeout,
-                                 trio.CapacityLimiter(max_connections) if cluster else None)
+                                 trio.CapacityLimiter(max_connections) if cluster else None, native)
+        # The hot reads (get_session, get_file, the /files listing) go to the Trio-native client
+        # when there is one (standalone, plain TCP: ``backends/redis_resp.py``).
+        self._native = native
         self._r = client
         self.prefix = prefix
         self._ttl = int(ttl_hours) * 3600
@@ -121,6 +130,12 @@ class RedisSessionStore:
         """Run one asyncio coroutine function against Redis with a deadline and error mapping."""
         return await self.redis.run(fn)
 
+    async def _script(self, script: Script, registered: Any, keys: list[str], args: list[str]) -> Any:
+        """A read script on the native client if there is one, else redis-py's registered twin."""
+        if self._native is not None:
+            return await self.redis.run_native(lambda r: r.evalsha(script, keys, args))
+        return await self._run(lambda: registered(keys=keys, args=args))
+
     # --- SessionStore ----------------------------------------------------------------------------
     async def create_session(self, *, entity_id: str | None, user_id: str | None) -> Session:
         sid = new_id()
@@ -157,7 +172,7 @@ class RedisSessionStore:
 
     async def get_session(self, session_id: str) -> Session | None:
         now = utcnow()
-        flat = await self._run(lambda: self._touch_script(keys=[self.session_key(session_id)], args=[iso(now)]))
+        flat = await self._script(_TOUCH, self._touch_script, [self.session_key(session_id)], [iso(now)])
         return _live_session(flat, now)
 
     async def find_entity_session(self, entity_id: str) -> Session | None:
@@ -224,7 +239,11 @@ class RedisSessionStore:
         await self._run(op)
 
     async def get_file(self, session_id: str, file_id: str) -> FileRecord | None:
-        data = await self._run(lambda: self._r.hgetall(self.file_key(session_id, file_id)))
+        key = self.file_key(session_id, file_id)
+        if self._native is not None:
+            data = pairs_to_dict(await self.redis.run_native(lambda r: r.execute("HGETALL", key)))
+        else:
+            data = await self._run(lambda: self._r.hgetall(key))
         record = file_from_hash(data or {})
         if record is None or record.session_id != session_id or record.file_id != file_id:
             return None
@@ -254,7 +273,7 @@ class RedisSessionStore:
         now = utcnow()
         keys = [self.session_key(session_id), self.session_files_key(session_id)]
         args = [iso(now), self.file_key(session_id, "")]
-        out = await self._run(lambda: self._files_script(keys=keys, args=args))
+        out = await self._script(_FILES, self._files_script, keys, args)
         hashes = [pairs_to_dict(flat) for flat in out[1:]]
         records = [r for r in map(file_from_hash, hashes) if r and r.session_id == session_id]
         records.sort(key=lambda r: r.file_id)  # list_files' order: member order, then creation time
@@ -353,15 +372,19 @@ class RedisSessionStore:
         await self._run(op)
 
     def pool_stats(self) -> dict[str, int]:
-        """In-use and idle connections of the standalone/sentinel pool (tests assert on this)."""
+        """In-use and idle connections of the standalone/sentinel pool (tests assert on this).
+        ``in_use`` counts the native client's too; its own are ``native_idle`` and ``native_max``."""
         pool = getattr(self._r, "connection_pool", None)
         if pool is None:
             return {}
-        return {
-            "in_use": len(getattr(pool, "_in_use_connections", ())),
-            "idle": len(getattr(pool, "_available_connections", ())),
-            "max": int(getattr(pool, "max_connections", 0)),
-        }
+        stats = {"in_use": len(getattr(pool, "_in_use_connections", ())),
+                 "idle": len(getattr(pool, "_available_connections", ())),
+                 "max": int(getattr(pool, "max_connections", 0))}
+        if self._native is not None:
+            native = self._native.stats()
+            stats["in_use"] += native["in_use"]
+            stats["native_idle"], stats["native_max"] = native["idle"], native["max"]
+        return stats
 
 
 def _live_session(flat: list[Any] | None, now: dt.datetime) -> Session | None:
@@ -384,7 +407,7 @@ async def open_redis_sessions(
     answer 503 until it comes back; the pool reconnects by itself.
     """
     rs = redis_settings or RedisSettings()
-    async with open_redis_client(rs) as (client, cluster):
+    async with open_redis_client(rs) as (client, cluster), open_native(rs) as native:
         yield RedisSessionStore(
             client,
             prefix=rs.redis_key_prefix,
@@ -392,4 +415,5 @@ async def open_redis_sessions(
             cluster=cluster,
             op_timeout=rs.operation_timeout(),
             max_connections=rs.redis_max_connections,
+            native=native,
         )

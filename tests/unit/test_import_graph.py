@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # backends module -> the sidecar modules it may import (see the module docstring).
 # The local executor is these modules (split by concept: settings, sidecar processes, pools).
 LOCAL_EXECUTOR = ("kcr_trio.backends.local_executor", "kcr_trio.backends.local_sidecars",
-                  "kcr_trio.backends.local_settings")
+                  "kcr_trio.backends.local_settings", "kcr_trio.backends.sandbox_dirs")
 BACKENDS_TO_SIDECAR = {mod: {"sidecar", "sidecar.host"} for mod in LOCAL_EXECUTOR}
 
 # client library -> the one module that may import it.

@@ -1,4 +1,4 @@
-"""``api.one_write``: a sized answer leaves the server in one socket write; a streamed one does not wait.
+"""``api.h11_head`` seen on the socket: a sized answer leaves the server in one write; a streamed one does not wait.
 
 The server runs in-process on a real loopback socket (the executor is the in-process twin: this is
 about the HTTP edge). What the server writes is recorded at its own sockets (``SocketStream.send_all``

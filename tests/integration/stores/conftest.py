@@ -89,11 +89,15 @@ async def s3_store(bridge: None, s3_server: S3Server, store_settings: Settings) 
         yield store
 
 
-@pytest.fixture(params=["memory", "redis", "redis-cluster", "redis-sentinel"])
+@pytest.fixture(params=["memory", "redis", "redis-bridged", "redis-cluster", "redis-sentinel"])
 def session_store_target(request: Any) -> Any:
-    """What ``session_store`` runs on; servers are started only when a test needs them."""
+    """What ``session_store`` runs on; servers are started only when a test needs them.
+    ``redis`` reads through the Trio-native client (``backends/redis_resp.py``), ``redis-bridged``
+    is the same server with everything on redis-py (``KCR_REDIS_NATIVE=false``)."""
     if request.param == "memory":
         return None
+    if request.param == "redis-bridged":
+        return request.getfixturevalue("redis_server").settings(unique_prefix(), kcr_redis_native=False)
     server = request.getfixturevalue(
         {"redis": "redis_server", "redis-cluster": "redis_cluster", "redis-sentinel": "redis_sentinel"}[request.param]
     )
