@@ -106,7 +106,7 @@ async def _parse_upload(batch: bool) -> ParsedForm:
 async def _store_form(form: ParsedForm) -> tuple[str, list[FileRecord]]:
     svc = services()
     uploads = [
-        Upload(item.filename, item.content_type, item.size, partial(_spooled, item.path, item.size))
+        Upload(item.filename, item.content_type, item.size, partial(_spooled, item.path, item.size, item.sha256))
         for item in form.files
     ]
     return await store_uploads(
@@ -119,10 +119,10 @@ async def _store_form(form: ParsedForm) -> tuple[str, list[FileRecord]]:
     )
 
 
-def _spooled(path: Path, size: int) -> AbstractAsyncContextManager[Spooled]:
+def _spooled(path: Path, size: int, sha256: str | None) -> AbstractAsyncContextManager[Spooled]:
     """The spool file itself, not its chunks: the store sends (S3) or links (local disk) it without
     a second copy. It stays in place until ``form.cleanup()``, after the store is done."""
-    return nullcontext(Spooled(path, size))
+    return nullcontext(Spooled(path, size, sha256))
 
 
 def _no_files() -> ApiError:

@@ -47,6 +47,7 @@ from sidecar.host import (
 
 from . import sandbox_dirs
 from .local_settings import LocalExecutorSettings, node_path, sandbox_root
+from .sidecar_wire import SidecarWire
 
 log = logging.getLogger("kcr_trio.local_executor")
 
@@ -61,10 +62,18 @@ class LocalSidecar:
     directory: Path
     uid: int | None
     runs: int = 0
+    _wire: SidecarWire | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def wire(self) -> SidecarWire:
+        """The kept-alive connection for this sidecar's runs (``sidecar_wire``)."""
+        if self._wire is None:
+            self._wire = SidecarWire(self.port)
+        return self._wire
 
 
 
@@ -237,6 +246,8 @@ class SidecarProcesses:
 
     async def _destroy(self, sidecar: LocalSidecar) -> None:
         """Kill the sidecar and everything below it, then remove its directory. Shielded, bounded."""
+        if sidecar._wire is not None:
+            sidecar._wire.close()
         with trio.CancelScope(shield=True):
             with trio.move_on_after(10):
                 # returncode is read here, not in the thread: on a process that already exited it

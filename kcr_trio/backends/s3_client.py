@@ -1,6 +1,7 @@
-"""The S3/MinIO client the file store runs on: settings, the builder, and error mapping.
+"""The S3/MinIO client the file store runs on: the builder and error mapping. With
+:mod:`kcr_trio.backends.s3_put` (uploads of a spooled file) the only modules that speak the S3 wire.
 
-Settings are KubeCodeRun's MinIO variables (plus the ``AWS_*`` aliases and ours, ``KCR_``).
+Settings are KubeCodeRun's MinIO variables (:mod:`kcr_trio.backends.s3_settings`, re-exported).
 Credentials: static keys or IAM (``MINIO_USE_IAM``: web identity from
 ``AWS_WEB_IDENTITY_TOKEN_FILE`` + ``AWS_ROLE_ARN``, else the instance/container role), TLS with an
 optional CA bundle.
@@ -8,7 +9,8 @@ optional CA bundle.
 The builder puts ``miniopy-async`` on our own aiohttp session: a bounded connection pool,
 connect/read timeouts, and no hidden retries (miniopy's default session retries 5xx five times with
 5-minute timeouts, which would hide an outage for minutes). It runs on the asyncio side of
-:mod:`kcr_trio.backends.aio_bridge`, which is the only way in.
+:mod:`kcr_trio.backends.aio_bridge`, which is the only way in. Uploads of a complete local file are
+the exception: :mod:`kcr_trio.backends.s3_put` signs and sends them on Trio sockets (see there why).
 
 Failures: unreachable or failing S3 becomes ``errors.Unavailable("File store unavailable: <client-safe
 reason>")`` (the full error is logged at most every 10 s); a missing object ``errors.NotFound``.
@@ -19,22 +21,22 @@ from __future__ import annotations
 import io
 import logging
 import os
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import IO, Any
 
+import h11
 import trio
-from pydantic import AliasChoices, Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from kcr_trio.backends.aio_bridge import StoreErrors, run_aio
+from kcr_trio.backends.s3_settings import S3Settings
 from kcr_trio.core.errors import NotFound
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "MISSING_KEY_CODES", "S3_ERRORS", "KeepOpen", "S3Settings", "build_client", "error_code", "open_s3_client",
+    "MISSING_KEY_CODES", "S3_ERRORS", "KeepOpen", "S3Refused", "S3Settings", "build_client", "error_code", "open_s3_client",
     "release_response", "remove_batch", "translate",
 ]
 
@@ -44,63 +46,30 @@ RELEASE_TIMEOUT = 2.0  # closing one response on the way out of a (cancelled) do
 _CLOSE_TIMEOUT = 5.0
 
 
-class S3Settings(BaseSettings):
-    """KubeCodeRun's MinIO variables; read only when ``KCR_FILE_STORE=s3``."""
+class S3Refused(Exception):
+    """S3 answered with an error status: the HTTP status and S3's error ``Code`` (if it sent one)."""
 
-    model_config = SettingsConfigDict(
-        env_file=".env", env_file_encoding="utf-8", case_sensitive=False, extra="ignore", populate_by_name=True
-    )
-
-    minio_endpoint: str = "localhost:9000"  # host[:port], no scheme
-    minio_access_key: str | None = Field(None, validation_alias=AliasChoices("minio_access_key", "aws_access_key_id"))
-    minio_secret_key: str | None = Field(
-        None, validation_alias=AliasChoices("minio_secret_key", "aws_secret_access_key")
-    )
-    minio_secure: bool = False
-    minio_bucket: str = "kubecoderun-files"
-    minio_region: str = "us-east-1"
-    minio_use_iam: bool = False
-    aws_web_identity_token_file: str | None = None
-    aws_role_arn: str | None = None
-    minio_ca_certs: str | None = None
-    # Ours.
-    kcr_minio_create_bucket: bool = True  # create the bucket when missing (KubeCodeRun does)
-    kcr_s3_max_connections: int = Field(20, ge=1)
-    kcr_s3_connect_timeout: float = Field(5.0, gt=0)  # includes waiting for a pooled connection
-    kcr_s3_read_timeout: float = Field(30.0, gt=0)  # longest silence on an open connection
-    kcr_spool_dir: Path | None = None  # default: <KCR_DATA_DIR>/spool
-
-    @field_validator("minio_endpoint", mode="before")
-    @classmethod
-    def _strip_scheme(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            for scheme in ("http://", "https://"):
-                if v.startswith(scheme):
-                    v = v[len(scheme) :]
-            return v.rstrip("/")
-        return v
-
-    @field_validator(
-        "minio_access_key", "minio_secret_key", "aws_web_identity_token_file", "aws_role_arn", "minio_ca_certs",
-        mode="before",
-    )
-    @classmethod
-    def _blank_is_none(cls, v: Any) -> Any:
-        return None if isinstance(v, str) and not v.strip() else v
+    def __init__(self, status: int, code: str | None) -> None:
+        super().__init__(f"S3 answered HTTP {status}" + (f" ({code})" if code else ""))
+        self.status = status
+        self.code = code
 
 
 def error_code(exc: BaseException) -> str | None:
     """The S3 error code (``NoSuchKey``, ``NoSuchBucket``...) of an error S3 answered, else ``None``."""
     from miniopy_async.error import S3Error
 
-    return exc.code if isinstance(exc, S3Error) else None
+    return exc.code if isinstance(exc, (S3Error, S3Refused)) else None
 
 
 def translate(exc: Exception, *, bucket: str) -> Exception | None:
     """An S3 or transport failure -> ``NotFound`` / ``Unavailable``; ``None`` for anything else."""
     from miniopy_async.error import InvalidResponseError, S3Error, ServerError
 
-    if isinstance(exc, S3Error):
+    if isinstance(exc, S3Refused) and exc.code is None:
+        S3_ERRORS.log_failure(exc)
+        return S3_ERRORS.unavailable(f"S3 answered HTTP {exc.status}")
+    if isinstance(exc, (S3Error, S3Refused)):
         code = exc.code
         if code in MISSING_KEY_CODES:
             return NotFound("File not found in storage")
@@ -123,16 +92,22 @@ def _is_transport_error(exc: BaseException) -> bool:
 
     import aiohttp
 
-    return isinstance(exc, (aiohttp.ClientError, OSError, asyncio.TimeoutError, TimeoutError))
+    return isinstance(exc, (aiohttp.ClientError, OSError, asyncio.TimeoutError, TimeoutError, trio.TooSlowError,
+                            trio.BrokenResourceError, h11.ProtocolError))
 
 
 def _transport_reason(exc: BaseException) -> str:
     """A short, client-safe reason (no internal addresses); the full error goes to the log."""
     import asyncio
-    import ssl
 
     import aiohttp
 
+    if isinstance(exc, trio.BrokenResourceError) and isinstance(exc.__cause__, ssl.SSLError):
+        return "TLS handshake with S3 failed"  # trio's SSLStream wraps the handshake's error
+    if isinstance(exc, (trio.BrokenResourceError, h11.ProtocolError)):
+        return "S3 closed the connection"
+    if isinstance(exc, trio.TooSlowError):
+        return "S3 timed out"
     if isinstance(exc, (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError, ssl.SSLError)):
         return "TLS handshake with S3 failed"
     if isinstance(exc, aiohttp.ClientPayloadError):
@@ -146,22 +121,24 @@ def _transport_reason(exc: BaseException) -> str:
     return "cannot reach S3"
 
 
+def ssl_context(s3: S3Settings) -> ssl.SSLContext | None:
+    """The TLS context for ``MINIO_SECURE`` (``MINIO_CA_CERTS``, else ``SSL_CERT_FILE`` or certifi)."""
+    if not s3.minio_secure:
+        return None
+    if s3.minio_ca_certs:
+        return ssl.create_default_context(cafile=s3.minio_ca_certs)
+    import certifi
+
+    return ssl.create_default_context(cafile=os.environ.get("SSL_CERT_FILE") or certifi.where())
+
+
 def build_client(s3: S3Settings) -> tuple[Any, Any]:
     """Create the aiohttp session and the Minio client. Runs inside the asyncio context."""
-    import ssl
-
     import aiohttp
     from miniopy_async.api import Minio
     from miniopy_async.credentials.providers import IamAwsProvider
 
-    ssl_ctx: ssl.SSLContext | bool = False
-    if s3.minio_secure:
-        if s3.minio_ca_certs:
-            ssl_ctx = ssl.create_default_context(cafile=s3.minio_ca_certs)
-        else:
-            import certifi
-
-            ssl_ctx = ssl.create_default_context(cafile=os.environ.get("SSL_CERT_FILE") or certifi.where())
+    ssl_ctx: ssl.SSLContext | bool = ssl_context(s3) or False
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=s3.kcr_s3_max_connections, ssl=ssl_ctx),
         timeout=aiohttp.ClientTimeout(

@@ -34,6 +34,7 @@ request started deletes the key again (shielded, bounded), so no orphan is left 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import tempfile
@@ -55,6 +56,7 @@ from kcr_trio.backends.s3_client import (
     release_response,
     remove_batch,
 )
+from kcr_trio.backends.s3_put import FilePut
 from kcr_trio.config import Settings
 from kcr_trio.core.errors import NotFound, TooLarge, Unavailable
 from kcr_trio.core.interfaces import Body, Spooled
@@ -105,6 +107,8 @@ class S3FileStore:
         self.op_timeout = s3.kcr_s3_connect_timeout + s3.kcr_s3_read_timeout
         self._bucket_ok = False
         self._bucket_lock = trio.Lock()
+        # Uploads go out on Trio sockets where it can (static keys, path-style endpoint).
+        self._file_put = FilePut(s3) if FilePut.usable(s3) else None
 
     # --- plumbing --------------------------------------------------------------------------------
     async def _call(self, fn: Callable[[], Awaitable[T]], *, timeout: float | None = None) -> T:
@@ -148,7 +152,10 @@ class S3FileStore:
                 raise TooLarge(f"File exceeds maximum size of {_human(max_bytes)}")
             spool = await trio.to_thread.run_sync(_open_spooled, chunks)
             try:
-                await self._send(key, spool, chunks.size, content_type)
+                digest = chunks.sha256
+                if digest is None and self._file_put is not None:
+                    digest = await trio.to_thread.run_sync(_digest, spool)
+                await self._send(key, spool, chunks.size, content_type, digest)
             finally:
                 spool.close()  # a local file: nothing to wait for
             return chunks.size
@@ -156,25 +163,35 @@ class S3FileStore:
             lambda: tempfile.TemporaryFile(dir=self._spool_dir, buffering=SPOOL_BUFFER)  # noqa: SIM115 - closed below
         )
         try:
-            size = await _spool(spool, chunks, max_bytes)
-            await self._send(key, spool, size, content_type)
+            size, digest = await _spool(spool, chunks, max_bytes)
+            await self._send(key, spool, size, content_type, digest)
             return size
         finally:
             spool.close()  # an unlinked local file: closing frees its blocks, no await needed
 
-    async def _send(self, key: str, spool: IO[bytes], size: int, content_type: str) -> None:
+    async def _send(self, key: str, spool: IO[bytes], size: int, content_type: str, digest: str | None) -> None:
         content_type = content_type or "application/octet-stream"
         await self._ensure_bucket()
         try:
-            await self._upload(key, spool, size, content_type)
+            await self._upload(key, spool, size, content_type, digest)
         except Unavailable:
             if self._bucket_ok or not self._create_bucket:
                 raise
             # The bucket vanished (a fresh S3/MinIO without its data): create it, try once more.
             await self._ensure_bucket()
-            await self._upload(key, spool, size, content_type)
+            await self._upload(key, spool, size, content_type, digest)
 
-    async def _upload(self, key: str, spool: IO[bytes], size: int, content_type: str) -> None:
+    async def _put_file(self, key: str, spool: IO[bytes], size: int, content_type: str, digest: str,
+                        timeout: float) -> None:
+        """The file as one PUT on Trio sockets (``s3_put.FilePut``), with the same deadline and
+        error mapping as a bridged call."""
+        assert self._file_put is not None
+        with S3_ERRORS.map_exceptions(self._translate), trio.move_on_after(timeout) as deadline:
+            await self._file_put.put(self.bucket, key, spool.fileno(), size, digest, content_type)
+        if deadline.cancelled_caught:
+            raise S3_ERRORS.unavailable(f"no answer from S3 within {timeout:g}s")
+
+    async def _upload(self, key: str, spool: IO[bytes], size: int, content_type: str, digest: str | None) -> None:
         body = KeepOpen(spool)  # the HTTP client closes a file body after sending it
 
         async def op() -> None:
@@ -191,7 +208,10 @@ class S3FileStore:
         timeout = self.op_timeout + size / (1024 * 1024)  # at least 1 MiB/s
         done = False
         try:
-            await self._call(op, timeout=timeout)
+            if digest is not None and self._file_put is not None and size <= SINGLE_PUT_LIMIT:
+                await self._put_file(key, spool, size, content_type, digest, timeout)
+            else:
+                await self._call(op, timeout=timeout)
             done = True
         finally:
             if not done:
@@ -274,12 +294,15 @@ class S3FileStore:
         }
 
     def pool_stats(self) -> dict[str, int]:
-        """Connections held by callers and idle in aiohttp's connector (tests assert on this)."""
+        """Connections held by callers (aiohttp's and the Trio PUT's) and idle (aiohttp's connector; the
+        Trio PUT's as ``put_idle``); tests assert on this."""
         connector = getattr(self._session, "connector", None)
         if connector is None:
             return {}
         idle = sum(len(v) for v in getattr(connector, "_conns", {}).values())
-        return {"in_use": len(getattr(connector, "_acquired", ())), "idle": idle, "max": connector.limit}
+        busy, put_idle = self._file_put.stats() if self._file_put is not None else (0, 0)
+        return {"in_use": len(getattr(connector, "_acquired", ())) + busy, "idle": idle, "max": connector.limit,
+                "put_idle": put_idle}
 
 
 def _open_spooled(spooled: Spooled) -> IO[bytes]:
@@ -295,8 +318,23 @@ def _open_spooled(spooled: Spooled) -> IO[bytes]:
     return handle
 
 
-async def _spool(spool: IO[bytes], chunks: AsyncIterable[bytes], max_bytes: int | None) -> int:
-    out = trio.wrap_file(spool)
+def _digest(spool: IO[bytes]) -> str:
+    """SHA-256 of a spool that came without one (the signed PUT needs it)."""
+    spool.seek(0)
+    hasher = hashlib.sha256()
+    while piece := spool.read(SPOOL_BUFFER):
+        hasher.update(piece)
+    return hasher.hexdigest()
+
+
+async def _spool(spool: IO[bytes], chunks: AsyncIterable[bytes], max_bytes: int | None) -> tuple[int, str]:
+    """Write ``chunks`` to ``spool``, hashing them on the way (in the same worker-thread call)."""
+    hasher = hashlib.sha256()
+
+    def write(chunk: bytes) -> None:
+        spool.write(chunk)
+        hasher.update(chunk)
+
     size = 0
     async for chunk in chunks:
         if not chunk:
@@ -304,9 +342,9 @@ async def _spool(spool: IO[bytes], chunks: AsyncIterable[bytes], max_bytes: int 
         size += len(chunk)
         if max_bytes is not None and size > max_bytes:
             raise TooLarge(f"File exceeds maximum size of {_human(max_bytes)}")
-        await out.write(chunk)
-    await out.flush()
-    return size
+        await trio.to_thread.run_sync(write, chunk)
+    await trio.to_thread.run_sync(spool.flush)
+    return size, hasher.hexdigest()
 
 
 def _human(n: int) -> str:
@@ -333,4 +371,8 @@ async def open_s3_files(settings: Settings, s3_settings: S3Settings | None = Non
                 await store._ensure_bucket()
             except Unavailable as exc:
                 log.warning("S3 not ready at start-up (will retry on use): %s", exc.message)
-        yield store
+        try:
+            yield store
+        finally:
+            if store._file_put is not None:
+                await store._file_put.aclose()  # closes at once, no I/O to wait for

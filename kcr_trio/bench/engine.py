@@ -28,11 +28,14 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 import trio
+
+from .lean import LeanClient
 
 PROGRAMS = {"py": "print('hi')", "js": "console.log('hi')", "bash": "echo hi"}
 BARE = {"py": ["-c", "print('hi')"], "js": ["-e", "console.log('hi')"], "bash": ["-c", "echo hi"]}
@@ -62,6 +65,10 @@ def pct(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))]
 
 
+# What a latency round talks through: httpx, or the lean client (``bench/lean.py``).
+Client = httpx.AsyncClient | LeanClient
+
+
 @dataclass
 class Tally:
     ok: int = 0
@@ -71,7 +78,7 @@ class Tally:
     latencies: list[float] = field(default_factory=list)
 
 
-async def one_exec(client: httpx.AsyncClient, lang: str, tally: Tally) -> float:
+async def one_exec(client: Client, lang: str, tally: Tally) -> float:
     started = time.perf_counter()
     try:
         resp = await client.post("/exec", json={"lang": lang, "code": PROGRAMS[lang]})
@@ -95,6 +102,16 @@ async def one_exec(client: httpx.AsyncClient, lang: str, tally: Tally) -> float:
         else:
             tally.wrong += 1
     return elapsed
+
+
+async def one_health(client: Client) -> float:
+    """Seconds for one ``GET /health`` (NaN if it failed: it then counts as no sample)."""
+    started = time.perf_counter()
+    try:
+        resp = await client.get("/health")
+    except httpx.HTTPError:
+        return float("nan")
+    return time.perf_counter() - started if resp.status_code == 200 else float("nan")
 
 
 def bare_start(binary: str, lang: str) -> float:
@@ -228,10 +245,16 @@ def _rotated(items: list[Any], i: int) -> list[Any]:
     return items[k:] + items[:k]
 
 
-async def latency_interleaved(clients: dict[str, httpx.AsyncClient], lang: str, binary: str, rounds: int,
+async def latency_interleaved(clients: Mapping[str, Client], lang: str, binary: str, rounds: int,
                               deadline: float) -> dict[str, dict[str, Any]]:
-    """p50/p99 of ``/exec`` on every target and of a bare start, round by round interleaved."""
+    """p50/p99 of ``/exec`` on every target and of a bare start, round by round interleaved.
+
+    Each round also times a ``GET /health`` with the same client on the same connection: the floor
+    any HTTP answer of that server costs this client (its own cost included), against which a
+    target of a fraction of a bare start must be read (for bash, 0.25x of a bare start is below it).
+    """
     tallies = {name: Tally() for name in clients}
+    health: dict[str, list[float]] = {name: [] for name in clients}
     bare: list[float] = []
     for i in range(rounds):
         if trio.current_time() > deadline:
@@ -239,6 +262,7 @@ async def latency_interleaved(clients: dict[str, httpx.AsyncClient], lang: str, 
         for name in _rotated(list(clients), i):
             await one_exec(clients[name], lang, tallies[name])
             bare.append(await trio.to_thread.run_sync(bare_start, binary, lang))
+            health[name].append(await one_health(clients[name]))
     bare_ms = [v * 1000 for v in bare]
     p50_bare = pct(bare_ms, 50)
     out = {}
@@ -249,6 +273,7 @@ async def latency_interleaved(clients: dict[str, httpx.AsyncClient], lang: str, 
                      "busy": tally.busy, "exec_p50_ms": round(p50_exec, 1),
                      "exec_p99_ms": round(pct(exec_ms, 99), 1), "bare_p50_ms": round(p50_bare, 1),
                      "bare_p99_ms": round(pct(bare_ms, 99), 1),
+                     "health_p50_ms": round(pct([v * 1000 for v in health[name] if v == v], 50), 2),
                      "ratio_p50": round(p50_exec / p50_bare, 3) if bare_ms and exec_ms else None,
                      "binary": binary}
     return out
@@ -274,6 +299,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             clients[name] = await stack.enter_async_context(httpx.AsyncClient(
                 base_url=url, headers={"X-API-Key": key}, limits=limits, timeout=httpx.Timeout(120.0),
                 trust_env=False))
+        # Latency rounds: the lean client (bench/lean.py) unless told otherwise; throughput: httpx.
+        timed: dict[str, Any] = dict(clients)
+        if args.latency_client == "h11":
+            for name, url in targets:
+                lean = LeanClient(url, headers={"X-API-Key": key})
+                stack.push_async_callback(lean.aclose)
+                timed[name] = lean
+        report["latency_client"] = args.latency_client
         if args.idle > 0:
             await trio.sleep(min(5.0, args.idle))  # let the pools settle after start-up
         pids: dict[str, int | None] = {}
@@ -289,10 +322,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 print(f"[{name}] idle:", json.dumps(idle), flush=True)
         for lang in langs:
             binary = real_binary(lang, args.python)
-            for client in clients.values():
+            for client in timed.values():
                 for _ in range(3):  # warm the connection and the pools, untimed
                     await one_exec(client, lang, Tally())
-            rows = await latency_interleaved(clients, lang, binary, args.rounds, deadline)
+            rows = await latency_interleaved(timed, lang, binary, args.rounds, deadline)
             for name, row in rows.items():
                 report["targets"][name]["latency"][lang] = row
                 print(f"[{name}] latency {lang}:", json.dumps(row), flush=True)
@@ -353,6 +386,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="python3 to resolve for the bare start (default: python3 on the sandbox's PATH; "
                         "set it when the server runs user code with KCR_LOCAL_PYTHON)")
     p.add_argument("--max-time", type=float, default=1800.0)
+    p.add_argument("--latency-client", choices=("h11", "httpx"), default="h11",
+                   help="client of the c=1 latency rounds: h11 on one kept-alive connection (lean, the "
+                        "default) or httpx (as the throughput windows); both are HTTP/1.1 over TCP")
     p.add_argument("--json", default=None, help="write the figures here")
     args = p.parse_args(argv)
     args.conc = [int(v) for v in args.conc.split(",") if v.strip()]

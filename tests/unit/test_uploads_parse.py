@@ -3,6 +3,7 @@ pieces of every size: what a client sends in one write may reach us in any split
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -31,6 +32,8 @@ async def parse(data: bytes, step: int, tmp_path: Path, max_bytes: int = 1000) -
     parsed = await parse_multipart(pieces(), f"multipart/form-data; boundary={B}", spool_dir=tmp_path,
                                    max_file_bytes=max_bytes, max_files=3)
     try:
+        for f in parsed.files:  # the digest the S3 PUT signs was taken from exactly the bytes spooled
+            assert f.sha256 == hashlib.sha256(f.path.read_bytes()).hexdigest()
         return parsed.fields, [(f.filename, f.content_type, f.path.read_bytes()) for f in parsed.files]
     finally:
         parsed.cleanup()
