@@ -24,6 +24,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
+from kcr_trio import log_stream
 from kcr_trio.api.app_factory import create_app
 from kcr_trio.api.auth import Authenticator
 from kcr_trio.api.connection_policy import CloseForAxiosClients
@@ -286,6 +287,8 @@ async def serve(
                 nursery.cancel_scope.cancel()  # stop the signal watcher
 
             nursery.start_soon(_watch_signals, shutdown)
+            if (access_lines := log_stream.installed()) is not None:  # batched stderr writes
+                await nursery.start(access_lines.run)
             binds = await nursery.start(run_server)
             if svc.metrics is not None and settings.kcr_metrics_port is not None:
                 metrics_config = hypercorn_config(settings)

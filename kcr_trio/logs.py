@@ -26,8 +26,9 @@ from typing import Any
 import structlog
 
 from kcr_trio.api.scope import current_request_id
+from kcr_trio.log_stream import ACCESS_LOGGER, BatchingStreamHandler
 
-ACCESS_LOGGER = "kcr_trio.access"
+__all__ = ["ACCESS_LOGGER", "JsonFormatter", "LogFormatter", "setup_logging"]
 _STANDARD = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 # Field names never written with their value (compared lower-cased, '-' as '_').
 SENSITIVE_FIELDS = frozenset(
@@ -126,7 +127,8 @@ def setup_logging(level: str = "INFO", fmt: str = "json") -> None:
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=True,
     )
-    handler = logging.StreamHandler(sys.stderr)
+    # Access lines share a write while the server's flusher runs (``log_stream``).
+    handler = BatchingStreamHandler(sys.stderr)
     handler.setFormatter(LogFormatter(fmt))
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -185,7 +185,7 @@ class RequestScopeMiddleware:
             outcome = rs.outcome or ("ok" if (rs.status or 500) < 500 else "error")
         rs.outcome = outcome
         record: dict[str, Any] = {
-            "ts": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),  # as logs.py and the sidecar
+            "ts": _timestamp(),
             "event": "access",
             "request_id": rs.request_id,
             "method": scope.get("method"),
@@ -210,12 +210,23 @@ class RequestScopeMiddleware:
         if rs.gone_in_phase is not None:
             record["gone_in_phase"] = rs.gone_in_phase
         record.update(rs.extra)
-        access_log.info(json.dumps(record, separators=(",", ":"), default=str))
+        access_log.info(_encode(record))
         if self.on_finish is not None:
             try:
                 self.on_finish(rs, scope)
             except Exception:  # metrics must never cost a request its log line or its answer
                 log.exception("metrics hook failed")
+
+
+# The access line's JSON, as ``json.dumps(record, separators=(",", ":"), default=str)`` writes it;
+# one encoder built once (``json.dumps`` with arguments builds a new one per call: ~13 µs a line).
+_encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
+
+
+def _timestamp() -> str:
+    """``%Y-%m-%dT%H:%M:%S.%fZ`` in UTC, as logs.py and the sidecar write it (``isoformat`` with
+    fixed microseconds gives the same text at about half of ``strftime``'s cost)."""
+    return datetime.now(UTC).isoformat(timespec="microseconds")[:26] + "Z"
 
 
 def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:

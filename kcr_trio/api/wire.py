@@ -20,6 +20,7 @@ requests whose framing is ambiguous.
 
 from __future__ import annotations
 
+import math
 import time
 from itertools import chain
 from math import inf
@@ -312,10 +313,14 @@ def install_stalled_head_408() -> None:
     the keep-alive timeout ends while one is buffered, the client gets a 408 before the close. Only when nothing of a
     response was sent in this request cycle (h11 lets us send nothing else, and a 408 after a
     partial answer would corrupt the stream). Plain HTTP/1.1 only.
+
+    The timer is one task per connection, started by Hypercorn when the connection opens; Hypercorn's
+    busy/idle updates move its deadline (see ``protocol_send`` below) rather than stopping it and
+    starting a new one for every request, which cost about a fifth of a ``/health`` request's CPU.
     """
     import h11
     import trio
-    from hypercorn.events import RawData
+    from hypercorn.events import RawData, Updated
     from hypercorn.trio import tcp_server
 
     server_class = tcp_server.TCPServer
@@ -338,26 +343,63 @@ def install_stalled_head_408() -> None:
             await server.protocol_send(RawData(data=b"\r\n".join(head) + b"\r\n\r\n" + body))
 
     async def _idle_timeout(self: Any) -> None:
+        # One watcher per connection for its whole life: ``protocol_send`` below moves its deadline
+        # (busy: none; idle: the next check) instead of Hypercorn's stop + new task per request.
         keep_alive = float(self.config.keep_alive_timeout)
         head_timeout = float(getattr(self.config, "kcr_head_timeout", None) or keep_alive)
-        deadline = trio.current_time() + keep_alive
+        self._kcr_idle_since = trio.current_time()
+        self._kcr_idle_step = min(max(head_timeout / _HEAD_CHECKS, _MIN_STEP), keep_alive)
         partial_since: float | None = None
-        while not self.context.terminated.is_set():
-            now = trio.current_time()
-            if partial_head(self):
-                partial_since = now if partial_since is None else partial_since
-                if now - partial_since >= head_timeout:
-                    break
-            else:
-                partial_since = None
-            if now >= deadline:
-                break
-            with trio.move_on_after(min(max(head_timeout / _HEAD_CHECKS, _MIN_STEP), deadline - now)):
-                await self.context.terminated.wait()
+        seen_since: float | None = None
+        try:
+            while True:
+                now = trio.current_time()
+                since = self._kcr_idle_since
+                if since != seen_since:  # a request came and went: a new idle period
+                    partial_since, seen_since = None, since
+                deadline = math.inf  # busy: only protocol_send wakes us, even at shutdown
+                if since is not None:
+                    if self.context.terminated.is_set():  # shutting down and idle: close now
+                        break
+                    if partial_head(self):
+                        partial_since = now if partial_since is None else partial_since
+                        if now - partial_since >= head_timeout:
+                            break
+                    else:
+                        partial_since = None
+                    if now >= since + keep_alive:
+                        break
+                    deadline = min(now + self._kcr_idle_step, since + keep_alive)
+                with trio.CancelScope(deadline=deadline) as scope:
+                    self._kcr_idle_scope = scope
+                    if since is None:  # a request in flight is drained, never cut (graceful shutdown)
+                        await trio.sleep_forever()
+                    await self.context.terminated.wait()
+        finally:
+            self._kcr_idle_scope = None
         with trio.CancelScope(shield=True):
             if partial_head(self):
                 await send_408(self)
             await self._initiate_server_close()
 
+    original_protocol_send = server_class.protocol_send
+
+    async def protocol_send(self: Any, event: Any) -> None:
+        """Hypercorn's, except that busy/idle updates move the running watcher's deadline. Measured
+        on ``GET /health``: stopping the idle task and starting a new one per request (a task, a
+        cancel scope, a ``Cancelled`` unwound) was ~10-17 % of the Python CPU; this cut server CPU
+        per request by about a fifth."""
+        scope = getattr(self, "_kcr_idle_scope", None)
+        if scope is None or not isinstance(event, Updated):
+            await original_protocol_send(self, event)
+        elif event.idle:
+            self._kcr_idle_since = now = trio.current_time()
+            # Shutting down: the watcher closes the connection as soon as it is idle.
+            scope.deadline = now if self.context.terminated.is_set() else now + self._kcr_idle_step
+        else:
+            self._kcr_idle_since = None
+            scope.deadline = math.inf
+
+    server_class.protocol_send = protocol_send  # type: ignore[method-assign]
     server_class._idle_timeout = _idle_timeout  # type: ignore[method-assign]
     server_class._kcr_head_408 = True  # type: ignore[attr-defined]
