@@ -355,8 +355,9 @@ class Runner:
         probes, the next interpreter) and started in the background right after the answer
         (``replenish``). Usually the interpreter has exited by then (its exit is event-driven:
         the watcher's wait); otherwise the same check as before an early answer applies (poll
-        until it is seen exiting, then kill what is left). A program that forged the report and
-        runs on is stopped here, before the next request can see its files or the next run its uid.
+        until it is seen exiting, then kill what is left, and wait for the exit). A program that
+        forged the report and runs on is stopped here, before the next request can see its files
+        or the next run its uid.
         """
         if self._unsettled is None and not self._settle_lock.locked():
             return
@@ -369,6 +370,8 @@ class Runner:
                     await warm.exited.wait()
                 if not warm.exited.is_set():
                     await self._kill_leftovers(settle=True, winding_down=frozenset(warm.wrapper_pids))
+                    with trio.move_on_after(2):  # as a run's own clean-up waits (``_run_step``)
+                        await warm.exited.wait()
 
     def replenish(self) -> None:
         """Start the next pre-warmed interpreter and remove finished runs' temp dirs, in the
