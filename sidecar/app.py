@@ -97,6 +97,7 @@ class App:
             if self.runner.ready:
                 return await send_json(send, 200, {"status": "ready"})
             return await send_json(send, 503, {"status": "not ready"})
+        await self.runner.settle()  # the last run's interpreter is gone before anything else
         if path == "/reset":
             if method != "POST":
                 raise HTTPError(405, "Method Not Allowed")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import struct
 import tempfile
 
 import trio
@@ -57,6 +58,9 @@ def remove_tree(path: str) -> None:
     shutil.rmtree(root, onerror=fix)
 
 
+_CREDS_SPACE = socket.CMSG_SPACE(struct.calcsize("3i"))  # one SCM_CREDENTIALS (pid, uid, gid)
+
+
 class Warm:
     """One started interpreter waiting for its program."""
 
@@ -85,6 +89,10 @@ class Warm:
         # In a sandbox: bubblewrap's own processes above the interpreter (its monitor and its PID
         # namespace's reaper), found while idle. After a "done" report they only wind down.
         self.wrapper_pids: set[int] = set()
+        # The pid (sidecar's namespace) that sent the "done" report, from the kernel's credentials
+        # on the socket (SO_PASSCRED): only a report of the interpreter itself says that the
+        # interpreter is done (a forked child that ends through the bootstrap reports too).
+        self.reporter: int | None = None
 
     async def stop_watching(self) -> None:
         self.idle_scope.cancel()
@@ -93,6 +101,9 @@ class Warm:
     @classmethod
     def pair(cls) -> tuple[socket.socket, socket.socket]:
         parent, child = socket.socketpair()
+        # The kernel attaches the sender's pid to every message the parent end receives: set
+        # before the child exists, so no message can arrive without it.
+        parent.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         child.set_inheritable(True)
         return parent, child
 
@@ -129,15 +140,21 @@ class Warm:
         code, a replaced EXIT trap, an uncaught Node exception, a signal): then only the
         process's exit tells."""
         data = b""
+        senders: set[int] = set()
         while len(data) < 2:
             try:
-                chunk = await self.sock.recv(2 - len(data))
+                chunk, anc, _flags, _addr = await self.sock.recvmsg(2 - len(data), _CREDS_SPACE)
             except OSError:
                 return None
             if not chunk:
                 return None
             data += chunk
-        return data[1] if data[:1] == b"D" else None
+            senders |= {struct.unpack("3i", c[:12])[0] for lvl, kind, c in anc
+                        if lvl == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(c) >= 12}
+        if data[:1] != b"D":
+            return None
+        self.reporter = senders.pop() if len(senders) == 1 else None
+        return data[1]
 
     def close(self) -> None:
         self.sock.close()

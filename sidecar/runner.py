@@ -52,6 +52,7 @@ from .prewarm import Warm, make_private_tmp, remove_tree
 from .sandbox import EXTRA_PROCESSES, Sandbox, exit_signal, not_exiting, payload_pid
 
 TRUNCATED = "\n[Output truncated - size limit exceeded]"
+SETTLE_GRACE = 0.02  # seconds an answered run's interpreter gets to exit by itself (Runner.settle)
 HOUSEKEEPING_DELAY = 0.005  # seconds between an answer and the work it left (see Runner.replenish)
 _MEMORY_PATTERNS = re.compile(
     r"MemoryError|out of memory|Cannot allocate memory|std::bad_alloc|heap out of memory|"
@@ -153,6 +154,10 @@ class Runner:
         self._hurry: trio.Event | None = None
         self._housekeeping: trio.Event | None = None
         self.warm_broken = False
+        # A run that answered on its interpreter's own "done" report before seeing it exit; every
+        # request after the answer, and the next interpreter, wait for ``settle`` first.
+        self._unsettled: Warm | None = None
+        self._settle_lock = trio.Lock()
         self._node_blob: str | None = None  # pre-warmed js: the start-up snapshot (node_snapshot.py)
         self.sandbox: Sandbox | None = None  # set by the server when user code runs in bubblewrap
         # ``reset_between_runs``: set after every run, cleared by ``reset``. While set, no
@@ -258,6 +263,7 @@ class Runner:
         return sum(g.oom_kills() for g in self.groups.values())
 
     async def _spawn_warm(self) -> None:
+        await self.settle()  # never next to what is left of the last run
         async with self._warm_lock:
             if self.warm is not None:
                 return
@@ -341,6 +347,32 @@ class Runner:
             warm.close()
             await trio.to_thread.run_sync(remove_tree, warm.tmp)
 
+    async def settle(self) -> None:
+        """Make sure the last run's interpreter is gone when that run answered on the
+        interpreter's own "done" report without seeing it exit (``_run_step``).
+
+        Awaited before anything else touches the sidecar after an answer (every request but the
+        probes, the next interpreter) and started in the background right after the answer
+        (``replenish``). Usually the interpreter has exited by then (its exit is event-driven:
+        the watcher's wait); otherwise the same check as before an early answer applies (poll
+        until it is seen exiting, then kill what is left, and wait for the exit). A program that
+        forged the report and runs on is stopped here, before the next request can see its files
+        or the next run its uid.
+        """
+        if self._unsettled is None and not self._settle_lock.locked():
+            return
+        async with self._settle_lock:
+            warm, self._unsettled = self._unsettled, None
+            if warm is None:
+                return
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(SETTLE_GRACE):
+                    await warm.exited.wait()
+                if not warm.exited.is_set():
+                    await self._kill_leftovers(settle=True, winding_down=frozenset(warm.wrapper_pids))
+                    with trio.move_on_after(2):  # as a run's own clean-up waits (``_run_step``)
+                        await warm.exited.wait()
+
     def replenish(self) -> None:
         """Start the next pre-warmed interpreter and remove finished runs' temp dirs, in the
         background, ``HOUSEKEEPING_DELAY`` after the answer went out.
@@ -350,6 +382,8 @@ class Runner:
         node that showed as a quarter of a millisecond on every request. A run that arrives
         during the wait does not go cold: ``_take_warm`` cuts the wait short and waits for the
         spawn, as it would for any interpreter still starting."""
+        if self._unsettled is not None and self._nursery is not None:
+            self._nursery.start_soon(self.settle)
         if self._nursery is None or self.busy or self._housekeeping is not None:
             return
         if not self._trash and not self._wants_warm:
@@ -390,6 +424,7 @@ class Runner:
             raise Conflict("An execution is running in this sidecar")
         self.busy = True
         try:
+            await self.settle()
             if self._housekeeping is not None:
                 self._hurry.set()  # type: ignore[union-attr]
                 await self._housekeeping.wait()
@@ -459,6 +494,7 @@ class Runner:
         started = time.perf_counter()
         exit_code = 0
         try:
+            await self.settle()
             warm = await self._take_warm() if self.prewarm_enabled and not args else None
             tmp = warm.tmp if warm else make_private_tmp(self.cfg.tmp_root, self.identity)
             state = RunState(Capture(cap, cap * self.cfg.output_kill_factor),
@@ -671,15 +707,18 @@ class Runner:
                     state.reason = on_deadline
                 # The program is done (or stopped): kill what it left behind so the pipes reach EOF,
                 # then give the pumps a moment to drain what is already buffered.
-                early = reported is not None and warm is not None and bool(warm.wrapper_pids)
-                await self._kill_leftovers(settle=not scope.cancelled_caught,
-                                           winding_down=frozenset(warm.wrapper_pids) if warm and early else frozenset())
-                early = early and self._tree_clean
+                winding = _winding_down(warm) if reported is not None else frozenset()
+                await self._kill_leftovers(settle=not scope.cancelled_caught, winding_down=winding)
+                early = bool(winding) and self._tree_clean
                 if early:
                     # The program reported "done" after closing its stdout/stderr, and nothing of
-                    # it runs any more: its whole output is in the pipes already. Take it without
-                    # waiting for EOF, which comes only once bubblewrap's monitor (it holds the
-                    # pipes too) has exited after the namespace's teardown.
+                    # it runs any more but the reporting interpreter itself (one step from its
+                    # exit) and bubblewrap's own processes: its whole output is in the pipes
+                    # already. Take it without waiting for EOF, which comes only once bubblewrap's
+                    # monitor (it holds the pipes too) has exited after the namespace's teardown.
+                    # The interpreter's exit is ``settle``'s business, after the answer.
+                    if warm is not None and warm.reporter in winding and not warm.exited.is_set():
+                        self._unsettled = warm
                     pumps.cancel_scope.cancel()
                 else:
                     pumps.cancel_scope.deadline = trio.current_time() + 2
@@ -814,6 +853,19 @@ def _drain(stream: trio.lowlevel.FdStream | None, cap: Capture, state: RunState)
             return
         if cap.add(data):
             state.stop("output")
+
+
+def _winding_down(warm: Warm | None) -> frozenset[int]:
+    """After a "done" report: the processes of a pre-warmed run that only wind down, i.e.
+    bubblewrap's monitor and reaper and, when the kernel says the report came from it, the
+    interpreter itself (its bootstrap exits right after reporting). Anything else the run left
+    (children, a forked copy of the interpreter that reported instead) still counts as running."""
+    if warm is None:
+        return frozenset()
+    out = set(warm.wrapper_pids)
+    if warm.reporter is not None and warm.reporter == warm.limit_pid:
+        out.add(warm.reporter)
+    return frozenset(out)
 
 
 def _chain(top: int, bottom: int) -> set[int]:

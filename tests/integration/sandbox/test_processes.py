@@ -208,6 +208,9 @@ async def test_prewarmed_interpreter_runs_inside_the_sandbox(lang: str) -> None:
             # The program is the process that was waiting before the request (same start time),
             # and it served exactly this run.
             assert started == warm_started
+            # The answer does not wait for the interpreter's exit; every later request does
+            # (``Runner.settle``): by then it is gone.
+            assert (await client.get("/files")).status_code == 200
             assert not proctree.alive(warm)
             # RLIMIT_CPU was tightened on the interpreter itself (below bwrap): this run's 5 s + 1.
             if _may_adjust_other_uids_limits():
