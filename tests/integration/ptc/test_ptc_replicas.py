@@ -43,7 +43,10 @@ def test_continuation_on_the_other_replica_is_forwarded_live(replicas: tuple[Ser
     data = answer(post(b, {"continuation_token": data["continuation_token"], "tool_results": echo_results(data["tool_calls"])}))
     assert data["status"] == "completed", data
     assert data["stdout"] == "drawn\nTrue\n"
-    assert any("forwarded to its owner" in line for line in b.log_lines())
+    # B logs the forward before it answers, but the test reads B's stderr through a reader
+    # thread, which may not have seen the line yet when the answer arrives.
+    wait_until(lambda: any("forwarded to its owner" in line for line in b.log_lines()), 10,
+               message="B's log line about the forward")
 
 
 def test_owner_gone_replay_is_correct(replicas: tuple[ServerProcess, ServerProcess]) -> None:
@@ -58,7 +61,8 @@ def test_owner_gone_replay_is_correct(replicas: tuple[ServerProcess, ServerProce
     # B replayed call_001 from the history and now waits, live, for the new call.
     assert data["status"] == "tool_call_required"
     assert [(c["id"], c["input"]) for c in data["tool_calls"]] == [("call_002", {"city": "Lima!"})]
-    assert any("taken over for replay" in line for line in b.log_lines())
+    wait_until(lambda: any("taken over for replay" in line for line in b.log_lines()), 10,
+               message="B's log line about the take-over")
     data = answer(post(b, {"continuation_token": data["continuation_token"],
                            "tool_results": results_for(data["tool_calls"])}))
     assert data["status"] == "completed"
