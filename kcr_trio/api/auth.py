@@ -48,6 +48,8 @@ class Authenticator:
         ``jwt``: verifies Bearer JWTs when set; ``accept_keys=False`` refuses API keys (JWT only).
         """
         self._keys = [k.encode() for k in keys] if accept_keys else []
+        # A key's principal hashes the key: done once per configured key, not once per request.
+        self._principals = {k: Principal.for_key(k.decode()) for k in self._keys}
         self.jwt = jwt
         self._exempt = EXEMPT_PATHS | frozenset(exempt)
         self._networks = []
@@ -102,4 +104,4 @@ class Authenticator:
             ok |= hmac.compare_digest(candidate, valid)
         if not ok:
             raise Unauthorized("Invalid API key")
-        return Principal.for_key(key)
+        return self._principals[candidate]

@@ -55,6 +55,10 @@ def _body(exc: ApiError) -> dict[str, Any]:
     }
 
 
+# Built once: ``json.dumps`` with any option builds a new encoder on every call.
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
 def dumps(obj: Any) -> bytes:
     # "replace": a lone surrogate that slipped into a message must cost a "?", never the answer.
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "replace")
+    return _encode(obj).encode("utf-8", "replace")

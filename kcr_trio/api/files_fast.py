@@ -62,6 +62,8 @@ def _key_headers(raw: Any) -> dict[str, str]:
 
 def _detail(query: bytes) -> str:
     """``request.args.get("detail", "full")``: the first ``detail`` value, percent-decoded."""
+    if query == b"detail=summary":  # what LibreChat sends: no parse needed
+        return "summary"
     if b"detail" not in query:
         return "full"
     for name, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
@@ -72,6 +74,7 @@ def _detail(query: bytes) -> str:
 
 def listing_app(svc: Services) -> Asgi:
     common = app_headers(svc)
+    plain = [(name, value) for name, value in common if name not in (b"content-type", b"content-length")]
     settings = svc.settings
     timeout = handler_timeout(ROUTE, settings.kcr_request_timeout, settings.kcr_body_timeout)
 
@@ -96,13 +99,16 @@ def listing_app(svc: Services) -> Asgi:
             body, status, headers = unexpected_answer(exc, rs), 500, {}
         data = dumps(body)
         out = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
-        out += [(name.lower().encode(), value.encode("latin-1")) for name, value in headers.items()]
-        # The app's after-request hooks: set-if-absent for security and quota headers, the profile last.
-        given = {name for name, _ in out}
-        for name, value in quota_headers(quotas).items():
-            if name.lower().encode() not in given:
-                out.append((name.lower().encode(), value.encode("latin-1")))
-        out += [(name, value) for name, value in common if name not in given]
+        if headers or quotas:
+            out += [(name.lower().encode(), value.encode("latin-1")) for name, value in headers.items()]
+            # The app's after-request hooks: set-if-absent for security and quota headers, the profile last.
+            given = {name for name, _ in out}
+            for name, value in quota_headers(quotas).items():
+                if name.lower().encode() not in given:
+                    out.append((name.lower().encode(), value.encode("latin-1")))
+            out += [(name, value) for name, value in common if name not in given]
+        else:  # the common case, the same list built once
+            out += plain
         await send({"type": "http.response.start", "status": status, "headers": out})
         await send({"type": "http.response.body", "body": data})
 

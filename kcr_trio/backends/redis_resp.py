@@ -97,6 +97,52 @@ def encode(args: Sequence[str | bytes | int]) -> bytes:
     return b"".join(out)
 
 
+class _Incomplete(Exception):
+    """The buffer ends before the reply does (``_Connection.reply`` then reads it as it arrives)."""
+
+
+def parse(buf: bytes | bytearray, pos: int) -> tuple[Any, int] | None:
+    """One RESP2 reply from ``buf[pos:]`` and the position after it, or None if it is not all there
+    yet. Bulk strings are decoded as UTF-8 (the store keeps text only), an error reply is a
+    ``RespError`` value, a null bulk or array is None."""
+    try:
+        return _value(buf, pos)
+    except _Incomplete:
+        return None
+
+
+def _value(buf: bytes | bytearray, pos: int) -> tuple[Any, int]:
+    end = buf.find(b"\r\n", pos)
+    if end < 0:
+        raise _Incomplete
+    kind = buf[pos]
+    if kind == 36:  # "$" bulk string
+        size = int(buf[pos + 1:end])
+        if size < 0:
+            return None, end + 2
+        start = end + 2
+        if len(buf) < start + size + 2:
+            raise _Incomplete
+        return bytes(buf[start:start + size]).decode(), start + size + 2
+    if kind == 42:  # "*" array
+        count = int(buf[pos + 1:end])
+        if count < 0:
+            return None, end + 2
+        items = []
+        pos = end + 2
+        for _ in range(count):
+            item, pos = _value(buf, pos)
+            items.append(item)
+        return items, pos
+    if kind == 58:  # ":" integer
+        return int(buf[pos + 1:end]), end + 2
+    if kind == 43:  # "+" simple string
+        return bytes(buf[pos + 1:end]).decode(), end + 2
+    if kind == 45:  # "-" error
+        return RespError(bytes(buf[pos + 1:end]).decode(errors="replace")), end + 2
+    raise RespConnectionError(f"protocol error: unexpected reply type {bytes(buf[pos:pos + 1])!r}")
+
+
 class _Connection:
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
@@ -115,6 +161,22 @@ class _Connection:
             raise RespConnectionError("Redis closed the connection")
         self.buf += data
 
+    async def reply(self) -> Any:
+        """One whole reply; an error reply is returned as a ``RespError`` (not raised) so that the
+        elements of an array after it are still read.
+
+        A reply that one ``receive_some`` brings whole (every short reply) is parsed by the plain
+        function :func:`parse`: a ``/files`` listing is an array of arrays, and a coroutine per
+        element cost more than the parse itself. A longer one is read element by element as it
+        arrives (:meth:`_streamed`), so a large reply is never parsed again from its start."""
+        if self.pos == len(self.buf):
+            await self._fill()
+        parsed = parse(self.buf, self.pos)
+        if parsed is not None:
+            value, self.pos = parsed
+            return value
+        return await self._streamed()
+
     async def _line(self) -> bytes:
         while True:
             end = self.buf.find(b"\r\n", self.pos)
@@ -131,9 +193,7 @@ class _Connection:
         self.pos += size + 2
         return data
 
-    async def reply(self) -> Any:
-        """One whole reply; an error reply is returned as a ``RespError`` (not raised) so that the
-        elements of an array after it are still read."""
+    async def _streamed(self) -> Any:
         line = await self._line()
         kind, rest = line[:1], line[1:]
         if kind == b"$":
@@ -141,7 +201,7 @@ class _Connection:
             return None if size < 0 else (await self._bulk(size)).decode()
         if kind == b"*":
             count = int(rest)
-            return None if count < 0 else [await self.reply() for _ in range(count)]
+            return None if count < 0 else [await self._streamed() for _ in range(count)]
         if kind == b":":
             return int(rest)
         if kind == b"+":
@@ -204,10 +264,14 @@ class RespPool:
     # -- plumbing ---------------------------------------------------------------------------------
 
     async def _run(self, args: Sequence[str | bytes | int]) -> Any:
-        with trio.move_on_after(self.pool_timeout) as waiting:
-            await self._slots.acquire()
-        if waiting.cancelled_caught:
-            raise RespConnectionError("no connection available within the pool timeout")
+        await trio.lowlevel.checkpoint_if_cancelled()  # a cancelled caller takes no connection
+        try:  # a free slot is the common case: take it without a timed wait's cancel scope
+            self._slots.acquire_nowait()
+        except trio.WouldBlock:
+            with trio.move_on_after(self.pool_timeout) as waiting:
+                await self._slots.acquire()
+            if waiting.cancelled_caught:
+                raise RespConnectionError("no connection available within the pool timeout") from None
         try:
             for attempt in range(_RETRIES + 1):
                 try:

@@ -202,7 +202,8 @@ class Freshness(TypedDict):
 
 def iso_ms(stamp: dt.datetime) -> str:
     """``YYYY-MM-DDTHH:MM:SS.mmmZ`` (contract §4.6, the summary form)."""
-    return stamp.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond // 1000:03d}Z"
+    # isoformat truncates to milliseconds as the strftime form did, at about half its cost.
+    return stamp.astimezone(dt.UTC).isoformat(timespec="milliseconds")[:23] + "Z"
 
 
 def file_summary(session_id: str, record: FileRecord, stamp: dt.datetime) -> FileSummary:

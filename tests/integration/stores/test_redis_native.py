@@ -150,3 +150,28 @@ def _client_list(server: RedisServer) -> str:
         while len(body) < int(head[1:]) + 2:  # the bulk reply and its CRLF
             body += s.recv(65536)
     return body.decode().lower()
+
+
+async def test_replies_whole_in_one_read_and_streamed_agree(own_redis) -> None:
+    """A short reply is parsed from one read (``redis_resp.parse``); one larger than a read
+    (64 KiB) is read element by element as it arrives. Both give what was stored, nested arrays,
+    integers, nulls and error replies included, and the connection stays usable."""
+    pool = _pool(own_redis, max_connections=1)
+    big = "é" * 150_000  # 300 kB of UTF-8: several reads
+    fields = {f"f{i}": ("x" * i) for i in range(50)}
+    await pool.execute("SET", "k:big", big)
+    await pool.execute("HSET", "k:h", *[item for pair in fields.items() for item in pair])
+    await pool.execute("HSET", "k:h2", "big", big)
+    assert await pool.execute("GET", "k:big") == big
+    assert await pool.execute("GET", "k:none") is None
+    assert await pool.execute("INCR", "k:n") == 1
+    flat = await pool.execute("HGETALL", "k:h")
+    assert dict(zip(flat[::2], flat[1::2], strict=True)) == fields
+    nested = await pool.execute("EVAL", "return {redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[2]), 7}",
+                                2, "k:h", "k:h2")
+    assert dict(zip(nested[0][::2], nested[0][1::2], strict=True)) == fields and nested[1] == ["big", big]
+    assert nested[2] == 7
+    with pytest.raises(Exception, match="WRONGTYPE"):
+        await pool.execute("GET", "k:h")
+    assert await pool.execute("PING") == "PONG" and pool.stats()["idle"] == 1
+    await pool.aclose()
