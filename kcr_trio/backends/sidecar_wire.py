@@ -19,8 +19,11 @@ connection closed) is handed, with every byte received so far, to h11 (``kcr_tri
 reads it or raises exactly as before; such a connection is not reused.
 
 A local sidecar serves one run at a time, so one connection per sidecar is enough. It is used only
-while it is young (``max_idle`` seconds, far below the sidecar's own keep-alive timeout of 75 s), so a
-request never meets a connection the sidecar is closing; anything else opens a new one.
+while it is young (``max_idle`` seconds, 15 s below the sidecar's own keep-alive timeout of 75 s in
+``sidecar/server.py``), so a request never meets a connection the sidecar is closing; anything else
+opens a new one. Why 60 s and not less: a new connection costs the run ~0.4–0.5 ms (connect, the
+sidecar's accept), and the pool hands out its sidecars in turn, so at a human's pace (a run every
+10–20 s, two or three warm sidecars) each connection sits idle 20–60 s between its runs.
 
 Cancellation: cancelling ``post`` (the client left, the request's deadline) closes the connection,
 exactly as httpcore does: that close is what tells the sidecar to kill the run's process tree. A
@@ -69,7 +72,7 @@ class _Unusual(Exception):
 class SidecarWire:
     """A lazily opened, kept-alive connection to ``127.0.0.1:port`` (one request at a time)."""
 
-    def __init__(self, port: int, *, max_idle: float = 20.0) -> None:
+    def __init__(self, port: int, *, max_idle: float = 60.0) -> None:
         self.port = port
         self.max_idle = max_idle
         self._stream: socket.socket | None = None  # non-blocking, connected; None: closed
