@@ -100,6 +100,7 @@ class LocalExecutor(SidecarProcesses):
         missing = self.missing.get(lang)
         if missing:
             raise Unavailable(f"Language {lang!r} is not available on this server: {missing}")
+        await trio.lowlevel.checkpoint_if_cancelled()  # as ``acquire`` did: a gone caller takes nothing
         try:
             self._slots.acquire_nowait()  # a free slot (no one queues while one is free): no wait
         except trio.WouldBlock:

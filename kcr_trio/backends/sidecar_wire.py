@@ -130,6 +130,9 @@ class SidecarWire:
             try:
                 # A bare scope, not ``fail_after`` (a generator context manager around the same).
                 with trio.CancelScope(deadline=trio.current_time() + timeout) as waited:
+                    # As Trio's own ``send`` does: a request cancelled already is never sent (the
+                    # sidecar would start the program only to be told to kill it).
+                    await trio.lowlevel.checkpoint_if_cancelled()
                     await _send_all(sock, data)
                     try:
                         response, reusable = await self._read(sock)

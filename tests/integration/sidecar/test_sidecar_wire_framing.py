@@ -16,8 +16,10 @@ import httpx
 import pytest
 import trio
 
+from kcr_trio.backends.local_executor import open_local_executor
 from kcr_trio.backends.sidecar_client import _execute_body
 from kcr_trio.backends.sidecar_wire import SidecarWire
+from tests.integration.sidecar.test_local_executor import data_dir, make_settings  # noqa: F401
 
 OK = b'{"ok":true}'
 PLAIN = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\n\r\n" + OK
@@ -32,6 +34,7 @@ class Server:
         self.requests: list[bytes] = []
         self.accepted = 0
         self.port = 0
+        self.closed = trio.Event()  # a connection ended (the client closed it)
 
     async def serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         listener = trio.socket.socket()
@@ -52,6 +55,7 @@ class Server:
                 while b"\r\n\r\n" not in data:
                     more = await conn.recv(65536)
                     if not more:
+                        self.closed.set()
                         return
                     data += more
                 head, _, rest = data.partition(b"\r\n\r\n")
@@ -144,6 +148,32 @@ async def test_a_garbled_status_line_after_a_good_start_is_a_protocol_error() ->
             await wire.post("/execute", b"{}", headers=[], timeout=5)
         assert wire._stream is None
         nursery.cancel_scope.cancel()
+
+
+async def test_a_cancelled_caller_sends_nothing_and_drops_the_connection() -> None:
+    server = Server([PLAIN, PLAIN])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve)
+        wire = SidecarWire(server.port)
+        await wire.post("/execute", b"{}", headers=[], timeout=5)  # the connection is open now
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await wire.post("/execute", b"{}", headers=[], timeout=5)
+        assert scope.cancelled_caught and wire._stream is None
+        with trio.fail_after(5):
+            await server.closed.wait()
+        assert len(server.requests) == 1  # the cancelled request never reached the server
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_cancelled_caller_takes_no_slot_and_no_sidecar(data_dir: str) -> None:  # noqa: F811
+    async with open_local_executor(make_settings(data_dir, pod_pool_py=0)) as ex:
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            async with ex.sandbox("py", wait=5):
+                raise AssertionError("a cancelled caller got a sandbox")
+        assert scope.cancelled_caught
+        assert ex.in_use == 0 and not ex._live
 
 
 @pytest.mark.parametrize("args", [[], ["a", 'b"c', "\u00e9\u2028", "\x00"]])
