@@ -138,6 +138,10 @@ def _kcr_boot():
             os.close(1)
             os.close(2)
             os.write(fd, b"D" + bytes([status & 0xFF]))
+            # The kernel wakes the sidecar on this CPU (a socket write is a "sync" wakeup: the
+            # writer is expected to sleep next), but we go on to exit, and tearing an interpreter
+            # down takes ~0.5 ms: the sidecar would read the report only after it. Let it run first.
+            os.sched_yield()
         except OSError:
             pass
     os._exit(status)
@@ -198,6 +202,9 @@ if (fdArg !== '-') {
       try {
         for (const stdio of [1, 2]) { fs.closeSync(stdio); fs.openSync('/dev/null', 'w'); }
         fs.writeSync(fd, Buffer.from([0x44, code & 0xff]));
+        // Die only once the sidecar has answered (it closes its end then): the kernel woke it on
+        // this CPU, and tearing V8 down (ms) would otherwise run before it can read the report.
+        fs.readSync(fd, Buffer.alloc(1), 0, 1, null);
       } catch (e) {}
       process.kill(process.pid, 'SIGKILL');
     }
@@ -212,8 +219,10 @@ Module._load(full, null, true);  // as `node file` does for CommonJS, minus the 
 # argv after `bash -c BASH_BOOT bash`: <handshake fd> <file>
 # After the handshake the fd stays open for the "done" report, sent by an EXIT trap (as pre-warmed
 # Python does): the status, once stdout and stderr are closed. A program that replaces the trap,
-# execs or is killed sends none; then the process's exit tells.
-BASH_BOOT = r"""printf R >&"$1"; IFS= read -r -n1 -u "$1" _kcr && [ "$_kcr" = G ] || exit 1; _kcr=$1; trap '_kcr_s=$?; exec 1>&- 2>&-; printf -v _kcr_s "\\%03o" "$_kcr_s"; printf "D$_kcr_s" >&"$_kcr"' EXIT; BASH_ARGV0="$2"; shift 2; . "./$BASH_ARGV0"
+# execs or is killed sends none; then the process's exit tells. After the report the trap waits
+# (at most 50 ms) for the sidecar to close its end, which it does once it has answered: the
+# kernel woke the sidecar on this CPU, where the shell's exit would otherwise run first.
+BASH_BOOT = r"""printf R >&"$1"; IFS= read -r -n1 -u "$1" _kcr && [ "$_kcr" = G ] || exit 1; _kcr=$1; trap '_kcr_s=$?; exec 1>&- 2>&-; printf -v _kcr_s "\\%03o" "$_kcr_s"; printf "D$_kcr_s" >&"$_kcr"; read -r -t 0.05 -n1 -u "$_kcr" _kcr_s' EXIT; BASH_ARGV0="$2"; shift 2; . "./$BASH_ARGV0"
 """
 
 

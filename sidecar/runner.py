@@ -368,6 +368,7 @@ class Runner:
             if warm is None:
                 return
             with trio.CancelScope(shield=True):
+                warm.close()  # the js and bash bootstraps wait for this before they exit
                 with trio.move_on_after(SETTLE_GRACE):
                     await warm.exited.wait()
                 if not warm.exited.is_set():
@@ -545,7 +546,8 @@ class Runner:
                 if not (finished and self._tree_clean):
                     await self._kill_leftovers(final=True)
                 if warm is not None:
-                    warm.close()
+                    if warm is not self._unsettled:  # else ``settle`` closes it, after the answer
+                        warm.close()
                     if not warm.used:  # taken but never started: it still waits; stop it
                         self.warm = warm
                         await self._discard_warm()
