@@ -202,9 +202,9 @@ if (fdArg !== '-') {
       try {
         for (const stdio of [1, 2]) { fs.closeSync(stdio); fs.openSync('/dev/null', 'w'); }
         fs.writeSync(fd, Buffer.from([0x44, code & 0xff]));
-        // Die only once the sidecar has answered (it closes its end then): the kernel woke it on
-        // this CPU, and tearing V8 down (ms) would otherwise run before it can read the report.
-        fs.readSync(fd, Buffer.alloc(1), 0, 1, null);
+        // Give the sidecar 1 ms to answer before dying: the kernel woke it on this CPU (a socket
+        // write is a "sync" wakeup), where tearing V8 down (ms) would otherwise run first.
+        Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 1);
       } catch (e) {}
       process.kill(process.pid, 'SIGKILL');
     }
@@ -220,9 +220,9 @@ Module._load(full, null, true);  // as `node file` does for CommonJS, minus the 
 # After the handshake the fd stays open for the "done" report, sent by an EXIT trap (as pre-warmed
 # Python does): the status, once stdout and stderr are closed. A program that replaces the trap,
 # execs or is killed sends none; then the process's exit tells. After the report the trap waits
-# (at most 50 ms) for the sidecar to close its end, which it does once it has answered: the
+# (at most 2 ms) for the sidecar to close its end, which it does once it has answered: the
 # kernel woke the sidecar on this CPU, where the shell's exit would otherwise run first.
-BASH_BOOT = r"""printf R >&"$1"; IFS= read -r -n1 -u "$1" _kcr && [ "$_kcr" = G ] || exit 1; _kcr=$1; trap '_kcr_s=$?; exec 1>&- 2>&-; printf -v _kcr_s "\\%03o" "$_kcr_s"; printf "D$_kcr_s" >&"$_kcr"; read -r -t 0.05 -n1 -u "$_kcr" _kcr_s' EXIT; BASH_ARGV0="$2"; shift 2; . "./$BASH_ARGV0"
+BASH_BOOT = r"""printf R >&"$1"; IFS= read -r -n1 -u "$1" _kcr && [ "$_kcr" = G ] || exit 1; _kcr=$1; trap '_kcr_s=$?; exec 1>&- 2>&-; printf -v _kcr_s "\\%03o" "$_kcr_s"; printf "D$_kcr_s" >&"$_kcr"; read -r -t 0.002 -n1 -u "$_kcr" _kcr_s' EXIT; BASH_ARGV0="$2"; shift 2; . "./$BASH_ARGV0"
 """
 
 
