@@ -53,26 +53,27 @@ def _kcr_boot():
                 __import__(_m.strip())
             except Exception:
                 pass
+    # Everything that does not depend on the program is done before the handshake.
+    path = sys.argv[1]
+    cwd = os.getcwd()
+    full = os.path.join(cwd, path)
+    import __main__
+    g = __main__.__dict__
     if sys.argv[3] != "-":
         fd = int(sys.argv[3])
         # Pay first-use costs now: the first compile() initialises the compiler (~0.7 ms).
         compile(b"pass\n", "<warm-up>", "exec")
         import atexit
+        os.set_inheritable(fd, False)  # kept for the "done" report; the program's children never see it
         os.write(fd, b"R")
         if os.read(fd, 1) != b"G":  # the sidecar went away: never run a stale file
             os._exit(1)
-        os.set_inheritable(fd, False)  # kept for the "done" report; the program's children never see it
     else:
         fd = None
-    path = sys.argv[1]
-    cwd = os.getcwd()
-    full = os.path.join(cwd, path)
     sys.argv[:] = [path] + sys.argv[4:]  # the program's own args follow the bootstrap's three
     sys.path[0] = cwd if os.access(cwd, os.R_OK | os.X_OK) else ""
     with open(path, "rb") as fh:
         src = fh.read()
-    import __main__
-    g = __main__.__dict__
     builtins = g["__builtins__"]
     g.clear()
     g.update(__name__="__main__", __doc__=None, __package__=None, __loader__=None, __spec__=None,
