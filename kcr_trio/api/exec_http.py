@@ -104,11 +104,22 @@ async def start(svc: Services, rs: RequestScope, req: ExecRequest, language: Lan
     (``AnswerNow``) or a committed ``200`` (``Commit``)."""
     # Unbounded, yet it holds at most two signals: acquisition decided, then the result.
     send, receive = trio.open_memory_channel[Signal](math.inf)
-    phases = Phases(on_acquisition_decided=lambda: send.send_nowait(ACQUIRED))
+    machine = ExecCommit(CommitPolicy.from_settings(svc.settings))
+
+    def acquisition_decided() -> None:
+        # Mostly the decision only records it (the grace timer keeps running): tell the machine
+        # here, in the run's task, rather than wake the waiting driver for nothing (a task switch
+        # on the answer's path). Only while holding the commit does it change what happens next.
+        if machine.records_acquisition():
+            machine.acquisition_decided(trio.current_time())
+        else:
+            send.send_nowait(ACQUIRED)
+
+    phases = Phases(on_acquisition_decided=acquisition_decided)
     rs.exec_phases, rs.phases = phases, phases.durations  # live: the log sees cut-short runs too
     rs.nursery.start_soon(_run, svc.exec_service, req, language, phases, send)
 
-    run: Run = Driver(ExecCommit(CommitPolicy.from_settings(svc.settings)), receive)
+    run: Run = Driver(machine, receive)
     action = await run.decide()
     if not isinstance(action, (AnswerNow, Commit)):
         raise AssertionError(f"unexpected action before the commit: {action}")
