@@ -31,7 +31,7 @@ answers byte for byte.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
 
@@ -148,8 +148,8 @@ async def _read_body(receive: Any, bounds: BodyLimits, timeout: float, expected:
 async def _watch(receive: Any) -> None:
     """Read the connection until the client leaves: the request scope's ``receive`` then cancels
     the request (and with it the run), as Quart's body task makes it do."""
-    while True:
-        await receive()
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 def exec_app(svc: Services, budget: UnauthBudget) -> Asgi:
@@ -166,6 +166,7 @@ def exec_app(svc: Services, budget: UnauthBudget) -> Asgi:
         peer: str | None = (scope.get("client") or (None,))[0]
         profile = served[0]
         quotas: list[Quota] | None = None
+        stream: AsyncGenerator[bytes, None] | None = None
         try:
             content_type = headers.get("content-type", "")
             check_json_type(content_type)
@@ -191,16 +192,18 @@ def exec_app(svc: Services, budget: UnauthBudget) -> Asgi:
                                          user_header=headers.get("user-id", ""))
             rs.nursery.start_soon(_watch, receive)
             run, action = await start(svc, rs, req, language)
-            if not isinstance(action, AnswerNow):
-                await _stream(send, committed_body(run, rs, req), response_headers(
-                    HEARTBEAT_HEADERS, None, quotas, profile))
-                return
-            body: Any = plain_answer(run, rs)
-            status, extra = 200, _NONE
+            if isinstance(action, AnswerNow):
+                body: Any = plain_answer(run, rs)
+                status, extra = 200, _NONE
+            else:
+                stream = committed_body(run, rs, req)
         except ApiError as exc:
             body, status, extra = error_answer(exc, rs)
         except Exception as exc:  # a bug: logged, answered 500 like the app's own handler does
             body, status, extra = unexpected_answer(exc, rs), 500, {}
+        if stream is not None:  # committed: from here on an error can only end the stream
+            await _stream(send, stream, response_headers(HEARTBEAT_HEADERS, None, quotas, profile))
+            return
         data = dumps(body)
         await send({"type": "http.response.start", "status": status,
                     "headers": response_headers(extra, len(data), quotas, profile)})
@@ -209,7 +212,7 @@ def exec_app(svc: Services, budget: UnauthBudget) -> Asgi:
     return app
 
 
-async def _stream(send: Any, body: Any, headers: list[tuple[bytes, bytes]]) -> None:
+async def _stream(send: Any, body: AsyncGenerator[bytes, None], headers: list[tuple[bytes, bytes]]) -> None:
     """A committed ``200``: its head at once, each heartbeat as it comes, then the answer, sent as
     Quart sends an iterable body (every chunk ``more_body``, then an empty last one)."""
     await send({"type": "http.response.start", "status": 200, "headers": headers})
