@@ -6,6 +6,10 @@ request with ``core.exec`` in the request's own nursery (``api.scope``), so a cl
 cancels it. Whether the answer is plain JSON or a committed ``200`` with heartbeats is decided by
 ``api.exec_commit`` and driven by ``api.commit_driver`` (timers, signals, heartbeats); this module
 starts the run, reports its signals and builds the response.
+
+``POST /exec`` is served by ``api.exec_fast`` below Quart, from the same framework-free pieces
+(:func:`exec_request`, :func:`start`, :func:`plain_answer`, :func:`committed_body`); this Quart
+route keeps the route in the OpenAPI document and is the reference the fast path is tested against.
 """
 
 from __future__ import annotations
