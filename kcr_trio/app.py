@@ -34,7 +34,7 @@ from kcr_trio.api.metrics import Metrics
 from kcr_trio.api.ops_http import render_metrics
 from kcr_trio.api.ratelimit import RateLimiter
 from kcr_trio.api.scope import RequestScopeMiddleware
-from kcr_trio.api.services import Services
+from kcr_trio.api.services import UNAUTH_BUDGET, Services
 from kcr_trio.api.wire import (
     CloseAmbiguousFraming,
     CloseOnEarlyAnswer,
@@ -224,7 +224,9 @@ def build_asgi(svc: Services) -> Any:
     install_half_close_support()
     install_stalled_head_408()
     install_coalesced_head()
-    scoped = RequestScopeMiddleware(create_app(svc), on_finish=on_finish, fast_route=fast_router(svc))
+    app = create_app(svc)
+    scoped = RequestScopeMiddleware(app, on_finish=on_finish,
+                                    fast_route=fast_router(svc, app.extensions[UNAUTH_BUDGET]))
     settings = svc.settings
     return CloseAmbiguousFraming(CloseOnEarlyAnswer(CloseForAxiosClients(
         scoped, enabled=settings.kcr_connection_close, clients=settings.kcr_connection_close_clients)))

@@ -141,6 +141,12 @@ class ExecCommit:
             return self._wait(Stage.SETTLE, now + ACQUIRE_SETTLE)
         return Wait(self._until)  # grace, settle and heartbeats keep their timers
 
+    def records_acquisition(self) -> bool:
+        """Whether :meth:`acquisition_decided` now would only record it: the action it returns is
+        the current :class:`Wait`, timer and all. True in every live stage but ``HOLD`` (where it
+        starts the settle timer), so a caller may report it without waking whoever waits."""
+        return self.stage in (Stage.GRACE, Stage.WAITING, Stage.SETTLE, Stage.STREAMING)
+
     def result_ready(self, now: float) -> Action:
         """The run ended (with an answer or an error)."""
         self._check_live("result_ready")

@@ -6,12 +6,18 @@ request with ``core.exec`` in the request's own nursery (``api.scope``), so a cl
 cancels it. Whether the answer is plain JSON or a committed ``200`` with heartbeats is decided by
 ``api.exec_commit`` and driven by ``api.commit_driver`` (timers, signals, heartbeats); this module
 starts the run, reports its signals and builds the response.
+
+``POST /exec`` is served by ``api.exec_fast`` below Quart, from the same framework-free pieces
+(:func:`exec_request`, :func:`start`, :func:`plain_answer`, :func:`committed_body`); this Quart
+route keeps the route in the OpenAPI document and is the reference the fast path is tested against.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import AsyncGenerator
+from typing import Any
 
 import outcome
 import trio
@@ -22,6 +28,7 @@ from kcr_trio.core.errors import ApiError, Busy, Unavailable
 from kcr_trio.core.exec import ExecOutcome, ExecRequest, ExecService, Phases, check_refs, validate
 from kcr_trio.core.languages import Language
 from kcr_trio.core.model import FileRef
+from kcr_trio.core.wire_shapes import ExecResponse
 
 from .commit_driver import ACQUIRED, Acquired, Driver, heartbeats
 from .errors import dumps
@@ -30,9 +37,10 @@ from .exec_fields import parse_args, parse_timeout_ms
 from .hooks import authenticate
 from .json_body import read_json
 from .models import ExecBody, validation_details
-from .profiles import runtime_session_for
+from .principal import Principal, current_principal
+from .profiles import runtime_session
 from .scope import RequestScope, current
-from .services import json_response, request_user_id, services
+from .services import Services, json_response, services, user_id_for
 
 log = logging.getLogger("kcr_trio.api")
 
@@ -49,6 +57,16 @@ async def exec_route() -> Response:
     raw = await read_json(svc.settings.kcr_max_json_body_bytes)
     if g.get("auth_pending"):
         await authenticate(svc.auth.body_key(raw))
+    req, language = exec_request(svc, raw, rs.request_id, principal=current_principal(),
+                                 profile=g.get("execution_profile"), user_header=request.headers.get("user-id", ""))
+    return await respond(req, language)
+
+
+def exec_request(svc: Services, raw: Any, request_id: str, *, principal: Principal | None, profile: str | None,
+                 user_header: str) -> tuple[ExecRequest, Language]:
+    """The checked run of a parsed body, or the 4xx that answers it: every check that answers a 4xx
+    runs here, once, before anything starts. Framework-free, so the Quart route and the plain ASGI
+    one (``api.exec_fast``) answer every body alike."""
     try:
         body = ExecBody.model_validate(raw)
     except ValidationError as exc:
@@ -59,44 +77,75 @@ async def exec_route() -> Response:
     req = ExecRequest(
         code=body.code,
         lang=body.lang,
-        request_id=rs.request_id,
+        request_id=request_id,
         session_id=body.session_id,
         entity_id=body.entity_id,
-        user_id=request_user_id(body.user_id),
+        user_id=user_id_for(principal, body.user_id, user_header),
         files=[FileRef(f.id, f.session_id, f.name) for f in body.files],
         args=parse_args(body.args),
         timeout=parse_timeout_ms(body.timeout),
-        runtime_session_id=runtime_session_for(body.runtime_session_hint),
+        runtime_session_id=runtime_session(body.runtime_session_hint, profile,
+                                           principal.id if principal is not None else None),
     )
-    return await respond(req, language)
+    return req, language
 
 
 async def respond(req: ExecRequest, language: Language) -> Response:
     """Start the run in the request's nursery; answer as ``api.exec_commit`` decides."""
     rs = current(request.scope)
+    run, action = await start(services(), rs, req, language)
+    if isinstance(action, AnswerNow):
+        return json_response(plain_answer(run, rs))  # an ApiError raises: the error handler answers it
+    return Response(committed_body(run, rs, req), status=200, content_type="application/json",
+                    headers=HEARTBEAT_HEADERS)
+
+
+Run = Driver[outcome.Maybe[ExecOutcome]]
+
+
+async def start(svc: Services, rs: RequestScope, req: ExecRequest, language: Language) -> tuple[Run, AnswerNow | Commit]:
+    """Start the run in the request's nursery and wait until the answer is decided: plain
+    (``AnswerNow``) or a committed ``200`` (``Commit``)."""
     # Unbounded, yet it holds at most two signals: acquisition decided, then the result.
     send, receive = trio.open_memory_channel[Signal](math.inf)
-    phases = Phases(on_acquisition_decided=lambda: send.send_nowait(ACQUIRED))
+    machine = ExecCommit(CommitPolicy.from_settings(svc.settings))
+
+    def acquisition_decided() -> None:
+        # Mostly the decision only records it (the grace timer keeps running): tell the machine
+        # here, in the run's task, rather than wake the waiting driver for nothing (a task switch
+        # on the answer's path). Only while holding the commit does it change what happens next.
+        if machine.records_acquisition():
+            machine.acquisition_decided(trio.current_time())
+        else:
+            send.send_nowait(ACQUIRED)
+
+    phases = Phases(on_acquisition_decided=acquisition_decided)
     rs.exec_phases, rs.phases = phases, phases.durations  # live: the log sees cut-short runs too
-    svc = services()
     rs.nursery.start_soon(_run, svc.exec_service, req, language, phases, send)
 
-    run: Driver[outcome.Maybe[ExecOutcome]] = Driver(ExecCommit(CommitPolicy.from_settings(svc.settings)), receive)
+    run: Run = Driver(machine, receive)
     action = await run.decide()
-    if isinstance(action, AnswerNow):
-        answer = run.take().unwrap()  # an ApiError raises here: the error handler answers it
-        rs.outcome = _OUTCOMES.get(answer.status, "ok")
-        return json_response(answer.to_json())
-    if not isinstance(action, Commit):
+    if not isinstance(action, (AnswerNow, Commit)):
         raise AssertionError(f"unexpected action before the commit: {action}")
-    # Slow: commit 200 now and keep the connection audibly alive (keepalive.md, points 1 and 3).
+    return run, action
+
+
+def plain_answer(run: Run, rs: RequestScope) -> ExecResponse:
+    """The body of a plain answer; the run's ``ApiError`` raises here (its own status answers it)."""
+    answer = run.take().unwrap()
+    rs.outcome = _OUTCOMES.get(answer.status, "ok")
+    return answer.to_json()
+
+
+def committed_body(run: Run, rs: RequestScope, req: ExecRequest) -> AsyncGenerator[bytes, None]:
+    """Slow: the body of a committed ``200`` that keeps the connection audibly alive (keepalive.md,
+    points 1 and 3): heartbeats, then the answer."""
     rs.heartbeat = True
 
     async def final(result: outcome.Maybe[ExecOutcome]) -> bytes:
         return _final_bytes(result, rs, req)
 
-    return Response(heartbeats(run, final), status=200, content_type="application/json",
-                    headers=HEARTBEAT_HEADERS)
+    return heartbeats(run, final)
 
 
 def _final_bytes(result: outcome.Maybe[ExecOutcome], rs: RequestScope, req: ExecRequest) -> bytes:

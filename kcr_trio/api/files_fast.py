@@ -35,6 +35,7 @@ from .probes import app_headers
 from .scope import current
 
 if TYPE_CHECKING:
+    from .anonymous import UnauthBudget
     from .services import Services
 
 Asgi = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
@@ -115,15 +116,20 @@ def listing_app(svc: Services) -> Asgi:
     return app
 
 
-def fast_router(svc: Services) -> Callable[[str, str], Asgi | None]:
+def fast_router(svc: Services, exec_budget: UnauthBudget | None = None) -> Callable[[str, str], Asgi | None]:
     """The routes :class:`api.scope.RequestScopeMiddleware` answers below Quart: ``GET``/``HEAD`` of
-    the probes (``api.probes``) and ``GET`` of the file listing."""
+    the probes (``api.probes``), ``GET`` of the file listing and, given the app's budget for
+    unauthenticated bodies, ``POST /exec`` (``api.exec_fast``)."""
+    from . import exec_fast
     from .probes import probe_routes
 
     probes = probe_routes(svc)
     files = listing_app(svc)
+    run = exec_fast.exec_app(svc, exec_budget) if exec_budget is not None else None
 
     def route(method: str, path: str) -> Asgi | None:
+        if run is not None and exec_fast.is_exec(method, path):
+            return run
         if method == "GET" and is_listing(method, path):
             return files
         if method in ("GET", "HEAD"):

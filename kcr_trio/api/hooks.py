@@ -161,9 +161,7 @@ async def content_type_and_auth() -> None:
     current(request.scope).route = rule.rule if rule is not None else None
     # No route (404/405): the content type cannot matter; the routing error answers.
     if rule is not None and method in ("POST", "PUT", "PATCH") and not path.startswith(("/upload", "/state/")):
-        content_type = request.headers.get("content-type", "")
-        if not any(t in content_type.lower() for t in JSON_TYPES):
-            raise ApiError(f"Unsupported content type: {content_type}", status=415, shape="A")
+        check_json_type(request.headers.get("content-type", ""))
     caller = await authorise(services(), method, path, _peer(), request.headers,
                              lambda: request.mimetype == "application/json")
     if caller.pending:
@@ -172,6 +170,12 @@ async def content_type_and_auth() -> None:
         g.principal = caller.principal
         if caller.quotas is not None:
             g.quotas = caller.quotas
+
+
+def check_json_type(content_type: str) -> None:
+    """415 for a body type a JSON route cannot read (shared with ``api.exec_fast``)."""
+    if not any(t in content_type.lower() for t in JSON_TYPES):
+        raise ApiError(f"Unsupported content type: {content_type}", status=415, shape="A")
 
 
 def _peer() -> str | None:

@@ -16,7 +16,48 @@ from quart import g, request
 
 from kcr_trio.core.errors import ApiError, TooLarge
 
+from .anonymous import UnauthBudget
 from .services import services, unauth_budget
+
+
+class BodyLimits:
+    """The bounds a JSON body is read under, chunk by chunk, whoever reads it: the Quart routes
+    (:func:`read_body`) and the plain ASGI ``/exec`` (``api.exec_fast``) count the same way.
+
+    ``budget``: the app's budget for bodies read before their key is checked (``None`` once the
+    caller is authenticated). :meth:`close` gives back what was reserved; call it in ``finally``.
+    """
+
+    __slots__ = ("budget", "held", "limit", "size")
+
+    def __init__(self, limit: int, budget: UnauthBudget | None) -> None:
+        self.limit = limit
+        self.budget = budget
+        self.size = 0
+        self.held = 0
+
+    def announced(self, content_length: int | None) -> None:
+        """413 at once for an unauthenticated body announced larger than its bound."""
+        if self.budget is not None and (content_length or 0) > self.budget.per_request:
+            raise self.budget.too_large()
+
+    def add(self, chunk: bytes) -> None:
+        """Count a chunk that arrived: over a bound is 413 (or the budget's 503)."""
+        if self.budget is not None:
+            self.budget.reserve(self.held, len(chunk))
+            self.held += len(chunk)
+        self.size += len(chunk)
+        if self.size > self.limit:
+            raise TooLarge(f"Request body too large: at most {self.limit} bytes")
+
+    def close(self) -> None:
+        if self.budget is not None:
+            self.budget.release(self.held)
+            self.held = 0
+
+
+def body_timeout() -> ApiError:
+    return ApiError("Request body timeout", status=408)
 
 
 async def read_body(limit: int) -> bytes:
@@ -25,33 +66,28 @@ async def read_body(limit: int) -> bytes:
     its body here (``/exec`` through :func:`read_json`, ``/exec/programmatic`` with its own parse)."""
     settings = services().settings
     chunks: list[bytes] = []
-    size = 0
     # Not yet authenticated (the key is in the body): bounded per request and globally.
-    budget = unauth_budget() if g.get("auth_pending") else None
-    held = 0
+    bounds = BodyLimits(limit, unauth_budget() if g.get("auth_pending") else None)
     try:
-        if budget is not None and (request.content_length or 0) > budget.per_request:
-            raise budget.too_large()
+        bounds.announced(request.content_length)
         with trio.move_on_after(settings.kcr_body_timeout) as scope:
             async for chunk in request.body:
-                if budget is not None:
-                    budget.reserve(held, len(chunk))
-                    held += len(chunk)
+                bounds.add(chunk)
                 chunks.append(chunk)
-                size += len(chunk)
-                if size > limit:
-                    raise TooLarge(f"Request body too large: at most {limit} bytes")
     finally:
-        if budget is not None:
-            budget.release(held)
+        bounds.close()
     if scope.cancelled_caught:
-        raise ApiError("Request body timeout", status=408)
+        raise body_timeout()
     return b"".join(chunks)  # one copy, as the bytearray it replaced
 
 
 async def read_json(limit: int) -> Any:
     """The request's JSON body (:func:`read_body`), valid UTF-8 JSON without lone surrogates."""
-    data = await read_body(limit)
+    return parse_json(await read_body(limit))
+
+
+def parse_json(data: bytes) -> Any:
+    """``data`` as JSON: valid UTF-8 JSON without lone surrogates, else 422 with the field."""
     try:
         value = json.loads(data.decode("utf-8"))
         # "\ud800" escapes decode to lone surrogates, which no UTF-8 consumer (the sidecar,

@@ -92,7 +92,18 @@ class Metrics:
             ["limit"], registry=r,
         )
         self._pools: dict[str, Any] | None = None
+        # (metric, label values) -> its child. ``labels()`` validates and takes a lock on every
+        # call (~10 per /exec request); the label values are bounded (see above), so are these.
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         r.register(_PoolCollector(self))
+
+    def _child(self, metric: Any, *values: str) -> Any:
+        """``metric.labels(*values)``, looked up once per label set."""
+        key = (metric, values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
 
     # -- per request ---------------------------------------------------------------------------
 
@@ -102,21 +113,21 @@ class Metrics:
         status = str(rs.status) if rs.status is not None else "none"
         method = scope.get("method", "")
         # Any token is a valid HTTP method: an unknown one must not mint a new series (finding 10).
-        self.requests.labels(route, method if method in KNOWN_METHODS else "other", status, outcome).inc()
+        self._child(self.requests, route, method if method in KNOWN_METHODS else "other", status, outcome).inc()
         finished = rs.finished if rs.finished is not None else rs.elapsed()
-        self.latency.labels(route).observe(finished)
+        self._child(self.latency, route).observe(finished)
         if rs.bytes_in:
-            self.bytes_in.labels(route).inc(rs.bytes_in)
+            self._child(self.bytes_in, route).inc(rs.bytes_in)
         if rs.bytes_out:
-            self.bytes_out.labels(route).inc(rs.bytes_out)
+            self._child(self.bytes_out, route).inc(rs.bytes_out)
         if rs.heartbeat:
             self.heartbeats.inc()
         limited = rs.extra.get("rate_limited")
         if limited:
-            self.rate_limited.labels(limited).inc()
+            self._child(self.rate_limited, limited).inc()
         if rs.client_gone_after is not None and outcome == "client_gone":
-            self.disconnects.labels(route).inc()
-            self.disconnect_after.labels(route).observe(rs.client_gone_after)
+            self._child(self.disconnects, route).inc()
+            self._child(self.disconnect_after, route).observe(rs.client_gone_after)
             lo, hi = HANGUP_SIGNATURE
             if lo <= rs.client_gone_after <= hi:
                 self.hangups.inc()
@@ -125,7 +136,7 @@ class Metrics:
         elif rs.phases and route == EXEC_ROUTE:
             # Phases of abandoned runs are cut short; they would only blur the histogram.
             for phase, ms in list(rs.phases.items()):
-                self.phases.labels(phase).observe(ms / 1000.0)
+                self._child(self.phases, phase).observe(ms / 1000.0)
 
     # -- per scrape ----------------------------------------------------------------------------
 

@@ -83,12 +83,16 @@ def runtime_session_for(hint: Any) -> str | None:
     stateless mode). In the stateful profile it is required and validated: a stateful call without one
     would be a silent one-shot, the very drift the profile header exists to stop.
     """
+    return runtime_session(hint, g.get("execution_profile"), current_principal_id())
+
+
+def runtime_session(hint: Any, profile: str | None, principal_id: str | None) -> str | None:
+    """:func:`runtime_session_for` for an explicit profile and principal (``api.exec_fast``)."""
     if hint is not None and not isinstance(hint, str):
         validate_hint(hint)  # a non-string is refused in any profile (the schema says string)
-    if g.get("execution_profile") != "stateful":
+    if profile != "stateful":
         return None
     if hint is None or hint == "":
         raise CodedError("runtime_session_hint_required",
                          "The stateful execution profile needs a runtime_session_hint", status=400)
-    principal = current_principal_id() or "anonymous"
-    return runtime_session_id(principal, validate_hint(hint))
+    return runtime_session_id(principal_id or "anonymous", validate_hint(hint))

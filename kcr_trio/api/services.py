@@ -23,6 +23,7 @@ from .anonymous import UnauthBudget
 from .auth import Authenticator
 from .errors import dumps
 from .metrics import Metrics
+from .principal import Principal
 from .ratelimit import RateLimiter
 
 SERVICES = "kcr"  # app.extensions key of the Services
@@ -65,8 +66,12 @@ def request_user_id(given: str | None) -> str | None:
     A verified JWT's subject (LibreChat's user id) wins over both, since those are only asserted.
     Only used to tell one user's uploads from another's; bounded so it cannot bloat metadata.
     """
-    principal = g.get("principal")
+    return user_id_for(g.get("principal"), given, request.headers.get("user-id", ""))
+
+
+def user_id_for(principal: Principal | None, given: str | None, header: str) -> str | None:
+    """:func:`request_user_id` for an explicit principal and ``User-Id`` header (``""`` if none)."""
     if principal is not None and principal.scheme == "jwt" and principal.subject:
         return str(principal.subject)[:256]
-    value = (given if isinstance(given, str) and given.strip() else request.headers.get("user-id", "")).strip()
+    value = (given if isinstance(given, str) and given.strip() else header).strip()
     return value[:256] or None

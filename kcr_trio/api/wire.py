@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 import time
 from itertools import chain
-from math import inf
 from typing import Any
 
 from kcr_trio.core.ids import new_id
@@ -248,7 +247,10 @@ def install_half_close_support() -> None:
         try:
             while True:
                 try:
-                    with trio.fail_after(self.config.read_timeout or inf):
+                    if self.config.read_timeout:
+                        with trio.fail_after(self.config.read_timeout):
+                            data = await self.stream.receive_some(recv_size(self))
+                    else:  # no read timeout (the default): no cancel scope per read either
                         data = await self.stream.receive_some(recv_size(self))
                 except (trio.ClosedResourceError, trio.BrokenResourceError, trio.TooSlowError):
                     break

@@ -161,3 +161,40 @@ def test_random_runs_keep_the_contract() -> None:
                 action = m.beat_sent(now)
         if result_at < policy.grace:
             assert committed_at is None
+
+
+def test_an_acquisition_it_only_records_keeps_the_current_wait() -> None:
+    """``records_acquisition``: the edge then tells the machine from the run's task instead of
+    waking the driver; that is only right if the answer would have been the Wait already pending.
+    Checked in every stage an acquisition can arrive in, and false while holding the commit."""
+    rng = random.Random(16)
+    seen: set[Stage | None] = set()
+    for _ in range(2000):
+        policy = CommitPolicy(enabled=rng.random() < 0.9, grace=rng.choice([0.0, 0.2, 1.0]),
+                              hold_max=rng.choice([0.0, 2.0, 4.0]), interval=rng.choice([0.5, 2.0]))
+        acquired_at, result_at = rng.uniform(0, 8), rng.uniform(0, 12)
+        m = ExecCommit(policy)
+        action, now, pending = m.start(0.0), 0.0, True
+        while True:
+            if isinstance(action, (Commit, Beat)):
+                action = m.beat_sent(now)
+                continue
+            assert isinstance(action, Wait)
+            now = max(now, min(t for t in (action.until, result_at, acquired_at if pending else None) if t is not None))
+            if pending and now >= acquired_at and acquired_at <= result_at:
+                pending, stage, silent = False, m.stage, m.records_acquisition()
+                seen.add(stage)
+                decided = m.acquisition_decided(now)
+                assert silent == (stage is not Stage.HOLD)
+                if silent:
+                    assert decided == action, (stage, decided, action)
+                else:
+                    assert decided == Wait(now + ACQUIRE_SETTLE)
+                action = decided
+                continue
+            if now >= result_at:
+                m.result_ready(now)
+                break
+            action = m.timer_fired(now)
+        assert not m.records_acquisition()  # the answer is decided: nothing to record any more
+    assert seen == {Stage.GRACE, Stage.WAITING, Stage.HOLD, Stage.STREAMING}  # SETTLE follows an acquisition
