@@ -64,14 +64,19 @@ class Group:
         return self.dirs[0]
 
     def oom_kills(self) -> int:
-        """How many processes the OOM killer has killed in this group so far."""
+        """How many processes the OOM killer has killed in this group so far (read twice per run,
+        on its answer's path: one raw read, no text layer)."""
         name = "memory.events" if self.version == "v2" else "memory.oom_control"
         try:
-            with open(os.path.join(self.memory_dir, name)) as fh:
-                for line in fh:
-                    key, _, value = line.partition(" ")
-                    if key == "oom_kill":
-                        return int(value)
+            fd = os.open(os.path.join(self.memory_dir, name), os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                data = os.read(fd, 4096)
+            finally:
+                os.close(fd)
+            for line in data.splitlines():
+                key, _, value = line.partition(b" ")
+                if key == b"oom_kill":
+                    return int(value)
         except (OSError, ValueError):
             pass
         return 0

@@ -53,26 +53,27 @@ def _kcr_boot():
                 __import__(_m.strip())
             except Exception:
                 pass
+    # Everything that does not depend on the program is done before the handshake.
+    path = sys.argv[1]
+    cwd = os.getcwd()
+    full = os.path.join(cwd, path)
+    import __main__
+    g = __main__.__dict__
     if sys.argv[3] != "-":
         fd = int(sys.argv[3])
         # Pay first-use costs now: the first compile() initialises the compiler (~0.7 ms).
         compile(b"pass\n", "<warm-up>", "exec")
         import atexit
+        os.set_inheritable(fd, False)  # kept for the "done" report; the program's children never see it
         os.write(fd, b"R")
         if os.read(fd, 1) != b"G":  # the sidecar went away: never run a stale file
             os._exit(1)
-        os.set_inheritable(fd, False)  # kept for the "done" report; the program's children never see it
     else:
         fd = None
-    path = sys.argv[1]
-    cwd = os.getcwd()
-    full = os.path.join(cwd, path)
     sys.argv[:] = [path] + sys.argv[4:]  # the program's own args follow the bootstrap's three
     sys.path[0] = cwd if os.access(cwd, os.R_OK | os.X_OK) else ""
     with open(path, "rb") as fh:
         src = fh.read()
-    import __main__
-    g = __main__.__dict__
     builtins = g["__builtins__"]
     g.clear()
     g.update(__name__="__main__", __doc__=None, __package__=None, __loader__=None, __spec__=None,
@@ -138,6 +139,10 @@ def _kcr_boot():
             os.close(1)
             os.close(2)
             os.write(fd, b"D" + bytes([status & 0xFF]))
+            # The kernel wakes the sidecar on this CPU (a socket write is a "sync" wakeup: the
+            # writer is expected to sleep next), but we go on to exit, and tearing an interpreter
+            # down takes ~0.5 ms: the sidecar would read the report only after it. Let it run first.
+            os.sched_yield()
         except OSError:
             pass
     os._exit(status)
@@ -198,6 +203,9 @@ if (fdArg !== '-') {
       try {
         for (const stdio of [1, 2]) { fs.closeSync(stdio); fs.openSync('/dev/null', 'w'); }
         fs.writeSync(fd, Buffer.from([0x44, code & 0xff]));
+        // Give the sidecar 1 ms to answer before dying: the kernel woke it on this CPU (a socket
+        // write is a "sync" wakeup), where tearing V8 down (ms) would otherwise run first.
+        Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 1);
       } catch (e) {}
       process.kill(process.pid, 'SIGKILL');
     }
@@ -212,8 +220,10 @@ Module._load(full, null, true);  // as `node file` does for CommonJS, minus the 
 # argv after `bash -c BASH_BOOT bash`: <handshake fd> <file>
 # After the handshake the fd stays open for the "done" report, sent by an EXIT trap (as pre-warmed
 # Python does): the status, once stdout and stderr are closed. A program that replaces the trap,
-# execs or is killed sends none; then the process's exit tells.
-BASH_BOOT = r"""printf R >&"$1"; IFS= read -r -n1 -u "$1" _kcr && [ "$_kcr" = G ] || exit 1; _kcr=$1; trap '_kcr_s=$?; exec 1>&- 2>&-; printf -v _kcr_s "\\%03o" "$_kcr_s"; printf "D$_kcr_s" >&"$_kcr"' EXIT; BASH_ARGV0="$2"; shift 2; . "./$BASH_ARGV0"
+# execs or is killed sends none; then the process's exit tells. After the report the trap waits
+# (at most 2 ms) for the sidecar to close its end, which it does once it has answered: the
+# kernel woke the sidecar on this CPU, where the shell's exit would otherwise run first.
+BASH_BOOT = r"""printf R >&"$1"; IFS= read -r -n1 -u "$1" _kcr && [ "$_kcr" = G ] || exit 1; _kcr=$1; trap '_kcr_s=$?; exec 1>&- 2>&-; printf -v _kcr_s "\\%03o" "$_kcr_s"; printf "D$_kcr_s" >&"$_kcr"; read -r -t 0.002 -n1 -u "$_kcr" _kcr_s' EXIT; BASH_ARGV0="$2"; shift 2; . "./$BASH_ARGV0"
 """
 
 

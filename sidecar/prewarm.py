@@ -121,7 +121,14 @@ class Warm:
         """Let the child run the source file (already written by the caller)."""
         self.used = True
         try:
-            await self.sock.send(b"G")
+            # One byte into a socket nobody else writes to: it fits at once. Written directly,
+            # the interpreter starts without waiting for a scheduler round trip of ours.
+            os.write(self.sock.fileno(), b"G")
+        except BlockingIOError:
+            try:
+                await self.sock.send(b"G")
+            except OSError:
+                self.failed = True
         except OSError:
             self.failed = True
 

@@ -34,7 +34,7 @@ from typing import Any
 
 import trio
 
-from . import files, node_snapshot, proctree
+from . import files, leftovers, node_snapshot, proctree
 from .cgroups import Group
 from .config import Config
 from .languages import (
@@ -259,8 +259,10 @@ class Runner:
                          self.identity, sandbox=self.sandbox, tmp=tmp,
                          cgroup_procs=group.procs_files if group else None, **extra)
 
-    def _oom_kills(self) -> int:
-        return sum(g.oom_kills() for g in self.groups.values())
+    def _oom_kills(self, kinds: set[bool]) -> int:
+        """OOM kills so far in the groups of the steps of ``kinds`` (compile or not): a
+        pre-warmed run never has a process in the compile group, so it reads one file, not two."""
+        return sum(g.oom_kills() for k, g in self.groups.items() if k in kinds)
 
     async def _spawn_warm(self) -> None:
         await self.settle()  # never next to what is left of the last run
@@ -326,7 +328,7 @@ class Runner:
             warm.limit_pid = payload_pid(warm.process.pid) if self.sandbox is not None else warm.process.pid
             warm.cpu_used = _cpu_seconds(warm.limit_pid)
             if self.sandbox is not None and warm.limit_pid != warm.process.pid:
-                warm.wrapper_pids = _chain(warm.process.pid, warm.limit_pid)
+                warm.wrapper_pids = leftovers.chain(warm.process.pid, warm.limit_pid)
         except (OSError, ValueError, IndexError):
             warm.limit_pid = None
 
@@ -366,6 +368,7 @@ class Runner:
             if warm is None:
                 return
             with trio.CancelScope(shield=True):
+                warm.close()  # the bash bootstrap waits (2 ms at most) for this before it exits
                 with trio.move_on_after(SETTLE_GRACE):
                     await warm.exited.wait()
                 if not warm.exited.is_set():
@@ -456,7 +459,10 @@ class Runner:
         if self._housekeeping is not None:  # the next interpreter is about to be started: now
             self._hurry.set()  # type: ignore[union-attr]
             await self._housekeeping.wait()
-        async with self._warm_lock:
+        if self._warm_lock.locked():  # a spawn is under way: wait for it
+            async with self._warm_lock:
+                warm, self.warm = self.warm, None
+        else:  # taken without a scheduler round trip (the lock only orders against a spawn)
             warm, self.warm = self.warm, None
         if warm is None:
             return None
@@ -502,7 +508,8 @@ class Runner:
             self._write_source(code)
             before = files.snapshot(wd)
             steps = with_args(self.spec.steps(self._context(tmp)), args or [])
-            oom_before = self._oom_kills()
+            kinds = {step.compile for step in steps}
+            oom_before = self._oom_kills(kinds) if self.groups else 0
             # With a compile budget, compile steps have their own deadline and the program its
             # full timeout once they are done; without one, all steps share the run's timeout.
             separate = self.cfg.compile_timeout > 0
@@ -528,7 +535,7 @@ class Runner:
             finally:
                 state.closed = True
                 disk.cancel()
-            if self.groups and self._oom_kills() > oom_before and state.reason is None:
+            if self.groups and self._oom_kills(kinds) > oom_before and state.reason is None:
                 state.reason = "oom"  # the run's control group went over its memory bound
             elapsed_ms = (time.perf_counter() - started) * 1000
             after = files.snapshot(wd)
@@ -539,7 +546,8 @@ class Runner:
                 if not (finished and self._tree_clean):
                     await self._kill_leftovers(final=True)
                 if warm is not None:
-                    warm.close()
+                    if warm is not self._unsettled:  # else ``settle`` closes it, after the answer
+                        warm.close()
                     if not warm.used:  # taken but never started: it still waits; stop it
                         self.warm = warm
                         await self._discard_warm()
@@ -627,9 +635,10 @@ class Runner:
     def _write_source(self, code: str) -> None:
         """Write the program file, never through anything a previous run may have planted there.
 
-        The common case rewrites the previous run's file in place: on ext4 that costs about 10 us,
-        against 150 us for unlink + create (freeing and allocating an inode goes through the
-        journal). In place is only taken for a plain file we would have created ourselves: opened
+        After ``/reset`` the working directory is new and the file is created exclusively at
+        once. Otherwise the previous run's file is rewritten in place: on ext4 that costs about
+        10 us, against 150 us for unlink + create (freeing and allocating an inode goes through
+        the journal). In place is only taken for a plain file we would have created ourselves: opened
         without following a symlink, without blocking on a FIFO, not truncated before ``fstat``
         shows one link (a hard link to another file would otherwise be overwritten) and the run
         uid as owner. Anything else is unlinked and the file created exclusively.
@@ -637,21 +646,27 @@ class Runner:
         data = code.encode("utf-8", "surrogatepass")
         path = os.path.join(self.cfg.working_dir, self.spec.source_file)
         owner = self.identity.uid if self.identity.switching else os.geteuid()
-        fd = -1
-        st: os.stat_result | None
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-            st = os.fstat(fd)
-            if not (stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_uid == owner):
-                os.close(fd)
-                fd = -1
-            elif stat.S_IMODE(st.st_mode) != 0o644:
-                os.fchmod(fd, 0o644)
-        except OSError:  # missing, a symlink (ELOOP), a FIFO without reader (ENXIO), a directory...
-            if fd >= 0:
-                os.close(fd)
+        create = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        st: os.stat_result | None = None
+        try:  # a fresh working directory (after /reset) has no file of that name: create it
+            fd = os.open(path, create, 0o644)
+        except FileExistsError:
             fd = -1
         if fd < 0:
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+                st = os.fstat(fd)
+                if not (stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_uid == owner):
+                    os.close(fd)
+                    fd = -1
+                elif stat.S_IMODE(st.st_mode) != 0o644:
+                    os.fchmod(fd, 0o644)
+            except OSError:  # a symlink (ELOOP), a FIFO without reader (ENXIO), a directory...
+                if fd >= 0:
+                    os.close(fd)
+                fd = -1
+        if fd < 0:
+            st = None
             try:
                 os.unlink(path)
             except FileNotFoundError:
@@ -659,10 +674,9 @@ class Runner:
             except IsADirectoryError:  # a run made a directory of that name: the name is ours
                 remove_tree(path)
                 log("program_path_reclaimed", path=self.spec.source_file, was="directory")
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-            if self.identity.switching:
-                os.fchown(fd, self.identity.uid, self.identity.gid)  # type: ignore[arg-type]
-            st = None
+            fd = os.open(path, create, 0o644)
+        if st is None and self.identity.switching:
+            os.fchown(fd, self.identity.uid, self.identity.gid)  # type: ignore[arg-type]
         try:
             view = memoryview(data)
             while view:
@@ -693,44 +707,45 @@ class Runner:
         scope = trio.CancelScope(deadline=deadline)
         state.step_scope = scope
         cleaned = early = False
+        pumps = leftovers.Pumps()  # in the runner's nursery: an early answer never waits for them
+        assert self._nursery is not None
+        self._nursery.start_soon(self._pump, proc.stdout, state.out, state, pumps, pumps.scopes[0])
+        self._nursery.start_soon(self._pump, proc.stderr, state.err, state, pumps, pumps.scopes[1])
         try:
-            async with trio.open_nursery() as pumps:
-                pumps.start_soon(self._pump, proc.stdout, state.out, state)
-                pumps.start_soon(self._pump, proc.stderr, state.err, state)
-                with scope:
-                    if warm is not None:
-                        await warm.finished.wait()
-                        reported = warm.status
-                    else:
-                        await proc.wait()
-                if scope.cancelled_caught and state.reason is None:
-                    state.reason = on_deadline
-                # The program is done (or stopped): kill what it left behind so the pipes reach EOF,
-                # then give the pumps a moment to drain what is already buffered.
-                winding = _winding_down(warm) if reported is not None else frozenset()
-                await self._kill_leftovers(settle=not scope.cancelled_caught, winding_down=winding)
-                early = bool(winding) and self._tree_clean
-                if early:
-                    # The program reported "done" after closing its stdout/stderr, and nothing of
-                    # it runs any more but the reporting interpreter itself (one step from its
-                    # exit) and bubblewrap's own processes: its whole output is in the pipes
-                    # already. Take it without waiting for EOF, which comes only once bubblewrap's
-                    # monitor (it holds the pipes too) has exited after the namespace's teardown.
-                    # The interpreter's exit is ``settle``'s business, after the answer.
-                    if warm is not None and warm.reporter in winding and not warm.exited.is_set():
-                        self._unsettled = warm
-                    pumps.cancel_scope.cancel()
+            with scope:
+                if warm is not None:
+                    await warm.finished.wait()
+                    reported = warm.status
                 else:
-                    pumps.cancel_scope.deadline = trio.current_time() + 2
+                    await proc.wait()
+            if scope.cancelled_caught and state.reason is None:
+                state.reason = on_deadline
+            # The program is done (or stopped): kill what it left behind so the pipes reach EOF,
+            # then give the pumps a moment to drain what is already buffered.
+            winding = leftovers.winding_down(warm) if reported is not None else frozenset()
+            await self._kill_leftovers(settle=not scope.cancelled_caught, winding_down=winding)
+            early = bool(winding) and self._tree_clean
             if early:
-                _drain(proc.stdout, state.out, state)
-                _drain(proc.stderr, state.err, state)
+                # The program reported "done" after closing its stdout/stderr, and nothing of it
+                # runs any more but the reporting interpreter itself (one step from its exit) and
+                # bubblewrap's own processes: its whole output is in the pipes already. Take it
+                # without waiting for EOF, which comes only once bubblewrap's monitor (it holds
+                # the pipes too) has exited after the namespace's teardown. The interpreter's
+                # exit is ``settle``'s business, after the answer.
+                if warm is not None and warm.reporter in winding and not warm.exited.is_set():
+                    self._unsettled = warm
+                leftovers.drain(proc.stdout, state.out, state)
+                leftovers.drain(proc.stderr, state.err, state)
+            else:
+                with trio.move_on_after(2):
+                    await pumps.done.wait()
             # An interpreter that reported its status is already on its way out (the watcher reaps
             # it); there is no need to wait for its teardown before answering.
             cleaned = (warm.exited.is_set() or reported is not None) if warm is not None else (
                 proc.returncode is not None)
         finally:
             state.step_scope = None
+            pumps.cancel()
             for stream in (proc.stdout, proc.stderr):  # the pumps are done with them
                 if stream is not None:
                     stream.close()
@@ -749,18 +764,21 @@ class Runner:
             return proc.returncode
         return -signal.SIGKILL
 
-    async def _pump(self, stream: trio.abc.ReceiveStream | None, cap: Capture, state: RunState) -> None:
-        if stream is None:
-            return
-        while True:  # the caller closes the stream (after taking what a cancelled pump left)
-            try:
-                data = await stream.receive_some(65536)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return
-            if not data:
-                return
-            if cap.add(data):
-                state.stop("output")
+    async def _pump(self, stream: trio.abc.ReceiveStream | None, cap: Capture, state: RunState,
+                    pumps: leftovers.Pumps, scope: trio.CancelScope) -> None:
+        """Copy one pipe into ``cap`` until EOF, the step closes the stream (after taking what
+        is left) or cancels ``scope``."""
+        with scope:
+            while stream is not None:
+                try:
+                    data = await stream.receive_some(65536)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    break
+                if not data:
+                    break
+                if cap.add(data):
+                    state.stop("output")
+        pumps.ended()
 
     async def _watch_disk(self, state: RunState, scope: trio.CancelScope) -> None:
         with scope:
@@ -816,21 +834,27 @@ class Runner:
             keep |= proctree.descendants(self.warm.process.pid)
         me = os.getpid()
         alive = not_exiting if settle else proctree.alive
+        # The program ended by itself: its control groups list the run's processes in one read
+        # each (``leftovers.group_members``); else, or if they cannot be read, walk the tree.
+        groups = [g.procs_files[0] for g in self.groups.values()] if settle else []
 
-        def leftovers() -> tuple[set[int], bool]:
+        def remaining() -> tuple[set[int], bool]:
             """(every descendant outside ``keep``, whether one of them still runs) in one scan;
             ``winding_down`` (bubblewrap's own processes once the program reported "done": they
             exit by themselves, and the program's namespace dies with them) do not count."""
+            members = leftovers.group_members(groups) if groups else None
+            if members is not None:  # no orphan can be adopted without its group listing it
+                return set(), any(alive(p) for p in members - keep - winding_down)
             tree = proctree.descendants(me) - keep
             return tree, any(alive(p) for p in tree - winding_down)
 
-        tree, running = leftovers()
+        tree, running = remaining()
         if settle and running:
             with trio.move_on_after(0.02):
                 # A program that reported "done" is a few microseconds from exiting: poll finely.
                 while running:
                     await trio.sleep(0.0001)
-                    tree, running = leftovers()
+                    tree, running = remaining()
         if not running:
             if tree - self.tracked:  # adopted orphans are our zombies now (Trio reaps the tracked)
                 proctree.reap_orphans(self.tracked)
@@ -838,47 +862,6 @@ class Runner:
             return set()
         self._tree_clean = False
         return await trio.to_thread.run_sync(self._kill_all, final)
-
-
-def _drain(stream: trio.lowlevel.FdStream | None, cap: Capture, state: RunState) -> None:
-    """Take what is in a pipe now, without waiting (its fd is non-blocking)."""
-    if stream is None:
-        return
-    while True:
-        try:
-            data = os.read(stream.fileno(), 65536)
-        except OSError:  # BlockingIOError: empty for now
-            return
-        if not data:
-            return
-        if cap.add(data):
-            state.stop("output")
-
-
-def _winding_down(warm: Warm | None) -> frozenset[int]:
-    """After a "done" report: the processes of a pre-warmed run that only wind down, i.e.
-    bubblewrap's monitor and reaper and, when the kernel says the report came from it, the
-    interpreter itself (its bootstrap exits right after reporting). Anything else the run left
-    (children, a forked copy of the interpreter that reported instead) still counts as running."""
-    if warm is None:
-        return frozenset()
-    out = set(warm.wrapper_pids)
-    if warm.reporter is not None and warm.reporter == warm.limit_pid:
-        out.add(warm.reporter)
-    return frozenset(out)
-
-
-def _chain(top: int, bottom: int) -> set[int]:
-    """The pids from ``top`` down to ``bottom`` (exclusive), following ``bottom``'s parents."""
-    out: set[int] = set()
-    current = bottom
-    for _ in range(8):
-        with open(f"/proc/{current}/stat", "rb") as fh:
-            current = int(fh.read().rsplit(b")", 1)[1].split()[1])
-        out.add(current)
-        if current == top:
-            return out
-    return set()
 
 
 def _cpu_seconds(pid: int) -> int:
