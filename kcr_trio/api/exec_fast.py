@@ -16,7 +16,8 @@ function the Quart route calls, in the order the Quart route calls it:
 3. the body, under the same bounds (``json_body.BodyLimits``: the size limit, the unauthenticated
    budget shared with the app, the body timeout) and the same parse (``json_body.parse_json``);
 4. the run's checks and request (``exec_http.exec_request``: 422, 400, 413), the run and the
-   commit/heartbeat decision (``exec_http.start``, ``plain_answer``, ``committed_body``);
+   commit/heartbeat decision (the same machine, driven with the run in the request task:
+   ``api.exec_inline.run_here``; ``exec_http.answer_of``, ``committed_body``);
 5. errors as the app's handlers answer them (``hooks.error_answer``, ``hooks.unexpected_answer``),
    with the headers Quart's response carries, in its order: the error's own headers, the content
    type and length, the security headers, the quota headers, the execution profile.

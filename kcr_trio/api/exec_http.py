@@ -8,8 +8,10 @@ cancels it. Whether the answer is plain JSON or a committed ``200`` with heartbe
 starts the run, reports its signals and builds the response.
 
 ``POST /exec`` is served by ``api.exec_fast`` below Quart, from the same framework-free pieces
-(:func:`exec_request`, :func:`start`, :func:`plain_answer`, :func:`committed_body`); this Quart
-route keeps the route in the OpenAPI document and is the reference the fast path is tested against.
+(:func:`exec_request`, :func:`capture`, :func:`answer_of`, :func:`committed_body`; the fast path
+runs the execution in the request task, ``api.exec_inline``, where :func:`start` gives it a task of
+its own); this Quart route keeps the route in the OpenAPI document and is the reference the fast
+path is tested against.
 """
 
 from __future__ import annotations

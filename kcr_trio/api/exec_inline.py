@@ -23,8 +23,9 @@ machine fed the same events, so ``keepalive.md`` holds unchanged:
   task waits for it: the request still ends only when its response is complete;
 * a client that leaves cancels the request's nursery, and with it this run and the pacer.
 
-The Quart route keeps ``start``; ``tests/integration/ops/test_exec_fast.py`` compares both byte
-for byte, including commits that happen after a hold, a settle and while a run fails.
+The Quart route keeps ``start``; ``tests/integration/ops/test_exec_fast.py`` and
+``test_exec_commit_paths.py`` compare both byte for byte, including a busy answer while the commit
+is held, an acquisition that ends a hold, a run failing behind a commit and a client leaving one.
 """
 
 from __future__ import annotations
