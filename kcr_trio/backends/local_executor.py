@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from functools import partial
 from typing import Any
 
@@ -83,8 +83,15 @@ class LocalExecutor(SidecarProcesses):
         self._closing = False
 
     # --- Executor protocol ----------------------------------------------------------------
-    @asynccontextmanager
-    async def sandbox(self, language: str, *, wait: float) -> AsyncIterator[SidecarSandbox]:
+    def sandbox(self, language: str, *, wait: float) -> AbstractAsyncContextManager[SidecarSandbox]:
+        """``Executor.sandbox``: entering takes a slot and a sidecar (``_lease``); leaving, also by
+        error or cancellation, hands the sidecar to the release (``_hand_back``) and returns at
+        once. A small class rather than ``@asynccontextmanager``: every run enters and leaves it,
+        and the generator machinery was ~10 Python calls and a ``StopAsyncIteration`` of that."""
+        return _Lease(self, language, wait)
+
+    async def _lease(self, language: str, wait: float) -> LocalSidecar:
+        """A slot and a sidecar of ``language`` for one run (counted in use), or an error."""
         lang = language.strip().lower()
         if lang not in LANGUAGES:
             raise unsupported_language(language)
@@ -93,16 +100,21 @@ class LocalExecutor(SidecarProcesses):
         missing = self.missing.get(lang)
         if missing:
             raise Unavailable(f"Language {lang!r} is not available on this server: {missing}")
-        with trio.move_on_after(wait) as waited:
-            await self._slots.acquire()
-        if waited.cancelled_caught:
-            raise Busy(f"All {self.capacity} execution slots are busy; try again shortly",
-                       retry_after=self.settings.kcr_busy_retry_after)
+        await trio.lowlevel.checkpoint_if_cancelled()  # as ``acquire`` did: a gone caller takes nothing
+        try:
+            self._slots.acquire_nowait()  # a free slot (no one queues while one is free): no wait
+        except trio.WouldBlock:
+            with trio.move_on_after(wait) as waited:
+                await self._slots.acquire()
+            if waited.cancelled_caught:
+                raise Busy(f"All {self.capacity} execution slots are busy; try again shortly",
+                           retry_after=self.settings.kcr_busy_retry_after) from None
         sidecar: LocalSidecar | None = None
         self.in_use += 1
         try:
             sidecar = await self._take(lang, wait)
-            self._wake[lang].set()
+            if len(self.pools[lang].ready) < self._targets[lang]:
+                self._wake[lang].set()  # the replenisher refills; above target it has nothing to do
             if sidecar is None:
                 sidecar = self.pools[lang].claim(await self._start(lang))
         except BaseException:
@@ -112,15 +124,16 @@ class LocalExecutor(SidecarProcesses):
                     await self._destroy(sidecar)
                 self._free_slot()
             raise
-        try:
-            # The sidecar refuses timeouts above MAX_EXECUTION_TIME (422); callers never ask for more,
-            # but a clamp keeps a rounding slip from becoming an error.
-            yield SidecarSandbox(sidecar.url, client=self._http,
-                                 timeout_cap=float(self.settings.max_execution_time),
-                                 compile_timeout=self.settings.kcr_compile_timeout if lang in COMPILED else 0.0,
-                                 wire=sidecar.wire)
-        finally:
-            self._hand_back(sidecar)
+        return sidecar
+
+    def _sandbox_for(self, sidecar: LocalSidecar) -> SidecarSandbox:
+        # The sidecar refuses timeouts above MAX_EXECUTION_TIME (422); callers never ask for more,
+        # but a clamp keeps a rounding slip from becoming an error.
+        return SidecarSandbox(sidecar.url, client=self._http,
+                              timeout_cap=float(self.settings.max_execution_time),
+                              compile_timeout=self.settings.kcr_compile_timeout
+                              if sidecar.language in COMPILED else 0.0,
+                              wire=sidecar.wire)
 
     async def _take(self, lang: str, wait: float) -> LocalSidecar | None:
         """A warm sidecar of ``lang`` from its pool, or None (then the caller starts one cold).
@@ -309,6 +322,31 @@ class LocalExecutor(SidecarProcesses):
         for pool in self.pools.values():
             pool.ready.clear()
         await self._close_processes()
+
+
+class _Lease(AbstractAsyncContextManager[SidecarSandbox]):
+    """One ``LocalExecutor.sandbox(...)`` context: the sidecar it holds between enter and exit."""
+
+    __slots__ = ("_executor", "_language", "_sidecar", "_wait")
+
+    def __init__(self, executor: LocalExecutor, language: str, wait: float) -> None:
+        self._executor, self._language, self._wait = executor, language, wait
+        self._sidecar: LocalSidecar | None = None
+
+    async def __aenter__(self) -> SidecarSandbox:
+        sidecar = await self._executor._lease(self._language, self._wait)
+        try:
+            sandbox = self._executor._sandbox_for(sidecar)
+        except BaseException:
+            self._executor._hand_back(sidecar)
+            raise
+        self._sidecar = sidecar
+        return sandbox
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        sidecar, self._sidecar = self._sidecar, None
+        if sidecar is not None:
+            self._executor._hand_back(sidecar)
 
 
 @asynccontextmanager

@@ -29,6 +29,7 @@ import secrets
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from json.encoder import encode_basestring_ascii as _json_str
 from typing import Any, Protocol, runtime_checkable
 from urllib.parse import quote
 
@@ -84,9 +85,14 @@ class SidecarSandbox:
         # A local sidecar's kept-alive connection for ``/execute`` (``sidecar_wire``: the run's hop
         # off httpx); None: httpx, as for pods.
         self._wire = wire
-        self._file_timeout = httpx.Timeout(file_timeout, connect=5.0)
+        self._file_seconds = file_timeout
         self._inputs: dict[str, int] = {}
         self._generated: list[GeneratedFile] | None = None
+
+    @property
+    def _file_timeout(self) -> httpx.Timeout:
+        """Built when a file moves, not per run (most runs move none)."""
+        return httpx.Timeout(self._file_seconds, connect=5.0)
 
     def __repr__(self) -> str:
         return f"SidecarSandbox({self.base_url!r})"
@@ -131,22 +137,25 @@ class SidecarSandbox:
         if self._timeout_cap is not None:
             timeout = min(timeout, self._timeout_cap)
         wire_timeout = max(1, math.ceil(timeout))  # KubeCodeRun's sidecar validates an int
-        body: dict[str, Any] = {"code": code, "timeout": wire_timeout, "request_id": request_id}
-        if args:  # [args] sent only when given: KubeCodeRun's runners never see an unknown field
-            body["args"] = list(args)
         started = time.monotonic()
         try:
             answer_within = wire_timeout + self._compile_timeout + self._margin
             if self._wire is not None:
-                resp = await self._wire.post("/execute", json.dumps(body).encode(),
-                                             headers=[("x-request-id", request_id)], timeout=answer_within)
+                answer = await self._wire.post("/execute", _execute_body(code, wire_timeout, request_id, args),
+                                               headers=[("x-request-id", request_id)], timeout=answer_within)
+                status, content = answer.status_code, answer.content
             else:
+                body: dict[str, Any] = {"code": code, "timeout": wire_timeout, "request_id": request_id}
+                if args:  # [args] sent only when given: KubeCodeRun's runners never see an unknown field
+                    body["args"] = list(args)
                 resp = await self._client.post(
                     f"{self.base_url}/execute",
                     json=body,
                     headers={"x-request-id": request_id},
                     timeout=httpx.Timeout(answer_within, connect=5.0),
                 )
+                self._check(resp, "execute")
+                status, content = resp.status_code, resp.content
         except _CONNECT_ERRORS as exc:
             raise self._unreachable(exc) from exc
         except httpx.ReadTimeout:
@@ -158,8 +167,9 @@ class SidecarSandbox:
             return RunResult(exit_code=-1, stdout="", stderr=why,
                              duration_ms=(time.monotonic() - started) * 1000, failure=why)
         elapsed = time.monotonic() - started
-        self._check(resp, "execute")
-        data = self._json(resp)
+        if status != 200:
+            self._check_status(status, content.decode("utf-8", "replace")[:300], "execute")
+        data = self._decode(content)
         exit_code = _int(data.get("exit_code"), -1)
         timed_out = data.get("timed_out")
         if not isinstance(timed_out, bool):
@@ -248,19 +258,35 @@ class SidecarSandbox:
         if resp.status_code == 200:
             return
         detail = resp.text[:300] if not resp.is_stream_consumed or resp.is_closed else ""
-        if resp.status_code >= 500 or resp.status_code == 409:
-            raise Unavailable(f"Sandbox {self.base_url} could not {what}: HTTP {resp.status_code} {detail}".strip())
-        raise ApiError(f"Sandbox {self.base_url} refused to {what}: HTTP {resp.status_code} {detail}".strip(),
-                       status=502)
+        self._check_status(resp.status_code, detail, what)
+
+    def _check_status(self, status: int, detail: str, what: str) -> None:
+        if status == 200:
+            return
+        if status >= 500 or status == 409:
+            raise Unavailable(f"Sandbox {self.base_url} could not {what}: HTTP {status} {detail}".strip())
+        raise ApiError(f"Sandbox {self.base_url} refused to {what}: HTTP {status} {detail}".strip(), status=502)
 
     def _json(self, resp: httpx.Response) -> dict[str, Any]:
+        return self._decode(resp.content)
+
+    def _decode(self, content: bytes) -> dict[str, Any]:
         try:
-            data = resp.json()
+            data = json.loads(content)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise Unavailable(f"Sandbox {self.base_url} answered with invalid JSON") from exc
         if not isinstance(data, dict):
             raise Unavailable(f"Sandbox {self.base_url} answered with unexpected JSON")
         return data
+
+
+def _execute_body(code: str, timeout: int, request_id: str, args: Sequence[str]) -> bytes:
+    """``json.dumps`` of the ``/execute`` body, byte for byte, without building an encoder per call
+    (``json.dumps`` makes a new C encoder each time; this is one C call per string)."""
+    text = f'{{"code": {_json_str(code)}, "timeout": {timeout:d}, "request_id": {_json_str(request_id)}'
+    if args:  # [args] sent only when given: KubeCodeRun's runners never see an unknown field
+        text += ', "args": [' + ", ".join(map(_json_str, args)) + "]"
+    return (text + "}").encode()
 
 
 def _why(exc: Exception) -> str:

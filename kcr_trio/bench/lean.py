@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import h11
 import httpx
 import trio
+
+from kcr_trio.http1 import read_response
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,23 +72,12 @@ class LeanClient:
                     data += conn.send(h11.Data(data=body)) or b""
                 data += conn.send(h11.EndOfMessage()) or b""
                 await stream.send_all(data)
-                status, chunks = 0, []
-                while True:
-                    event = conn.next_event()
-                    if event is h11.NEED_DATA:
-                        conn.receive_data(await stream.receive_some(65536))
-                    elif isinstance(event, h11.Response):
-                        status = event.status_code
-                    elif isinstance(event, h11.Data):
-                        chunks.append(bytes(event.data))
-                    elif isinstance(event, h11.EndOfMessage):
-                        break
-                    elif isinstance(event, h11.ConnectionClosed):
-                        raise httpx.RemoteProtocolError("the server closed the connection")
+                status, _, content = await read_response(
+                    conn, partial(stream.receive_some, 65536), closed="the server closed the connection")
                 if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
                     conn.start_next_cycle()
                     done = True
-                return LeanResponse(status, b"".join(chunks))
+                return LeanResponse(status, content)
         except trio.TooSlowError:
             raise httpx.ReadTimeout(f"no answer within {self.timeout:g} s") from None
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:

@@ -14,6 +14,8 @@ import secrets
 ID_LENGTH = 21
 _ALNUM = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 _ALPHABET = _ALNUM + "_-"
+# byte -> _ALPHABET[byte & 63]: one ``bytes.translate`` per id instead of a Python loop.
+_MIDDLE = bytes(ord(_ALPHABET[b & 63]) for b in range(256))
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{19}[A-Za-z0-9]$")
 # What callers may send us as an id: the shape LibreChat validates, nothing that can traverse paths.
 LOOSE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -28,7 +30,7 @@ def new_id() -> str:
     bytes, which keeps the bias below 0.1 %.
     """
     raw = secrets.token_bytes(ID_LENGTH + 2)
-    middle = "".join(_ALPHABET[b & 63] for b in raw[1 : ID_LENGTH - 1])
+    middle = raw[1 : ID_LENGTH - 1].translate(_MIDDLE).decode("ascii")  # _ALPHABET[b & 63], in C
     first = _ALNUM[int.from_bytes(raw[0:1] + raw[-2:-1], "big") % 62]
     last = _ALNUM[int.from_bytes(raw[ID_LENGTH - 1 : ID_LENGTH] + raw[-1:], "big") % 62]
     return first + middle + last

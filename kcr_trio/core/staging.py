@@ -62,22 +62,33 @@ class Staging:
 
     async def choose_session(self, req: ExecRequest) -> Session:
         """KubeCodeRun's order: explicit session, first ref's session, the entity's, a new one."""
-        candidates = [req.session_id] if req.session_id else []
-        candidates += [ref.session_id for ref in req.files]
-        for sid in dict.fromkeys(candidates):
-            if sid and is_safe_id(sid):
-                session = await self.sessions.get_session(sid)
-                if session is not None and session.active:
-                    return session
+        return (await self.choose(req))[0]
+
+    async def choose(self, req: ExecRequest) -> tuple[Session, bool]:
+        """:meth:`choose_session`, and whether the session was created for this request (then
+        it holds no file yet: its id has not been handed to anyone)."""
+        if req.session_id or req.files:
+            candidates = [req.session_id] if req.session_id else []
+            candidates += [ref.session_id for ref in req.files]
+            for sid in dict.fromkeys(candidates):
+                if sid and is_safe_id(sid):
+                    session = await self.sessions.get_session(sid)
+                    if session is not None and session.active:
+                        return session, False
         if req.entity_id:
             session = await self.sessions.find_entity_session(req.entity_id)
             if session is not None:
-                return session
-        return await self.sessions.create_session(entity_id=req.entity_id, user_id=req.user_id)
+                return session, False
+        return await self.sessions.create_session(entity_id=req.entity_id, user_id=req.user_id), True
 
-    async def find_inputs(self, req: ExecRequest, session: Session, notes: list[str]) -> list[FileRecord]:
+    async def find_inputs(self, req: ExecRequest, session: Session, notes: list[str], *,
+                          created: bool = False) -> list[FileRecord]:
         """The files to mount, by ref (id, then name) and then the session's own uploads. Each
-        record's ``filename`` is its mount name (unique: a clash gets a new name and a note)."""
+        record's ``filename`` is its mount name (unique: a clash gets a new name and a note).
+        ``created``: the session was created for this request (``choose``), so it has no uploads
+        to list: most ``/exec`` calls (no session, no files) then make no store call here."""
+        if not req.files and created:
+            return []
         found: dict[str, FileRecord] = {}  # by mount name
         seen: set[tuple[str, str]] = set()
         listings: dict[str, list[FileRecord]] = {}
@@ -130,6 +141,8 @@ class Staging:
 
     async def send_inputs(self, sandbox: Sandbox, inputs: dict[str, str], notes: list[str]) -> set[str]:
         """Mount ``{filename: object key}``; the names actually placed in the sandbox."""
+        if not inputs:
+            return set()  # most runs: no limiter, no nursery
         limiter = trio.CapacityLimiter(TRANSFER_CONCURRENCY)
         sent: set[str] = set()
 
