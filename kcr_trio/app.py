@@ -25,6 +25,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
 from kcr_trio import log_stream
+from kcr_trio.api import exec_fast
 from kcr_trio.api.app_factory import create_app
 from kcr_trio.api.auth import Authenticator
 from kcr_trio.api.connection_policy import CloseForAxiosClients
@@ -33,6 +34,7 @@ from kcr_trio.api.h11_head import install_coalesced_head
 from kcr_trio.api.metrics import Metrics
 from kcr_trio.api.ops_http import render_metrics
 from kcr_trio.api.ratelimit import RateLimiter
+from kcr_trio.api.ready_io import ReadyReceive, install_ready_send
 from kcr_trio.api.scope import RequestScopeMiddleware
 from kcr_trio.api.services import UNAUTH_BUDGET, Services
 from kcr_trio.api.wire import (
@@ -224,12 +226,14 @@ def build_asgi(svc: Services) -> Any:
     install_half_close_support()
     install_stalled_head_408()
     install_coalesced_head()
+    install_ready_send()
     app = create_app(svc)
     scoped = RequestScopeMiddleware(app, on_finish=on_finish,
                                     fast_route=fast_router(svc, app.extensions[UNAUTH_BUDGET]))
     settings = svc.settings
-    return CloseAmbiguousFraming(CloseOnEarlyAnswer(CloseForAxiosClients(
-        scoped, enabled=settings.kcr_connection_close, clients=settings.kcr_connection_close_clients)))
+    return ReadyReceive(CloseAmbiguousFraming(CloseOnEarlyAnswer(CloseForAxiosClients(
+        scoped, enabled=settings.kcr_connection_close, clients=settings.kcr_connection_close_clients))),
+        when=lambda method, path: exec_fast.is_exec(method, path))
 
 
 def metrics_asgi(svc: Services) -> Any:

@@ -16,7 +16,8 @@ function the Quart route calls, in the order the Quart route calls it:
 3. the body, under the same bounds (``json_body.BodyLimits``: the size limit, the unauthenticated
    budget shared with the app, the body timeout) and the same parse (``json_body.parse_json``);
 4. the run's checks and request (``exec_http.exec_request``: 422, 400, 413), the run and the
-   commit/heartbeat decision (``exec_http.start``, ``plain_answer``, ``committed_body``);
+   commit/heartbeat decision (the same machine, driven with the run in the request task:
+   ``api.exec_inline.run_here``; ``exec_http.answer_of``, ``committed_body``);
 5. errors as the app's handlers answer them (``hooks.error_answer``, ``hooks.unexpected_answer``),
    with the headers Quart's response carries, in its order: the error's own headers, the content
    type and length, the security headers, the quota headers, the execution profile.
@@ -42,8 +43,9 @@ from werkzeug.sansio.utils import get_content_length
 from kcr_trio.core.errors import ApiError
 
 from .errors import dumps
-from .exec_commit import HEARTBEAT_HEADERS, AnswerNow
-from .exec_http import committed_body, exec_request, plain_answer, start
+from .exec_commit import HEARTBEAT_HEADERS
+from .exec_http import answer_of, exec_request
+from .exec_inline import Committed, run_here
 from .hooks import (
     SECURITY_HEADERS,
     authorise,
@@ -166,7 +168,7 @@ def exec_app(svc: Services, budget: UnauthBudget) -> Asgi:
         peer: str | None = (scope.get("client") or (None,))[0]
         profile = served[0]
         quotas: list[Quota] | None = None
-        stream: AsyncGenerator[bytes, None] | None = None
+        committed: Committed | None = None
         try:
             content_type = headers.get("content-type", "")
             check_json_type(content_type)
@@ -191,18 +193,19 @@ def exec_app(svc: Services, budget: UnauthBudget) -> Asgi:
             req, language = exec_request(svc, raw, rs.request_id, principal=principal, profile=profile,
                                          user_header=headers.get("user-id", ""))
             rs.nursery.start_soon(_watch, receive)
-            run, action = await start(svc, rs, req, language)
-            if isinstance(action, AnswerNow):
-                body: Any = plain_answer(run, rs)
-                status, extra = 200, _NONE
+            result = await run_here(svc, rs, req, language, lambda stream: _stream(
+                send, stream, response_headers(HEARTBEAT_HEADERS, None, quotas, profile)))
+            if isinstance(result, Committed):
+                committed = result
             else:
-                stream = committed_body(run, rs, req)
+                body: Any = answer_of(result, rs)
+                status, extra = 200, _NONE
         except ApiError as exc:
             body, status, extra = error_answer(exc, rs)
         except Exception as exc:  # a bug: logged, answered 500 like the app's own handler does
             body, status, extra = unexpected_answer(exc, rs), 500, {}
-        if stream is not None:  # committed: from here on an error can only end the stream
-            await _stream(send, stream, response_headers(HEARTBEAT_HEADERS, None, quotas, profile))
+        if committed is not None:  # from here on an error can only end the stream
+            await committed.finish()
             return
         data = dumps(body)
         await send({"type": "http.response.start", "status": status,

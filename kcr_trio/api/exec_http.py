@@ -8,8 +8,10 @@ cancels it. Whether the answer is plain JSON or a committed ``200`` with heartbe
 starts the run, reports its signals and builds the response.
 
 ``POST /exec`` is served by ``api.exec_fast`` below Quart, from the same framework-free pieces
-(:func:`exec_request`, :func:`start`, :func:`plain_answer`, :func:`committed_body`); this Quart
-route keeps the route in the OpenAPI document and is the reference the fast path is tested against.
+(:func:`exec_request`, :func:`capture`, :func:`answer_of`, :func:`committed_body`; the fast path
+runs the execution in the request task, ``api.exec_inline``, where :func:`start` gives it a task of
+its own); this Quart route keeps the route in the OpenAPI document and is the reference the fast
+path is tested against.
 """
 
 from __future__ import annotations
@@ -132,7 +134,12 @@ async def start(svc: Services, rs: RequestScope, req: ExecRequest, language: Lan
 
 def plain_answer(run: Run, rs: RequestScope) -> ExecResponse:
     """The body of a plain answer; the run's ``ApiError`` raises here (its own status answers it)."""
-    answer = run.take().unwrap()
+    return answer_of(run.take(), rs)
+
+
+def answer_of(result: outcome.Maybe[ExecOutcome], rs: RequestScope) -> ExecResponse:
+    """The body of a plain answer to ``result``; its ``ApiError`` raises here."""
+    answer = result.unwrap()
     rs.outcome = _OUTCOMES.get(answer.status, "ok")
     return answer.to_json()
 
@@ -165,13 +172,17 @@ async def _run(
     service: ExecService, req: ExecRequest, language: Language, phases: Phases,
     send: trio.MemorySendChannel[Signal],
 ) -> None:
-    """The run itself, its result captured for the driver (cancellation is not captured)."""
-    result: outcome.Maybe[ExecOutcome]
+    """The run in its own task, its result sent to the driver."""
+    send.send_nowait(await capture(service, req, language, phases))
+
+
+async def capture(service: ExecService, req: ExecRequest, language: Language,
+                  phases: Phases) -> outcome.Maybe[ExecOutcome]:
+    """The run itself, its result captured (cancellation is not captured)."""
     try:
-        result = outcome.Value(await service.execute(req, phases, checked=language))
+        return outcome.Value(await service.execute(req, phases, checked=language))
     except ApiError as exc:
-        result = outcome.Error(exc)
+        return outcome.Error(exc)
     except Exception as exc:  # a bug: keep the request alive, report it readably
         log.exception("exec failed", extra={"request_id": req.request_id})
-        result = outcome.Error(Unavailable(f"Unexpected error during code execution: {type(exc).__name__}"))
-    send.send_nowait(result)
+        return outcome.Error(Unavailable(f"Unexpected error during code execution: {type(exc).__name__}"))

@@ -31,7 +31,7 @@ H = {"X-API-Key": TEST_KEY}
 
 
 class Program:
-    """Scripted runs: ``sleep:N``, ``forever``, ``fail``, ``lines:N`` (N output lines), else ``done``."""
+    """Scripted runs: ``sleep:N``, ``forever``, ``fail``, ``fail:N``, ``lines:N`` (N output lines), else ``done``."""
 
     def __init__(self) -> None:
         self.running = 0
@@ -46,6 +46,9 @@ class Program:
             elif code == "forever":
                 await trio.sleep_forever()
             elif code == "fail":
+                raise Unavailable("Sandbox failed: the sidecar went away")
+            elif code.startswith("fail:"):  # fails after N seconds (e.g. behind a committed 200)
+                await trio.sleep(float(code.split(":")[1]))
                 raise Unavailable("Sandbox failed: the sidecar went away")
             elif code.startswith("lines:"):
                 return RunResult(0, "x\n" * int(code.split(":")[1]), "")
