@@ -23,43 +23,28 @@ Only the parts of ASGI's ``http`` scope the app uses are filled in (``method``, 
 
 from __future__ import annotations
 
+import re
 import socket
 import sys
-import time
 import traceback
 from collections.abc import Awaitable, Callable
-from email.utils import formatdate
-from http import HTTPStatus
 from typing import Any
 from urllib.parse import unquote
 
 import h11
 import trio
 
+from sidecar.httpexchange import READ_SIZE, Exchange, FastExchange
+from sidecar.httpexchange import Closed as _Closed
+from sidecar.httpexchange import Date as _Date
+from sidecar.httpfast import REASONS, Head, parse_head
+
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 App = Callable[[dict[str, Any], Receive, Send], Awaitable[None]]
 
-READ_SIZE = 65536
-REASONS = {int(s): s.phrase.encode() for s in HTTPStatus}
 
-
-class _Closed(Exception):
-    """The peer closed the connection, or it broke."""
-
-
-class _Date:
-    """The ``Date`` header, formatted at most once per second."""
-
-    second = -1
-    value = b""
-
-    @classmethod
-    def now(cls) -> bytes:
-        t = int(time.time())
-        if t != cls.second:
-            cls.second, cls.value = t, formatdate(t, usegmt=True).encode()
-        return cls.value
+_BLANK_LINE = re.compile(rb"\n\r?\n")
 
 
 class Server:
@@ -120,6 +105,45 @@ class _Connection:
         self.stream = stream
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=server.max_head_size)
         self.eof = False
+        # Fast path (``httpfast.py``): while every request on this connection has the plain shape
+        # the API server sends, h11 is not used; ``buf`` holds the bytes read and not yet consumed.
+        # The first request of any other shape hands ``buf`` (and the EOF, if seen) to h11, which
+        # then serves the connection to its end exactly as before.
+        self.fast = True
+        self.buf = b""
+
+    async def _read(self) -> None:
+        """Fast path: read more bytes into ``buf`` (none: the peer closed)."""
+        try:
+            data = await self.stream.receive_some(READ_SIZE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            data = b""
+        if not data:
+            self.eof = True
+        self.buf += data
+
+    async def _fast_head(self, idle_timeout: float) -> Head | None:
+        """The next request's head if it has the plain shape; else ``None`` and h11 takes over."""
+        limit = self.server.max_head_size
+        while (blank := _BLANK_LINE.search(self.buf)) is None:  # where h11 sees the head end
+            if len(self.buf) > limit or self.eof:
+                break
+            with trio.move_on_after(idle_timeout) as idle:
+                await self._read()
+            if idle.cancelled_caught or (self.eof and not self.buf):
+                raise _Closed
+        else:
+            end = blank.start() - 1  # the plain shape ends with CRLF CRLF; a bare LF goes to h11
+            if end >= 0 and blank.end() - end == 4 and self.buf[end] == 13 and end + 4 <= limit \
+                    and (head := parse_head(self.buf[:end])) is not None:
+                self.buf = self.buf[end + 4:]
+                return head
+        self.fast = False
+        self.h11.receive_data(self.buf)
+        self.buf = b""
+        if self.eof:
+            self.h11.receive_data(b"")
+        return None
 
     # --- reading --------------------------------------------------------------------------------
     async def _fill(self) -> None:
@@ -156,9 +180,13 @@ class _Connection:
                 return
             scope = trio.CancelScope()
             srv._idle[self] = scope
+            fast: Head | None = None
             try:
                 with scope:
-                    request = await self._next_event(srv.keep_alive_timeout)
+                    if self.fast:
+                        fast = await self._fast_head(srv.keep_alive_timeout)
+                    if fast is None:
+                        request = await self._next_event(srv.keep_alive_timeout)
             except h11.RemoteProtocolError as exc:
                 await self._reject(exc)
                 return
@@ -166,6 +194,14 @@ class _Connection:
                 srv._idle.pop(self, None)
             if scope.cancelled_caught:
                 return
+            if fast is not None:
+                exchange = await self._handle(fast)
+                assert isinstance(exchange, FastExchange)
+                if exchange.remaining:
+                    await self._drain_fast(exchange)
+                if exchange.remaining or exchange.close_after or srv.stopping:
+                    return
+                continue
             assert isinstance(request, h11.Request)
             # h11 checks the limit only while a head is incomplete; one that arrived whole in a
             # couple of reads can be larger, so measure the parsed head as well.
@@ -203,6 +239,19 @@ class _Connection:
             except h11.RemoteProtocolError:
                 return
 
+    async def _drain_fast(self, exchange: FastExchange) -> None:
+        """``_drain`` for the fast path: the unread rest of a sized body, within the same limits."""
+        if exchange.remaining > self.server.max_drain_size:
+            return
+        with trio.move_on_after(self.server.drain_timeout):
+            while exchange.remaining:
+                if not self.buf:
+                    await self._read()
+                    if self.eof:
+                        return
+                take = min(len(self.buf), exchange.remaining)
+                self.buf, exchange.remaining = self.buf[take:], exchange.remaining - take
+
     async def _reject(self, exc: h11.RemoteProtocolError) -> None:
         status = exc.error_status_hint if exc.error_status_hint in (400, 413, 414, 431) else 400
         body = b'{"detail": "Bad request: ' + str(exc).replace('"', "'").encode("ascii", "replace") + b'"}'
@@ -217,21 +266,22 @@ class _Connection:
         except (h11.LocalProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
             pass
 
-    async def _handle(self, request: h11.Request) -> None:
+    async def _handle(self, request: h11.Request | Head) -> Exchange:
         target = request.target
         raw_path, _, query = target.partition(b"?")
         scope = {
             "type": "http",
             "asgi": {"version": "3.0"},
-            "http_version": request.http_version.decode(),
+            "http_version": "1.1" if isinstance(request, Head) else request.http_version.decode(),
             "method": request.method.decode("ascii"),
             "scheme": "http",
             "path": unquote(raw_path.decode("latin-1")),
             "raw_path": raw_path,
             "query_string": query,
-            "headers": [(k, v) for k, v in request.headers],  # h11 lower-cases names
+            "headers": [(k, v) for k, v in request.headers],  # both readers lower-case names
         }
-        exchange = _Exchange(self, request.method == b"HEAD")
+        exchange = FastExchange(self, request) if isinstance(request, Head) else \
+            Exchange(self, request.method == b"HEAD")
         try:
             await self.server.app(scope, exchange.receive, exchange.send)
         except _Closed:
@@ -243,7 +293,7 @@ class _Connection:
                 self.server.log("http_app_error", error=traceback.format_exc(limit=8))
             else:
                 traceback.print_exc(file=sys.stderr)
-            if self.h11.our_state is h11.SEND_RESPONSE:  # no byte of the answer has gone out yet
+            if exchange.can_restart():  # no byte of the answer has gone out yet
                 exchange.started, exchange._start = False, None
                 await exchange.send({"type": "http.response.start", "status": 500, "headers": [
                     (b"content-type", b"application/json"), (b"content-length", b"35")]})
@@ -252,79 +302,4 @@ class _Connection:
             raise _Closed from None
         if not exchange.finished:  # the app returned without a complete answer (e.g. a disconnect)
             raise _Closed
-
-
-class _Exchange:
-    """``receive``/``send`` for one request."""
-
-    def __init__(self, conn: _Connection, head: bool) -> None:
-        self.conn = conn
-        self.head = head
-        self.body_done = False
-        self.started = False
-        self.finished = False
-        self._start: dict[str, Any] | None = None
-
-    async def receive(self) -> dict[str, Any]:
-        conn = self.conn
-        if self.finished or conn.eof:
-            return {"type": "http.disconnect"}
-        if not self.body_done:
-            if conn.h11.they_are_waiting_for_100_continue:
-                go_on = h11.InformationalResponse(status_code=100, reason=b"Continue", headers=[])
-                await self._write(conn.h11.send(go_on))
-            chunks: list[bytes] = []
-            while True:  # hand over everything that is already buffered, in one message
-                try:
-                    event = await conn._next_event(conn.server.keep_alive_timeout) if not chunks else \
-                        conn.h11.next_event()
-                except (_Closed, h11.RemoteProtocolError):
-                    return {"type": "http.disconnect"}
-                if isinstance(event, h11.Data):
-                    chunks.append(bytes(event.data))
-                    continue
-                if isinstance(event, h11.EndOfMessage):
-                    self.body_done = True
-                    return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": True}
-        # The body is complete: what remains to learn is whether the caller goes away. Bytes that
-        # arrive meanwhile (a pipelined request) stay buffered in h11 for the next cycle.
-        while not conn.eof:
-            if len(conn.h11.trailing_data[0]) > conn.server.max_head_size:
-                await trio.sleep_forever()  # stop reading; the caller will wait for our answer
-            await conn._fill()
-        return {"type": "http.disconnect"}
-
-    async def send(self, message: dict[str, Any]) -> None:
-        kind = message["type"]
-        if kind == "http.response.start":
-            if self.started:
-                raise RuntimeError("response already started")
-            self._start = message
-            self.started = True
-            return
-        if kind != "http.response.body" or self._start is None or self.finished:
-            raise RuntimeError(f"unexpected ASGI message {kind!r}")
-        h = self.conn.h11
-        data = b""
-        if h.our_state is h11.SEND_RESPONSE:  # the head goes out with the first body bytes
-            headers = list(self._start.get("headers", ()))
-            headers.append((b"date", _Date.now()))
-            status = self._start["status"]
-            data = h.send(h11.Response(status_code=status, reason=REASONS.get(status, b""),
-                                       headers=headers))
-        body = message.get("body", b"")
-        if body and not self.head:
-            data += h.send(h11.Data(data=body))
-        if not message.get("more_body", False):
-            data += h.send(h11.EndOfMessage())
-            self.finished = True
-        if data:
-            await self._write(data)
-
-    async def _write(self, data: bytes) -> None:
-        try:
-            await self.conn.stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            self.conn.eof = True
-            raise _Closed from None
+        return exchange
