@@ -112,15 +112,19 @@ class _Connection:
         self.fast = True
         self.buf = b""
 
-    async def _read(self) -> None:
-        """Fast path: read more bytes into ``buf`` (none: the peer closed)."""
+    async def _receive(self) -> bytes:
+        """The next bytes from the peer; none (and ``eof`` set) once it closed or the link broke."""
         try:
             data = await self.stream.receive_some(READ_SIZE)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             data = b""
         if not data:
             self.eof = True
-        self.buf += data
+        return data
+
+    async def _read(self) -> None:
+        """Fast path: read more bytes into ``buf`` (none: the peer closed)."""
+        self.buf += await self._receive()
 
     async def _fast_head(self, idle_timeout: float) -> Head | None:
         """The next request's head if it has the plain shape; else ``None`` and h11 takes over."""
@@ -148,13 +152,7 @@ class _Connection:
     # --- reading --------------------------------------------------------------------------------
     async def _fill(self) -> None:
         """Read more bytes into h11 (an empty read tells it the peer closed)."""
-        try:
-            data = await self.stream.receive_some(READ_SIZE)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            data = b""
-        if not data:
-            self.eof = True
-        self.h11.receive_data(data)
+        self.h11.receive_data(await self._receive())
 
     async def _next_event(self, idle_timeout: float) -> Any:
         """The next h11 event, reading as needed; raises ``_Closed`` on EOF or a long silence."""
