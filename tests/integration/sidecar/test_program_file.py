@@ -43,7 +43,7 @@ def test_a_staged_file_is_renamed_into_a_fresh_dir(dirs: tuple[str, str]) -> Non
     st = os.stat(path)
     assert st.st_ino == inode  # the staged file itself, not a new one
     assert not os.path.exists(staged)
-    assert open(path, encoding="utf-8").read() == CODE
+    assert _read(path) == CODE
     assert stat.S_IMODE(st.st_mode) == 0o644 & ~_umask() and st.st_nlink == 1
 
 
@@ -56,7 +56,7 @@ def test_a_taken_name_is_written_in_place_and_the_staged_file_stays(dirs: tuple[
     staged = program_file.stage(tmp, ME)
     assert staged is not None
     program_file.write(wd, "code.py", CODE, ME, staged)
-    assert os.stat(path).st_ino == inode and open(path, encoding="utf-8").read() == CODE
+    assert os.stat(path).st_ino == inode and _read(path) == CODE
     assert os.path.getsize(staged) == 0  # untouched: it goes with the temp dir
 
 
@@ -81,9 +81,9 @@ def test_a_staged_file_that_is_not_ours_is_never_used(dirs: tuple[str, str], tam
         os.unlink(staged)
     program_file.write(wd, "code.py", CODE, ME, staged)
     path = os.path.join(wd, "code.py")
-    assert open(path, encoding="utf-8").read() == CODE
+    assert _read(path) == CODE
     assert not os.path.islink(path) and os.stat(path).st_nlink == 1
-    assert open(target).read() == "TARGET"  # nothing written through the planted name
+    assert _read(target) == "TARGET"  # nothing written through the planted name
 
 
 def test_another_filesystem_falls_back_to_creating_the_file(dirs: tuple[str, str]) -> None:
@@ -94,7 +94,7 @@ def test_another_filesystem_falls_back_to_creating_the_file(dirs: tuple[str, str
         staged = program_file.stage(other, ME)
         assert staged is not None
         program_file.write(wd, "code.py", CODE, ME, staged)  # rename: EXDEV
-        assert open(os.path.join(wd, "code.py"), encoding="utf-8").read() == CODE
+        assert _read(os.path.join(wd, "code.py")) == CODE
 
 
 def test_stage_gives_none_where_it_cannot_create(dirs: tuple[str, str]) -> None:
@@ -136,3 +136,8 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def _read(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.read()
