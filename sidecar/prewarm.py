@@ -68,6 +68,7 @@ class Warm:
         self.process = process
         self.sock = sock
         self.tmp = tmp
+        self.staged: str | None = None  # the run's program file, made beforehand (program_file.stage)
         self.ready = trio.Event()
         self.failed = False
         self.used = False

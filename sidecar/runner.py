@@ -25,7 +25,6 @@ import os
 import re
 import resource
 import signal
-import stat
 import sys
 import time
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ from typing import Any
 
 import trio
 
-from . import files, leftovers, node_snapshot, proctree
+from . import files, leftovers, node_snapshot, proctree, program_file
 from .cgroups import Group
 from .config import Config
 from .languages import (
@@ -270,6 +269,7 @@ class Runner:
             if self.warm is not None:
                 return
             tmp = make_private_tmp(self.cfg.tmp_root, self.identity)
+            staged = program_file.stage(tmp, self.identity)  # the run only renames it (program_file)
             parent, child = Warm.pair()
             step = prewarm_step(self.spec, self._warm_context(tmp), self.cfg.python_preimports, child.fileno())
             assert step is not None
@@ -286,6 +286,7 @@ class Runner:
                 child.close()
             self.tracked.add(proc.pid)
             warm = Warm(proc, trio.socket.from_stdlib_socket(parent), tmp)
+            warm.staged = staged
             self.warm = warm
             assert self._nursery is not None
             self._nursery.start_soon(self._watch_warm, warm)
@@ -505,7 +506,8 @@ class Runner:
             tmp = warm.tmp if warm else make_private_tmp(self.cfg.tmp_root, self.identity)
             state = RunState(Capture(cap, cap * self.cfg.output_kill_factor),
                              Capture(cap, cap * self.cfg.output_kill_factor), tmp)
-            self._write_source(code)
+            program_file.write(wd, self.spec.source_file, code, self.identity,
+                               warm.staged if warm is not None else None, log)
             before = files.snapshot(wd)
             steps = with_args(self.spec.steps(self._context(tmp)), args or [])
             kinds = {step.compile for step in steps}
@@ -631,60 +633,6 @@ class Runner:
             "removed": sorted(set(before) - set(after) - exclude),
             "request_id": request_id,
         }
-
-    def _write_source(self, code: str) -> None:
-        """Write the program file, never through anything a previous run may have planted there.
-
-        After ``/reset`` the working directory is new and the file is created exclusively at
-        once. Otherwise the previous run's file is rewritten in place: on ext4 that costs about
-        10 us, against 150 us for unlink + create (freeing and allocating an inode goes through
-        the journal). In place is only taken for a plain file we would have created ourselves: opened
-        without following a symlink, without blocking on a FIFO, not truncated before ``fstat``
-        shows one link (a hard link to another file would otherwise be overwritten) and the run
-        uid as owner. Anything else is unlinked and the file created exclusively.
-        """
-        data = code.encode("utf-8", "surrogatepass")
-        path = os.path.join(self.cfg.working_dir, self.spec.source_file)
-        owner = self.identity.uid if self.identity.switching else os.geteuid()
-        create = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        st: os.stat_result | None = None
-        try:  # a fresh working directory (after /reset) has no file of that name: create it
-            fd = os.open(path, create, 0o644)
-        except FileExistsError:
-            fd = -1
-        if fd < 0:
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-                st = os.fstat(fd)
-                if not (stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_uid == owner):
-                    os.close(fd)
-                    fd = -1
-                elif stat.S_IMODE(st.st_mode) != 0o644:
-                    os.fchmod(fd, 0o644)
-            except OSError:  # a symlink (ELOOP), a FIFO without reader (ENXIO), a directory...
-                if fd >= 0:
-                    os.close(fd)
-                fd = -1
-        if fd < 0:
-            st = None
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-            except IsADirectoryError:  # a run made a directory of that name: the name is ours
-                remove_tree(path)
-                log("program_path_reclaimed", path=self.spec.source_file, was="directory")
-            fd = os.open(path, create, 0o644)
-        if st is None and self.identity.switching:
-            os.fchown(fd, self.identity.uid, self.identity.gid)  # type: ignore[arg-type]
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            if st is not None and st.st_size > len(data):
-                os.ftruncate(fd, len(data))
-        finally:
-            os.close(fd)
 
     async def _run_step(self, step: Step, warm: Warm | None, state: RunState, deadline: float,
                         timeout: float, on_deadline: str = "timeout") -> int:

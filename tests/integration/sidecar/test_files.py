@@ -105,7 +105,7 @@ async def test_java_generated_files_exclude_class_files() -> None:
 
 
 # The program file is rewritten in place between runs when it is a plain file the sidecar made
-# (runner._write_source). Whatever a run leaves under that name must not be written through.
+# (program_file.write). Whatever a run leaves under that name must not be written through.
 PLANTED = {
     "symlink": "os.symlink('target.txt', 'code.py')",
     "hardlink": "os.link('target.txt', 'code.py')",
