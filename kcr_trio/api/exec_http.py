@@ -111,18 +111,7 @@ async def start(svc: Services, rs: RequestScope, req: ExecRequest, language: Lan
     # Unbounded, yet it holds at most two signals: acquisition decided, then the result.
     send, receive = trio.open_memory_channel[Signal](math.inf)
     machine = ExecCommit(CommitPolicy.from_settings(svc.settings))
-
-    def acquisition_decided() -> None:
-        # Mostly the decision only records it (the grace timer keeps running): tell the machine
-        # here, in the run's task, rather than wake the waiting driver for nothing (a task switch
-        # on the answer's path). Only while holding the commit does it change what happens next.
-        if machine.records_acquisition():
-            machine.acquisition_decided(trio.current_time())
-        else:
-            send.send_nowait(ACQUIRED)
-
-    phases = Phases(on_acquisition_decided=acquisition_decided)
-    rs.exec_phases, rs.phases = phases, phases.durations  # live: the log sees cut-short runs too
+    phases = watched_phases(machine, send, rs)
     rs.nursery.start_soon(_run, svc.exec_service, req, language, phases, send)
 
     run: Run = Driver(machine, receive)
@@ -130,6 +119,24 @@ async def start(svc: Services, rs: RequestScope, req: ExecRequest, language: Lan
     if not isinstance(action, (AnswerNow, Commit)):
         raise AssertionError(f"unexpected action before the commit: {action}")
     return run, action
+
+
+def watched_phases(machine: ExecCommit, send: trio.MemorySendChannel[Signal], rs: RequestScope) -> Phases:
+    """The run's phases, published on ``rs`` (live: the log sees cut-short runs too), telling
+    ``machine`` when acquisition is decided. Mostly that decision is only recorded (the grace timer
+    keeps running): the machine is told directly, in the run's task, rather than waking whoever
+    waits on ``send`` for nothing (a task switch on the answer's path). Only while the commit is
+    held does it change what happens next: then it goes through ``send`` (:data:`ACQUIRED`)."""
+
+    def acquisition_decided() -> None:
+        if machine.records_acquisition():
+            machine.acquisition_decided(trio.current_time())
+        else:
+            send.send_nowait(ACQUIRED)
+
+    phases = Phases(on_acquisition_decided=acquisition_decided)
+    rs.exec_phases, rs.phases = phases, phases.durations
+    return phases
 
 
 def plain_answer(run: Run, rs: RequestScope) -> ExecResponse:

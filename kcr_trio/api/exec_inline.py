@@ -36,12 +36,12 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 import outcome
 import trio
 
-from kcr_trio.core.exec import ExecOutcome, ExecRequest, Phases
+from kcr_trio.core.exec import ExecOutcome, ExecRequest
 from kcr_trio.core.languages import Language
 
 from .commit_driver import ACQUIRED, Driver
 from .exec_commit import Commit, CommitPolicy, ExecCommit, Stage, Wait
-from .exec_http import Run, Signal, capture, committed_body
+from .exec_http import Run, Signal, capture, committed_body, watched_phases
 from .scope import RequestScope
 from .services import Services
 
@@ -56,15 +56,7 @@ async def run_here(svc: Services, rs: RequestScope, req: ExecRequest, language: 
     is out, an error can only end the stream). A pacer failing before the commit raises here."""
     send, receive = trio.open_memory_channel[Signal](math.inf)
     machine = ExecCommit(CommitPolicy.from_settings(svc.settings))
-
-    def acquisition_decided() -> None:
-        if machine.records_acquisition():
-            machine.acquisition_decided(trio.current_time())
-        else:  # holding the commit: the settle timer starts, the pacer must know
-            send.send_nowait(ACQUIRED)
-
-    phases = Phases(on_acquisition_decided=acquisition_decided)
-    rs.exec_phases, rs.phases = phases, phases.durations  # live: the log sees cut-short runs too
+    phases = watched_phases(machine, send, rs)  # holding the commit: the pacer hears of acquisition
     driver: Run = Driver(machine, receive)
     first = driver.start()
     result: outcome.Maybe[ExecOutcome] | None = None
