@@ -72,7 +72,7 @@ def write(working_dir: str, name: str, code: str, identity: Identity, staged: st
         try:
             fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
             st = os.fstat(fd)
-            if not (stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_uid == owner):
+            if not _ours(st, owner):
                 os.close(fd)
                 fd = -1
             elif stat.S_IMODE(st.st_mode) != 0o644:
@@ -118,7 +118,7 @@ def _place_staged(data: bytes, staged: str, path: str, owner: int) -> bool:
         return False
     try:
         st = os.fstat(fd)
-        if not (stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_uid == owner and st.st_size == 0):
+        if not (_ours(st, owner) and st.st_size == 0):
             return False
         _write_all(fd, data)
     except OSError:
@@ -130,6 +130,12 @@ def _place_staged(data: bytes, staged: str, path: str, owner: int) -> bool:
     except OSError:
         return False
     return True
+
+
+def _ours(st: os.stat_result, owner: int) -> bool:
+    """A plain file we would have made: regular, one link (no hard link to another file), the
+    run's owner."""
+    return stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_uid == owner
 
 
 def _write_all(fd: int, data: bytes) -> None:
